@@ -1,0 +1,120 @@
+"""The broker's wire format: one length-prefixed frame of ``key=value`` items each way.
+
+The ForceCommand wrapper imports this module on every login, so it uses no
+module beyond the builtins (``json`` alone would add ~7 ms of start-up: it
+pulls in ``re`` and ``enum``). A frame is a 4-byte big-endian length followed
+by that many bytes: UTF-8 items ``key=value`` separated by NUL. NUL cannot
+occur in environment values, user names or the messages we send, so no
+escaping is needed, and a parser that fits on a screen can be fuzzed whole.
+
+Frames are capped at :data:`MAX_FRAME` bytes: the broker runs as root and
+reads from anyone who can connect, so it never reads an unbounded amount. A
+request says only *what kind* of request it is (plus, for the wrapper,
+per-``Match`` option overrides ``o.<option>`` that the broker accepts only
+when they are stricter than its own); everything else the broker derives
+itself from SO_PEERCRED and /proc.
+"""
+
+from __future__ import annotations
+
+from sshd_adopt.errors import BrokerProtocolError
+
+PROTOCOL_VERSION = "1"
+MAX_FRAME = 8192
+MAX_ITEMS = 64
+LENGTH_BYTES = 4
+OVERRIDE_PREFIX = "o."
+ENV_PREFIX = "env."
+
+#: Request kinds. "adopt": the wrapper asks for its session; "ping": doctor and
+#: readiness checks; "keys": the auth-time gate asks whether a user may enter.
+OPS = frozenset({"adopt", "ping", "keys"})
+
+#: Results of an "adopt" request.
+ADOPTED = "adopted"  # in a job; ``job`` and ``env.*`` are set
+ALLOWED = "allowed"  # let in without adoption (root, exempt, policy)
+DENIED = "denied"  # refused; ``message`` is for the user
+FAILED = "failed"  # the broker could not decide; the wrapper applies its failure action
+
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def encode(items: dict[str, str]) -> bytes:
+    """Serialise one frame; refuse bad keys, NULs and frames over :data:`MAX_FRAME`."""
+    parts = []
+    for key, value in items.items():
+        if not key or not _KEY_CHARS.issuperset(key) or "\0" in value:
+            raise BrokerProtocolError(f"cannot encode item {key!r}")
+        parts.append(f"{key}={value}")
+    body = "\0".join(parts).encode("utf-8")
+    if not body or len(body) > MAX_FRAME:
+        raise BrokerProtocolError(f"frame of {len(body)} bytes outside 1..{MAX_FRAME}")
+    return len(body).to_bytes(LENGTH_BYTES, "big") + body
+
+
+def frame_length(header: bytes) -> int:
+    """Parse and bound the 4-byte length prefix."""
+    if len(header) != LENGTH_BYTES:
+        raise BrokerProtocolError("frame cut short in its length prefix")
+    length = int.from_bytes(header, "big")
+    if length == 0 or length > MAX_FRAME:
+        raise BrokerProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+    return length
+
+
+def decode(body: bytes) -> dict[str, str]:
+    """Parse one frame's body into a dict; duplicates, bad keys and bad UTF-8 are errors."""
+    if len(body) > MAX_FRAME:
+        raise BrokerProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BrokerProtocolError(f"frame is not UTF-8: {err}") from err
+    items: dict[str, str] = {}
+    parts = text.split("\0")
+    if len(parts) > MAX_ITEMS:
+        raise BrokerProtocolError(f"frame has more than {MAX_ITEMS} items")
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key or not _KEY_CHARS.issuperset(key):
+            raise BrokerProtocolError(f"malformed item {part[:40]!r}")
+        if key in items:
+            raise BrokerProtocolError(f"duplicate item {key!r}")
+        items[key] = value
+    return items
+
+
+def parse_request(body: bytes) -> tuple[str, dict[str, str]]:
+    """Validate a request frame and return (op, overrides).
+
+    Override values are returned as strings; the broker validates names and
+    values against its own option table and strictness rules.
+    """
+    items = decode(body)
+    if items.get("v") != PROTOCOL_VERSION:
+        raise BrokerProtocolError(f"unsupported protocol version {items.get('v')!r}")
+    op = items.get("op", "")
+    if op not in OPS:
+        raise BrokerProtocolError(f"unknown request {op[:40]!r}")
+    overrides: dict[str, str] = {}
+    for key, value in items.items():
+        if key in ("v", "op"):
+            continue
+        if not key.startswith(OVERRIDE_PREFIX) or len(key) > 64 or len(value) > 256:
+            raise BrokerProtocolError(f"unexpected request item {key[:40]!r}")
+        overrides[key.removeprefix(OVERRIDE_PREFIX)] = value
+    return op, overrides
+
+
+def reply(result: str, *, message: str = "", job: int | None = None,
+          env: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """Build a reply's items (the broker side)."""
+    items = {"v": PROTOCOL_VERSION, "result": result}
+    if message:
+        items["message"] = message.replace("\0", "")
+    if job is not None:
+        items["job"] = str(job)
+    for key, value in (env or {}).items():
+        items[ENV_PREFIX + key] = value
+    items.update(extra)
+    return items
