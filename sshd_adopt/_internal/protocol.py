@@ -24,6 +24,8 @@ MAX_FRAME = 8192
 MAX_ITEMS = 64
 LENGTH_BYTES = 4
 OVERRIDE_PREFIX = "o."
+#: How long the wrapper waits for the broker unless its --timeout says otherwise.
+DEFAULT_WRAPPER_TIMEOUT = 8.0
 ENV_PREFIX = "env."
 
 #: Request kinds. "adopt": the wrapper asks for its session; "ping": doctor and
