@@ -1,0 +1,412 @@
+"""Helpers for tests against the lab cluster started by ``scripts/cluster``.
+
+The lab is a real Slurm (slurmctld on ``ctl``, slurmd on ``n1``..``n3``), munge and OpenSSH,
+each "host" a set of namespaces entered with nsenter. Every compute node runs sshd on port 22
+(the sshd-adopt front end, ``UsePAM no``) and on port 2222 (the real pam_slurm_adopt, the
+oracle for differential tests). See ``scripts/cluster --help``.
+
+Everything here runs as root on the machine that hosts the lab.
+"""
+
+from __future__ import annotations
+
+import pwd
+import re
+import shlex
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "cluster"
+RUN = Path("/run/sshd-adopt-lab")
+NSDIR = RUN / "ns"
+VAR = Path("/var/lib/sshd-adopt-lab")
+LOG = Path("/var/log/sshd-adopt-lab")
+VENV = Path("/opt/sshd-adopt-lab/venv")
+HOSTS = ("ctl", "login", "n1", "n2", "n3")
+COMPUTE = ("n1", "n2", "n3")
+ADDRESSES = {"ctl": "10.213.0.1", "login": "10.213.0.5", "n1": "10.213.0.11",
+             "n2": "10.213.0.12", "n3": "10.213.0.13"}
+EXTERN_STEP = 4294967292  # SLURM_EXTERN_CONT
+BATCH_STEP = 4294967291  # SLURM_BATCH_SCRIPT
+CLEAN_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+}
+
+_CGROUP_RE = re.compile(r"/slurm_(?P<node>[^/]+)/uid_(?P<uid>\d+)/job_(?P<job>\d+)"
+                        r"(?:/step_(?P<step>[^/\s]+))?")
+
+
+class HarnessError(RuntimeError):
+    """The lab did not do what a helper waited for."""
+
+
+@dataclass(frozen=True)
+class CgroupJob:
+    """Which Slurm job (and step) a process's cgroup path names."""
+
+    node: str
+    uid: int
+    job: int
+    step: str | None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Outcome of a command run inside a job's batch step."""
+
+    job_id: int
+    returncode: int
+    output: str
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.1) -> None:
+    """Poll ``pred`` until true; raise HarnessError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            raise HarnessError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def remote_cgroup_job(cgroup_text: str, controller: str = "memory") -> CgroupJob | None:
+    """Parse ``/proc/<pid>/cgroup`` text; return the Slurm job named by ``controller``'s line.
+
+    cgroup v1 lines look like ``4:memory:/slurm_n2/uid_2001/job_7/step_extern``; with cgroup
+    v2 (``0::/...``) the single unified line is used. Returns None when the process is not in
+    a Slurm job cgroup.
+    """
+    chosen: str | None = None
+    unified: str | None = None
+    for line in cgroup_text.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        if controller in parts[1].split(","):
+            chosen = parts[2]
+        elif parts[0] == "0" and parts[1] == "":
+            unified = parts[2]
+    path = chosen if chosen is not None else unified
+    if path is None:
+        return None
+    match = _CGROUP_RE.search(path)
+    if match is None:
+        return None
+    return CgroupJob(node=match["node"], uid=int(match["uid"]), job=int(match["job"]),
+                     step=match["step"])
+
+
+class LogFile:
+    """A log file that tests read incrementally: ``m = log.mark(); ...; log.since(m)``."""
+
+    def __init__(self, path: Path, contains: str | None = None) -> None:
+        self.path = path
+        self.contains = contains
+
+    def mark(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def since(self, mark: int = 0) -> str:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(mark)
+                text = fh.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        if self.contains is None:
+            return text
+        return "".join(line for line in text.splitlines(keepends=True)
+                       if self.contains in line)
+
+    def text(self) -> str:
+        return self.since(0)
+
+    def wait_for(self, needle: str, mark: int = 0, timeout: float = 10.0) -> str:
+        """Wait until ``needle`` appears after ``mark``; return the text since ``mark``."""
+        wait_until(lambda: needle in self.since(mark), timeout, f"{needle!r} in {self.path}")
+        return self.since(mark)
+
+
+class Cluster:
+    """Handle on the running lab cluster."""
+
+    def __init__(self, script: Path = SCRIPT) -> None:
+        self.script = script
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run_script(self, *args: str, timeout: float = 300,
+                   check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``scripts/cluster ARGS`` (as a subprocess)."""
+        proc = subprocess.run([str(self.script), *args], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise HarnessError(f"scripts/cluster {' '.join(args)} failed "
+                               f"(rc={proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        return proc
+
+    def is_up(self) -> bool:
+        return self.run_script("status", check=False, timeout=60).returncode == 0
+
+    def ensure_up(self) -> None:
+        """Start the lab unless ``scripts/cluster status`` says it is healthy."""
+        if not self.is_up():
+            self.run_script("up", timeout=600)
+
+    # ------------------------------------------------------------------ running things
+
+    @staticmethod
+    def uid(user: str) -> int:
+        return pwd.getpwnam(user).pw_uid
+
+    @staticmethod
+    def home(user: str) -> Path:
+        return Path(pwd.getpwnam(user).pw_dir)
+
+    def command(self, host: str, *cmd: str, user: str | None = None) -> list[str]:
+        """argv that runs ``cmd`` in ``host``'s namespaces, as root or as ``user``."""
+        if host not in HOSTS:
+            raise ValueError(f"unknown lab host {host!r}")
+        wd = "/"
+        argv = list(cmd)
+        if user is not None:
+            pw = pwd.getpwnam(user)
+            wd = pw.pw_dir
+            argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                    "--init-groups", "--reset-env", "--", *argv]
+        return ["nsenter", f"--net={NSDIR / (host + '.net')}",
+                f"--uts={NSDIR / (host + '.uts')}", f"--mount={NSDIR / (host + '.mnt')}",
+                f"--wd={wd}", "--", *argv]
+
+    def exec(self, host: str, *cmd: str, user: str | None = None, timeout: float = 60,
+             check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` on a lab host and wait for it (stdout/stderr captured as text)."""
+        proc = subprocess.run(self.command(host, *cmd, user=user), input=input,
+                              capture_output=True, text=True, timeout=timeout, env=CLEAN_ENV,
+                              check=False)
+        if check and proc.returncode != 0:
+            raise HarnessError(f"on {host} as {user or 'root'}: {shlex.join(cmd)} -> rc "
+                               f"{proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+        return proc
+
+    def spawn(self, host: str, *cmd: str, user: str | None = None) -> subprocess.Popen[str]:
+        """Start ``cmd`` on a lab host without waiting (e.g. a long ssh session)."""
+        return subprocess.Popen(self.command(host, *cmd, user=user), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=CLEAN_ENV)
+
+    def ssh(self, from_host: str, to_host: str, command: str, user: str, port: int = 22,
+            extra_opts: Sequence[str] = (), timeout: float = 30,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        """``ssh`` from one lab host to another as ``user``.
+
+        LogLevel=INFO so that a PAM/pam_slurm_adopt denial banner shows on stderr.
+        """
+        argv = ["ssh", "-o", "LogLevel=INFO", "-p", str(port), *extra_opts, to_host, command]
+        return self.exec(from_host, *argv, user=user, timeout=timeout, check=check)
+
+    def slurm(self, *cmd: str, user: str | None = None, host: str = "ctl",
+              timeout: float = 30) -> str:
+        """Run a Slurm client command (default on ctl, as root) and return its stdout."""
+        return self.exec(host, *cmd, user=user, timeout=timeout).stdout
+
+    # ------------------------------------------------------------------ jobs
+
+    @staticmethod
+    def spool(node: str) -> Path:
+        return VAR / f"slurmd-{node}"
+
+    def stepd_socket(self, node: str, job: int, step: int = EXTERN_STEP) -> Path:
+        return self.spool(node) / f"{node}_{job}.{step}"
+
+    @staticmethod
+    def stepd_answers(path: Path) -> bool:
+        """Is a slurmstepd listening on ``path`` (a stale socket file refuses)?"""
+        if not path.exists():
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2)
+                sock.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+    def job_info(self, job: int) -> tuple[str, list[str]] | None:
+        """(state, nodes) of a job still in squeue, else None."""
+        out = self.exec("ctl", "squeue", "-h", "-j", str(job), "-o", "%T|%N",
+                        check=False).stdout.strip()
+        if not out or "|" not in out:
+            return None
+        state, nodelist = out.splitlines()[0].split("|", 1)
+        return state, self.hostnames(nodelist) if nodelist else []
+
+    def hostnames(self, nodelist: str) -> list[str]:
+        return self.slurm("scontrol", "show", "hostnames", nodelist).split()
+
+    def submit(self, user: str, nodes: Sequence[str] | int, script_or_wrap: str = "sleep 600",
+               *, extra_args: Sequence[str] = (), wait: bool = True,
+               timeout: float = 30) -> int:
+        """``sbatch`` as ``user`` (from the login host); return the job id.
+
+        ``nodes`` is a list of node names (``-w``) or a node count (``-N``).
+        ``script_or_wrap`` starting with ``#!`` is a batch script, otherwise ``--wrap``.
+        With ``wait`` the call returns once the job is RUNNING and its extern step is up
+        (the stepd socket answers) on every node of the job.
+        """
+        home = self.home(user)
+        outdir = home / ".lab"
+        self.exec("login", "mkdir", "-p", str(outdir), user=user)
+        args = ["sbatch", "--parsable", f"--chdir={home}", f"--output={outdir}/slurm-%j.out"]
+        if isinstance(nodes, int):
+            args.append(f"--nodes={nodes}")
+        else:
+            args += [f"--nodes={len(nodes)}", f"--nodelist={','.join(nodes)}"]
+        args += list(extra_args)
+        if script_or_wrap.startswith("#!"):
+            proc = self.exec("login", *args, user=user, input=script_or_wrap)
+        else:
+            proc = self.exec("login", *args, "--wrap", script_or_wrap, user=user)
+        job = int(proc.stdout.strip().split(";")[0])
+        if wait:
+            self.wait_running(job, timeout=timeout)
+        return job
+
+    def wait_running(self, job: int, timeout: float = 30) -> list[str]:
+        """Wait until ``job`` runs and its extern stepd answers on each node; return nodes."""
+        nodes: list[str] = []
+
+        def ready() -> bool:
+            nonlocal nodes
+            info = self.job_info(job)
+            if info is None:
+                raise HarnessError(f"job {job} left the queue before running")
+            state, nodes = info
+            return state == "RUNNING" and bool(nodes) and all(
+                self.stepd_answers(self.stepd_socket(n, job)) for n in nodes)
+
+        wait_until(ready, timeout, f"job {job} running with extern steps", interval=0.2)
+        return nodes
+
+    def cancel(self, job: int, timeout: float = 30) -> None:
+        """``scancel`` a job and wait until it is out of squeue and no stepd of it answers."""
+        self.exec("ctl", "scancel", str(job), check=False)
+        self.wait_gone(job, timeout)
+
+    def wait_gone(self, job: int, timeout: float = 30) -> None:
+        def gone() -> bool:
+            if self.job_info(job) is not None:
+                return False
+            return not any(
+                self.stepd_answers(sock) for node in COMPUTE
+                for sock in self.spool(node).glob(f"{node}_{job}.*"))
+
+        wait_until(gone, timeout, f"job {job} to be gone", interval=0.2)
+
+    def jobs(self) -> list[int]:
+        out = self.exec("ctl", "squeue", "-h", "-o", "%i", check=False).stdout
+        return [int(x) for x in out.split() if x.isdigit()]
+
+    def cancel_all(self, timeout: float = 30) -> None:
+        jobs = self.jobs()
+        if jobs:
+            self.exec("ctl", "scancel", *map(str, jobs), check=False)
+        for job in jobs:
+            self.wait_gone(job, timeout)
+
+    # ------------------------------------------------------------------ cgroups / pids
+
+    @staticmethod
+    def cgroup_of(host: str, pid: int) -> str:
+        """Text of ``/proc/<pid>/cgroup`` (all lab hosts share one /proc; ``host`` is
+        documentation)."""
+        del host
+        return Path(f"/proc/{pid}/cgroup").read_text()
+
+    @staticmethod
+    def job_cgroup_dir(node: str, uid: int, job: int, step: str = "extern",
+                       controller: str = "memory") -> Path:
+        return Path(f"/sys/fs/cgroup/{controller}/slurm_{node}/uid_{uid}/job_{job}/step_{step}")
+
+    def listpids(self, host: str, job: int) -> list[tuple[int, str]]:
+        """``scontrol listpids JOB`` run on ``host``: [(pid, step), ...] (real pids only)."""
+        out = self.exec(host, "scontrol", "listpids", str(job), check=False).stdout
+        result = []
+        for line in out.splitlines()[1:]:
+            cols = line.split()
+            if len(cols) >= 3 and cols[0].lstrip("-").isdigit() and int(cols[0]) > 0:
+                result.append((int(cols[0]), cols[2]))
+        return result
+
+    # ------------------------------------------------------------------ batch-step commands
+
+    def run_in_batch(self, user: str, nodes: Sequence[str] | int, command: str, *,
+                     extra_args: Sequence[str] = (), keep: bool = False,
+                     timeout: float = 60) -> BatchResult:
+        """Run a shell ``command`` inside the batch step of a new job (on its first node).
+
+        Output (stdout+stderr) and exit status are written to files in the user's home and
+        read back. With ``keep`` the job keeps running afterwards (sleeps) so that a test
+        can inspect it; otherwise it ends by itself.
+        """
+        token = uuid.uuid4().hex[:12]
+        outdir = self.home(user) / ".lab"
+        out, rc = outdir / f"batch-{token}.out", outdir / f"batch-{token}.rc"
+        script = (
+            "#!/bin/bash\n"
+            f"( {command}\n) >{out} 2>&1 </dev/null\n"
+            f"echo $? >{rc}.tmp && mv {rc}.tmp {rc}\n"
+            + ("exec sleep 100000\n" if keep else "")
+        )
+        job = self.submit(user, nodes, script, extra_args=extra_args, wait=False)
+        try:
+            wait_until(rc.exists, timeout, f"batch command of job {job} to finish", 0.2)
+        except HarnessError:
+            self.exec("ctl", "scancel", str(job), check=False)
+            partial = out.read_text(errors="replace") if out.exists() else ""
+            raise HarnessError(f"job {job}: batch command did not finish; output so far:\n"
+                               f"{partial}") from None
+        result = BatchResult(job, int(rc.read_text().strip()),
+                             out.read_text(errors="replace"))
+        for path in (out, rc):
+            path.unlink(missing_ok=True)
+        return result
+
+    # ------------------------------------------------------------------ logs
+
+    @staticmethod
+    def syslog() -> LogFile:
+        """Everything logged to /dev/log inside the lab (pam_slurm_adopt, ...)."""
+        return LogFile(LOG / "syslog.log")
+
+    @staticmethod
+    def pam_log() -> LogFile:
+        """pam_slurm_adopt's syslog lines."""
+        return LogFile(LOG / "syslog.log", contains="pam_slurm_adopt[")
+
+    @staticmethod
+    def sshd_log(node: str, port: int = 22) -> LogFile:
+        return LogFile(LOG / f"sshd-{node}-{port}.log")
+
+    @staticmethod
+    def slurmd_log(node: str) -> LogFile:
+        return LogFile(LOG / f"slurmd-{node}.log")
+
+    @staticmethod
+    def broker_log(node: str) -> LogFile:
+        return LogFile(LOG / f"sshd-adoptd-{node}.log")
+
+    @staticmethod
+    def broker_socket(node: str) -> Path:
+        return RUN / node / "broker.sock"
