@@ -1,0 +1,264 @@
+"""One adoption request, start to finish: gather facts, decide, adopt, answer.
+
+This is where the broker's security rules live: the peer's identity comes from
+SO_PEERCRED, the ssh connection and its 4-tuple from /proc, the user's jobs
+from the stepds, the source job from the callerid RPC. The only thing the
+client contributes is "adopt me" and option overrides that may only tighten
+the policy (:func:`sshd_adopt._internal.config.apply_overrides`).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from sshd_adopt._internal import decision as dec
+from sshd_adopt._internal import protocol
+from sshd_adopt._internal.callerid import query_callerid
+from sshd_adopt._internal.config import Config, apply_overrides
+from sshd_adopt._internal.localjobs import user_jobs
+from sshd_adopt._internal.logs import logger
+from sshd_adopt._internal.options import Options
+from sshd_adopt._internal.sessions import (
+    SshSession,
+    find_session,
+    sessions_of_monitor,
+    still_alive,
+)
+from sshd_adopt._internal.slurmconf import SlurmFacts
+from sshd_adopt._internal.stepd import EXTERN_STEP, StepdConnection
+from sshd_adopt.errors import Error, NoSuchProcess, NotAnSshSession, StepdError
+
+#: How often a decision may be revised after failed adoptions (callerid job,
+#: then newest, then the failure action): a hard stop against loops.
+_MAX_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The client process as the kernel reported it (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    """Configuration and Slurm facts, swapped as a whole on SIGHUP."""
+
+    config: Config
+    slurm: SlurmFacts | None
+    slurm_problem: str | None = None
+
+
+@dataclass(frozen=True)
+class AdoptResult:
+    """What adopting a session into a job produced."""
+
+    env: dict[str, str]
+    adopted: tuple[int, ...]
+
+
+class AdoptionService:
+    """Serve "adopt" requests; one instance per broker, called from worker threads."""
+
+    def __init__(self, state: Callable[[], BrokerState]) -> None:
+        self._state = state
+
+    def handle_adopt(self, peer: Peer, overrides: dict[str, str]) -> dict[str, str]:
+        """Answer one wrapper: adopt its ssh session or say why not."""
+        started = time.monotonic()
+        state = self._state()
+        log = logger()
+        try:
+            user = pwd.getpwuid(peer.uid).pw_name
+        except KeyError:
+            log.error("request from pid %d: uid %d has no passwd entry", peer.pid, peer.uid)
+            return protocol.reply(protocol.FAILED, message="unknown user")
+        # Root first, before anything that depends on Slurm's configuration,
+        # so a broken slurm.conf can never lock root out (as upstream).
+        if peer.uid == 0:
+            log.info("Ignoring root user (pid %d)", peer.pid)
+            return protocol.reply(protocol.ALLOWED)
+        gids = os.getgrouplist(user, pwd.getpwuid(peer.uid).pw_gid)
+        if state.config.exempt.is_exempt(user, gids):
+            log.info("user %s (pid %d) is exempt: not adopted", user, peer.pid)
+            return protocol.reply(protocol.ALLOWED)
+        try:
+            session = find_session(
+                peer.pid,
+                peer.uid,
+                sshd_executables=frozenset(state.config.slurm.sshd_executables),
+            )
+        except (NotAnSshSession, NoSuchProcess) as err:
+            log.warning(
+                "refused request from %s pid %d: not an ssh session: %s", user, peer.pid, err
+            )
+            return protocol.reply(protocol.DENIED, message="sshd-adopt: not an ssh session")
+        options, rejected = apply_overrides(
+            state.config.options, overrides, source=f"wrapper pid {peer.pid}"
+        )
+        for why in rejected:
+            log.warning("user %s pid %d: override rejected: %s", user, peer.pid, why)
+        return self._decide_and_adopt(state, options, session, started)
+
+    def _decide_and_adopt(
+        self, state: BrokerState, options: Options, session: SshSession, started: float
+    ) -> dict[str, str]:
+        """Run the decision (with callerid and fallbacks) and carry it out."""
+        log = logger()
+        slurm = state.slurm
+        nodename = options.nodename or (slurm.nodename if slurm else None)
+        spool = slurm.spool_dir if slurm else None
+        jobs: tuple[dec.LocalJob, ...] = ()
+        if nodename and spool:
+            jobs = user_jobs(
+                spool, nodename, session.uid, timeout=state.config.broker.stepd_timeout
+            )
+        facts = dec.LoginFacts(
+            user=session.user,
+            uid=session.uid,
+            exempt=False,
+            node_known=bool(nodename and spool),
+            jobs=jobs,
+        )
+        decision = dec.decide(facts, options)
+        if isinstance(decision, dec.AskCallerId):
+            facts = replace(facts, callerid=self._callerid(state, session))
+            decision = dec.decide(facts, options)
+        result: AdoptResult | None = None
+        failures: list[str] = []
+        failed_job: int | None = None
+        for _ in range(_MAX_ROUNDS):
+            if not isinstance(decision, dec.Adopt):
+                break
+            try:
+                assert nodename is not None and spool is not None
+                result = adopt_session(
+                    session, spool, nodename, decision.job_id,
+                    timeout=state.config.broker.stepd_timeout,
+                    want_x11=not options.disable_x11,
+                )
+                break
+            except (StepdError, NoSuchProcess) as err:
+                failures.append(f"job {decision.job_id}: {err}")
+                failed_job = decision.job_id
+                decision = dec.after_adopt_failure(facts, options, decision)
+        elapsed_ms = (time.monotonic() - started) * 1000
+        self._log_decision(session, facts, decision, failures, elapsed_ms)
+        if isinstance(decision, dec.Adopt) and result is not None:
+            return protocol.reply(protocol.ADOPTED, job=decision.job_id, env=result.env)
+        if isinstance(decision, dec.Deny):
+            text = state.config.messages.render(
+                decision.message,
+                user=session.user,
+                node=nodename or "?",
+                job=str(failed_job) if failed_job is not None else "-",
+                jobs=",".join(str(j.job_id) for j in jobs) or "none",
+            )
+            return protocol.reply(protocol.DENIED, message=text)
+        if isinstance(decision, dec.Allow):
+            return protocol.reply(protocol.ALLOWED)
+        log.error("decision loop ended without an outcome for %s", session.user)
+        return protocol.reply(protocol.FAILED, message="sshd-adopt: internal error")
+
+    def _callerid(self, state: BrokerState, session: SshSession) -> dec.CallerIdAnswer:
+        """Ask the source host's slurmd which job owns the client end of this connection."""
+        if session.connection is None or state.slurm is None:
+            return dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
+        settings = state.config.callerid
+        return query_callerid(
+            session.connection,
+            slurmd_port=state.slurm.slurmd_port,
+            protocol_version=state.slurm.protocol_version,
+            deadline=settings.deadline,
+            method=settings.method,
+            scontrol_path=settings.scontrol_path,
+        )
+
+    @staticmethod
+    def _log_decision(
+        session: SshSession,
+        facts: dec.LoginFacts,
+        decision: dec.Decision,
+        failures: list[str],
+        elapsed_ms: float,
+    ) -> None:
+        """One line per decision: who, from where, what we saw, what we did, why, how long."""
+        jobs = ",".join(str(job.job_id) for job in facts.jobs) or "none"
+        answer = facts.callerid
+        callerid = "not asked"
+        if answer is not None:
+            label = {
+                dec.CallerIdOutcome.MEMBER: f"member of job {answer.job_id}",
+                dec.CallerIdOutcome.INDETERMINATE: "job indeterminate",
+                dec.CallerIdOutcome.UNREACHABLE: "source unreachable",
+                dec.CallerIdOutcome.NO_SOCKET: "no socket",
+            }[answer.outcome]
+            callerid = f"{label} via {answer.method or '-'} in {answer.seconds * 1000:.0f}ms"
+        outcome = type(decision).__name__.lower()
+        job = f" job={decision.job_id}" if isinstance(decision, dec.Adopt) else ""
+        failed = f" failures=[{'; '.join(failures)}]" if failures else ""
+        reason = getattr(decision, "reason", "")
+        logger().info(
+            "user=%s uid=%d from=%s pid=%d jobs=%s callerid=%s outcome=%s%s reason=%r%s "
+            "time=%.1fms",
+            session.user, session.uid, session.connection or "?", session.peer_pid, jobs,
+            callerid, outcome, job, reason, failed, elapsed_ms,
+        )
+
+
+def adopt_session(
+    session: SshSession,
+    spool_dir: str,
+    nodename: str,
+    job_id: int,
+    *,
+    timeout: float,
+    want_x11: bool,
+) -> AdoptResult:
+    """Move the whole connection (monitor, session process, wrapper and children) into the job.
+
+    The monitor goes first: everything forked later inherits its cgroup, and
+    pam_slurm_adopt adopts exactly that process. The rest are adopted one by
+    one because they already exist. A process that exits meanwhile is an
+    expected race and is skipped; the monitor itself must succeed.
+    """
+    path = os.path.join(spool_dir, f"{nodename}_{job_id}.{EXTERN_STEP}")
+    adopted: list[int] = []
+    with StepdConnection.open(path, timeout=timeout) as stepd:
+        if stepd.step_uid() != session.uid:
+            raise StepdError(f"job {job_id} does not belong to uid {session.uid}")
+        stepd.add_extern_pid(session.monitor_pid)
+        adopted.append(session.monitor_pid)
+        for pid in sessions_of_monitor(session.monitor_pid):
+            if pid == session.monitor_pid:
+                continue
+            try:
+                stepd.add_extern_pid(pid)
+                adopted.append(pid)
+            except StepdError as err:
+                # A child that exited between listing and adoption is fine;
+                # a live one that could not be moved is logged, not fatal:
+                # the monitor (its ancestor) is in the job already.
+                logger().debug("could not adopt pid %d into job %d: %s", pid, job_id, err)
+        env = {"SLURM_JOB_ID": str(job_id)}
+        if want_x11:
+            display, xauthority = stepd.x11_display()
+            if display:
+                env["DISPLAY"] = f"localhost:{display}.0"
+                if xauthority:
+                    env["XAUTHORITY"] = xauthority
+    if not still_alive(session):
+        raise NoSuchProcess("the session ended during adoption")
+    for pid in adopted:
+        logger().debug("Process %d adopted into job %d", pid, job_id)
+    return AdoptResult(env=env, adopted=tuple(adopted))
+
+
+
+__all__ = ["AdoptionService", "BrokerState", "Error", "Peer", "adopt_session"]
