@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from sshd_adopt._internal import decision as dec
-from sshd_adopt._internal import protocol
+from sshd_adopt._internal import hints, protocol
 from sshd_adopt._internal.callerid import query_callerid
 from sshd_adopt._internal.config import Config, apply_overrides
 from sshd_adopt._internal.localjobs import user_jobs
@@ -160,6 +160,8 @@ class AdoptionService:
                 job=str(failed_job) if failed_job is not None else "-",
                 jobs=",".join(str(j.job_id) for j in jobs) or "none",
             )
+            if decision.message in (dec.Message.NO_JOBS, dec.Message.UNKNOWN_SOURCE):
+                text += _hint(session.user)
             return protocol.reply(protocol.DENIED, message=text)
         if isinstance(decision, dec.Allow):
             return protocol.reply(protocol.ALLOWED)
@@ -210,6 +212,18 @@ class AdoptionService:
             session.user, session.uid, session.connection or "?", session.peer_pid, jobs,
             callerid, outcome, job, reason, failed, elapsed_ms,
         )
+
+
+def _hint(user: str) -> str:
+    """Where the user's running jobs are and how to get a shell in one ("" if unknown).
+
+    Asked of slurmctld with a short bound: a slow controller must not slow
+    the denial down, so the hint is simply left out then.
+    """
+    jobs = hints.running_jobs_elsewhere(user, timeout=0.5)
+    if jobs is None:
+        return ""
+    return "\n" + hints.format_hint(jobs)
 
 
 def adopt_session(

@@ -28,6 +28,7 @@ from sshd_adopt.errors import BrokerProtocolError
 
 USAGE = """\
 usage: sshd-adopt [--socket=PATH] [--timeout=SECONDS] [--sftp-server=PATH] [OPTION=VALUE ...]
+       sshd-adopt doctor [--config PATH] [--user NAME] [--json]
 
 ForceCommand for sshd: asks sshd-adoptd to adopt this ssh session into the
 user's Slurm job, then runs the login shell or $SSH_ORIGINAL_COMMAND.
@@ -38,6 +39,9 @@ user's Slurm job, then runs the login shell or $SSH_ORIGINAL_COMMAND.
   OPTION=VALUE         pam_slurm_adopt options for this Match block, e.g.
                        action_unknown=deny; the broker accepts only values at
                        least as strict as its configuration's.
+
+"sshd-adopt doctor" checks this node's setup (Slurm, broker, sshd -T per
+user class, file modes) and, with --user, what would happen to that user.
 
 If the broker cannot be reached, action_generic_failure (and fallthrough for
 'ignore') given here decide; the default is to deny.
@@ -143,7 +147,12 @@ def deny(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``sshd-adopt``."""
-    settings = Settings(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["doctor"]:
+        from sshd_adopt.cli import doctor  # noqa: PLC0415  (lazy: not on the login path)
+
+        raise SystemExit(doctor.main(args[1:]))
+    settings = Settings(args)
     if os.getuid() == 0:
         run_session(settings)  # root is never adopted, and never waits for the broker
     try:

@@ -1,0 +1,158 @@
+"""scripts/install for real, into temporary directories: dry run, install, idempotence, uninstall.
+
+Needs root (the script refuses otherwise) and PyPI for the project's dependencies; no lab
+cluster. It lives with the integration tests because it installs a real venv, but it
+touches no job, so the module overrides the conftest's job-cancelling autouse fixture:
+running it must not cancel jobs of cluster tests running next to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO
+
+SCRIPT = REPO / "scripts" / "install"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="scripts/install needs root")
+
+
+@pytest.fixture(autouse=True)
+def _cluster_clean_jobs() -> Iterator[None]:
+    """Shadow tests/conftest.py's fixture of the same name: no jobs to cancel here."""
+    yield
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def prefix(self) -> Path:
+        return self.root / "opt" / "sshd-adopt"
+
+    @property
+    def etc(self) -> Path:
+        return self.root / "etc" / "sshd-adopt"
+
+    @property
+    def sshd_dir(self) -> Path:
+        return self.root / "etc" / "ssh" / "sshd_config.d"
+
+    @property
+    def systemd_dir(self) -> Path:
+        return self.root / "etc" / "systemd" / "system"
+
+    def run(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(SCRIPT), "--prefix", str(self.prefix), "--etc-dir", str(self.etc),
+                "--sshd-config-dir", str(self.sshd_dir), "--systemd-dir", str(self.systemd_dir),
+                "--skip-gate-user", *extra]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every path under ``root`` outside the venv's bulk: (mode, mtime_ns, content digest)."""
+    state: dict[str, tuple[int, int, str]] = {}
+    for path in sorted(root.rglob("*")):
+        if "site-packages" in path.parts or "__pycache__" in path.parts:
+            continue
+        st = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        state[str(path.relative_to(root))] = (st.st_mode, st.st_mtime_ns, digest)
+    return state
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    layout = Layout(tmp_path_factory.mktemp("install"))
+    (layout.root / "etc" / "systemd").mkdir(parents=True)  # "this host has systemd"
+    layout.run()
+    return layout
+
+
+def test_dry_run_on_a_fresh_host_changes_nothing(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    (tmp_path / "etc" / "systemd").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    out = layout.run("--dry-run").stdout
+    assert snapshot(tmp_path) == before
+    for planned in ("would create a venv", "would pip install", "would write the configuration",
+                    "would write the sshd drop-in", "would write the systemd unit"):
+        assert planned in out
+
+
+def test_install_writes_the_files(installed: Layout) -> None:
+    dropin = (installed.sshd_dir / "sshd-adopt.conf").read_text()
+    assert f"ForceCommand {installed.prefix}/bin/sshd-adopt\n" in dropin
+    assert "@PREFIX@" not in dropin
+    unit = (installed.systemd_dir / "sshd-adoptd.service").read_text()
+    assert f"ExecStart={installed.prefix}/bin/sshd-adoptd --foreground" in unit
+    config = installed.etc / "sshd-adopt.toml"
+    assert config.read_text() == (REPO / "etc" / "sshd-adopt.toml.example").read_text()
+    for path in (config, installed.sshd_dir / "sshd-adopt.conf", installed.prefix / "bin"):
+        st = path.stat()
+        assert st.st_uid == 0 and not st.st_mode & 0o022, path
+
+
+def test_second_run_changes_nothing(installed: Layout) -> None:
+    before = snapshot(installed.root)
+    out = installed.run().stdout
+    assert "install: 0 change(s)" in out
+    assert snapshot(installed.root) == before
+    # A dry run of an installed host plans nothing either.
+    assert "install: 0 change(s) planned (dry run)" in installed.run("--dry-run").stdout
+
+
+def test_existing_config_is_kept_and_a_changed_dropin_backed_up(installed: Layout) -> None:
+    config = installed.etc / "sshd-adopt.toml"
+    config.write_text('[policy]\naction_unknown = "deny"\n')
+    dropin = installed.sshd_dir / "sshd-adopt.conf"
+    dropin.write_text("# edited by hand\n")
+    installed.run()
+    assert config.read_text() == '[policy]\naction_unknown = "deny"\n'
+    backups = list(installed.sshd_dir.glob("sshd-adopt.conf.*.bak"))
+    assert [b.read_text() for b in backups] == ["# edited by hand\n"]
+    assert "ForceCommand" in dropin.read_text()
+    # sshd's "Include sshd_config.d/*.conf" must not read the backup.
+    assert not any(b.name.endswith(".conf") for b in backups)
+
+
+def test_installed_commands_work(installed: Layout, tmp_path: Path) -> None:
+    bin_dir = installed.prefix / "bin"
+    help_text = subprocess.run([str(bin_dir / "sshd-adopt"), "--help"], capture_output=True,
+                               text=True, timeout=30, check=True).stdout
+    assert "ForceCommand" in help_text
+    slurm_conf = tmp_path / "slurm.conf"
+    slurm_conf.write_text("ClusterName=t\nPrologFlags=Contain\nProctrackType=proctrack/cgroup\n"
+                          "TaskPlugin=task/cgroup\nNodeName=t1 CPUs=1\n")
+    config = tmp_path / "sshd-adopt.toml"
+    config.write_text(f'[policy]\nnodename = "t1"\n[slurm]\nconf_path = "{slurm_conf}"\n')
+    check = subprocess.run([str(bin_dir / "sshd-adoptd"), "--check", "--config", str(config)],
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "node:      t1" in check.stdout
+
+
+def test_uninstall_removes_what_it_installed(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    (tmp_path / "etc" / "systemd").mkdir(parents=True)
+    layout.run()
+    before = snapshot(tmp_path)
+    layout.run("--uninstall", "--dry-run")
+    assert snapshot(tmp_path) == before
+    layout.run("--uninstall")
+    assert not layout.prefix.exists()
+    assert not (layout.sshd_dir / "sshd-adopt.conf").exists()
+    assert not (layout.systemd_dir / "sshd-adoptd.service").exists()
+    assert (layout.etc / "sshd-adopt.toml").exists()  # kept without --purge
+    layout.run("--uninstall", "--purge")
+    assert not layout.etc.exists()

@@ -1,0 +1,329 @@
+"""The doctor's checks are pure: each rule is exercised here with made-up facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from sshd_adopt._internal import doctor, protocol
+from sshd_adopt._internal.config import Config, Exemptions
+from sshd_adopt._internal.decision import Adopt, AskCallerId, Deny, LocalJob, Message
+from sshd_adopt._internal.doctor import Check, PathStat, PingResult, SshdView, Status
+from sshd_adopt._internal.options import Options, UnknownAction
+from sshd_adopt._internal.slurmconf import SlurmFacts
+from sshd_adopt.cli import doctor as doctor_cli
+
+DIR = stat.S_IFDIR
+REG = stat.S_IFREG
+
+
+def facts(**changes: object) -> SlurmFacts:
+    values: dict[str, object] = {
+        "conf_path": "/etc/slurm/slurm.conf", "cluster_name": "lab", "nodename": "n1",
+        "node_hostname": "n1", "node_addr": "10.0.0.1", "spool_dir": "/var/spool/slurmd",
+        "slurmd_port": 6818, "slurm_user": "slurm", "slurm_user_uid": 64030,
+        "prolog_flags": frozenset({"contain", "x11"}), "proctrack_type": "proctrack/cgroup",
+        "task_plugins": ("task/cgroup", "task/affinity"), "version": "22.05.8",
+        "protocol_version": 9728,
+    }
+    values.update(changes)
+    return SlurmFacts(**values)  # type: ignore[arg-type]
+
+
+def by_name(checks: list[Check], name: str) -> Check:
+    (found,) = [c for c in checks if c.name == name]
+    return found
+
+
+# --------------------------------------------------------------------------- config / slurm
+
+
+def test_config_error_is_a_fail_with_the_message() -> None:
+    (check,) = doctor.check_config(None, "/x.toml: policy.foo: unknown key", "/x.toml")
+    assert check.status is Status.FAIL
+    assert "policy.foo" in check.detail
+    assert "--check --config /x.toml" in check.fix
+
+
+def test_config_warnings_become_warns_but_missing_file_is_left_to_the_file_check() -> None:
+    config = Config(path="/x.toml", warnings=("risky: action_adopt_failure=allow",
+                                              "/x.toml: no such file; using the built-in defaults"))
+    checks = doctor.check_config(config, None, "/x.toml")
+    assert [c.status for c in checks] == [Status.OK, Status.WARN]
+    assert "risky" in checks[1].detail
+
+
+@pytest.mark.parametrize(("mode", "uid", "status"), [
+    (0o644, 0, Status.OK), (0o664, 0, Status.WARN), (0o644, 1000, Status.WARN),
+    (0o646, 0, Status.FAIL),
+])
+def test_config_file_modes(mode: int, uid: int, status: Status) -> None:
+    st = os.stat_result((REG | mode, 0, 0, 1, uid, 0, 10, 0, 0, 0))
+    assert doctor.check_config_file("/x.toml", st).status is status
+
+
+def test_missing_config_file_is_a_warning() -> None:
+    assert doctor.check_config_file("/x.toml", None).status is Status.WARN
+
+
+def test_slurm_prerequisites_ok() -> None:
+    checks = doctor.check_slurm(facts(), None, spool_exists=True)
+    assert all(c.status is Status.OK for c in checks), checks
+    assert by_name(checks, "NodeName").detail == "n1"
+
+
+@pytest.mark.parametrize(("changes", "name"), [
+    ({"prolog_flags": frozenset({"x11"})}, "PrologFlags"),
+    ({"proctrack_type": "proctrack/linuxproc"}, "ProctrackType"),
+    ({"task_plugins": ("task/affinity",)}, "TaskPlugin"),
+    ({"nodename": None}, "NodeName"),
+    ({"spool_dir": None}, "spool dir"),
+])
+def test_slurm_prerequisite_missing_fails(changes: dict[str, object], name: str) -> None:
+    check = by_name(doctor.check_slurm(facts(**changes), None, spool_exists=True), name)
+    assert check.status is Status.FAIL
+    assert check.fix
+
+
+def test_missing_spool_dir_fails_and_unreadable_slurm_conf_fails() -> None:
+    checks = doctor.check_slurm(facts(), None, spool_exists=False)
+    assert by_name(checks, "spool dir").status is Status.FAIL
+    (check,) = doctor.check_slurm(None, "no slurm.conf", spool_exists=None)
+    assert check.status is Status.FAIL and "no slurm.conf" in check.detail
+
+
+# --------------------------------------------------------------------------- broker
+
+
+def test_broker_down_fails() -> None:
+    (check,) = doctor.check_broker(PingResult("/s", error="refused"), our_version="1",
+                                   nodename="n1")
+    assert check.status is Status.FAIL and "/s" in check.detail
+
+
+def test_broker_version_and_node_mismatch_warn() -> None:
+    checks = doctor.check_broker(PingResult("/s", version="0.0.9", node="n2"),
+                                 our_version="0.1.0", nodename="n1")
+    assert [c.status for c in checks] == [Status.OK, Status.WARN, Status.WARN]
+
+
+def test_ping_broker_speaks_the_wire_format(tmp_path: Path) -> None:
+    path = str(tmp_path / "b.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            length = protocol.frame_length(conn.recv(4))
+            seen.append(protocol.parse_request(conn.recv(length)))
+            conn.sendall(protocol.encode(protocol.reply("pong", version="9.9", node="n7")))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    result = doctor.ping_broker(path, timeout=5)
+    thread.join()
+    server.close()
+    assert seen == [("ping", {})]
+    assert result == PingResult(path, version="9.9", node="n7")
+
+
+def test_ping_broker_reports_errors_as_data(tmp_path: Path) -> None:
+    result = doctor.ping_broker(str(tmp_path / "absent.sock"), timeout=1)
+    assert result.error is not None and result.version is None
+
+
+# --------------------------------------------------------------------------- sshd
+
+
+SSHD_T = """port 22
+usepam no
+forcecommand /opt/sshd-adopt/bin/sshd-adopt action_unknown=deny
+permituserenvironment no
+authorizedkeyscommand none
+authorizedkeysfile .ssh/authorized_keys .ssh/authorized_keys2
+listenaddress 0.0.0.0:22
+listenaddress [::]:22
+"""
+
+
+def test_parse_sshd_t() -> None:
+    values = doctor.parse_sshd_t(SSHD_T)
+    assert values["authorizedkeysfile"] == ".ssh/authorized_keys .ssh/authorized_keys2"
+    assert values["listenaddress"] == "0.0.0.0:22\n[::]:22"
+    assert doctor.forced_wrapper(values["forcecommand"]) == "/opt/sshd-adopt/bin/sshd-adopt"
+
+
+@pytest.mark.parametrize("command", ["none", "", "/usr/bin/internal-sftp", "/bin/sshd-adopt-x"])
+def test_forced_wrapper_other_commands(command: str) -> None:
+    assert doctor.forced_wrapper(command) is None
+
+
+def view(text: str = SSHD_T, **changes: str) -> SshdView:
+    settings = doctor.parse_sshd_t(text)
+    settings.update(changes)
+    return SshdView("alice", settings)
+
+
+def test_managed_user_with_wrapper_is_ok() -> None:
+    checks = doctor.check_sshd_managed(view())
+    assert [c.status for c in checks] == [Status.OK]
+
+
+def test_managed_user_without_wrapper_fails() -> None:
+    (check,) = doctor.check_sshd_managed(view(forcecommand="none"))
+    assert check.status is Status.FAIL and "not adopted" in check.detail
+
+
+def test_managed_user_with_user_environment_warns() -> None:
+    checks = doctor.check_sshd_managed(view(permituserenvironment="yes"))
+    assert [c.status for c in checks] == [Status.OK, Status.WARN]
+
+
+def test_keys_command_needs_authorized_keys_file_none() -> None:
+    bad = doctor.check_sshd_managed(view(authorizedkeyscommand="/opt/x/bin/gate %u"))
+    assert bad[-1].status is Status.FAIL and "AuthorizedKeysFile none" in bad[-1].fix
+    good = doctor.check_sshd_managed(view(authorizedkeyscommand="/opt/x/bin/gate %u",
+                                          authorizedkeysfile="none"))
+    assert all(c.status is Status.OK for c in good)
+
+
+def test_exempt_user_must_not_get_the_wrapper() -> None:
+    (bad,) = doctor.check_sshd_exempt(view())
+    assert bad.status is Status.FAIL
+    (good,) = doctor.check_sshd_exempt(view(forcecommand="none"))
+    assert good.status is Status.OK
+
+
+def test_sshd_error_is_a_fail() -> None:
+    broken = SshdView("root", error="Missing privilege separation directory: /run/sshd")
+    assert doctor.check_sshd_exempt(broken)[0].status is Status.FAIL
+    assert doctor.check_sshd_managed(broken)[0].status is Status.FAIL
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def chain(*items: tuple[str, int, int]) -> list[PathStat]:
+    return [PathStat(path, uid, mode) for path, uid, mode in items]
+
+
+GOOD = [("/", 0, DIR | 0o755), ("/opt", 0, DIR | 0o755), ("/opt/x", 0, DIR | 0o755),
+        ("/opt/x/sshd-adopt", 0, REG | 0o755)]
+
+
+def test_safe_path_ok() -> None:
+    assert doctor.check_safe_path("wrapper", "/opt/x/sshd-adopt",
+                                  chain(*GOOD)).status is Status.OK
+
+
+@pytest.mark.parametrize(("index", "uid", "mode", "words"), [
+    (2, 1000, DIR | 0o755, "owned by uid 1000"),
+    (1, 0, DIR | 0o775, "group-writable"),
+    (1, 0, DIR | 0o1777, "world-writable"),
+    (3, 0, REG | 0o757, "world-writable"),
+])
+def test_safe_path_refuses(index: int, uid: int, mode: int, words: str) -> None:
+    items = list(GOOD)
+    items[index] = (items[index][0], uid, mode)
+    check = doctor.check_safe_path("wrapper", "/opt/x/sshd-adopt", chain(*items))
+    assert check.status is Status.FAIL
+    assert words in check.detail and items[index][0] in check.detail
+
+
+def test_safe_path_missing_file() -> None:
+    check = doctor.check_safe_path("wrapper", "/nope", [PathStat("/", 0, DIR | 0o755),
+                                                        PathStat("/nope", None)])
+    assert check.status is Status.FAIL and "does not exist" in check.detail
+
+
+def test_stat_chain_resolves_symlinks(tmp_path: Path) -> None:
+    target = tmp_path / "real"
+    target.write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    items = doctor.stat_chain(str(link))
+    assert items[0].path == "/"
+    assert items[-1].path == str(target.resolve())
+    assert all(item.uid is not None for item in items)
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_single_job_adopts() -> None:
+    result = doctor.dry_run("alice", 2001, exempt=False, node_known=True,
+                            jobs=(LocalJob(12, 100.0),), config=Config(path="/x"))
+    assert result.decision == Adopt(12, "user has only one job 12")
+    assert result.fallback is None
+    check = doctor.check_dry_run(result)
+    assert check.status is Status.OK and "jobs here: 12" in check.detail
+
+
+def test_dry_run_several_jobs_shows_the_fallback() -> None:
+    config = Config(path="/x", options=Options(action_unknown=UnknownAction.NEWEST))
+    result = doctor.dry_run("alice", 2001, exempt=False, node_known=True,
+                            jobs=(LocalJob(12, 200.0), LocalJob(15, 100.0)), config=config)
+    assert isinstance(result.decision, AskCallerId)
+    assert isinstance(result.fallback, Adopt) and result.fallback.job_id == 12
+    assert "if the source host does not answer: adopt into job 12" in \
+        doctor.check_dry_run(result).detail
+
+
+def test_dry_run_no_jobs_denies_with_a_warning() -> None:
+    result = doctor.dry_run("alice", 2001, exempt=False, node_known=True, jobs=(),
+                            config=Config(path="/x"))
+    assert result.decision == Deny(Message.NO_JOBS,
+                                   "user has no jobs on this node; action_no_jobs=deny")
+    assert doctor.check_dry_run(result).status is Status.WARN
+
+
+def test_dry_run_exempt_and_job_error() -> None:
+    config = Config(path="/x", exempt=Exemptions(users=frozenset({"root", "carol"})))
+    result = doctor.dry_run("carol", 2003, exempt=True, node_known=True, jobs=(), config=config)
+    assert "allow without adoption" in doctor.describe(result.decision)
+    assert doctor.check_dry_run(result, job_error="boom").status is Status.FAIL
+
+
+def test_exit_status() -> None:
+    assert doctor.exit_status([Check("a", Status.OK, ""), Check("b", Status.WARN, ""),
+                               Check("c", Status.SKIP, "")]) == 0
+    assert doctor.exit_status([Check("a", Status.FAIL, "")]) == 1
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_render_text_and_json() -> None:
+    checks = [Check("broker", Status.FAIL, "down", "start it"), Check("config", Status.OK, "ok")]
+    result = doctor.dry_run("alice", 2001, exempt=False, node_known=True,
+                            jobs=(LocalJob(12, 100.0),), config=Config(path="/x"))
+    text = doctor_cli.render_text(checks, result)
+    assert "FAIL  broker" in text and "fix: start it" in text
+    assert "job 12" in text and "1 failed, 0 warnings, 2 checks" in text
+    document = json.loads(doctor_cli.render_json(checks, result))
+    assert document["ok"] is False
+    assert document["dry_run"]["jobs"][0]["job_id"] == 12
+    assert document["checks"][0]["status"] == "FAIL"
+
+
+def test_main_runs_without_a_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Everything missing is reported, nothing raises."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[slurm]\nconf_path = "{tmp_path}/slurm.conf"\n'
+                      f'[broker]\nsocket_path = "{tmp_path}/b.sock"\n')
+    status = doctor_cli.main(["--config", str(config), "--sshd", str(tmp_path / "no-sshd"),
+                              "--json"])
+    document = json.loads(capsys.readouterr().out)
+    assert status == 1
+    names = {c["name"]: c["status"] for c in document["checks"]}
+    assert names["slurm.conf"] == "FAIL" and names["broker"] == "FAIL"
+    assert names["sshd (root)"] == "FAIL"
