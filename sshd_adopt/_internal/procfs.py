@@ -1,21 +1,37 @@
 """Race-tolerant readers of /proc: processes, their sockets, their TCP tables.
 
-Every reader maps OS errors once (:func:`_mapped`): a vanished process becomes
-:class:`~sshd_adopt.errors.NoSuchProcess`, a refusal
-:class:`~sshd_adopt.errors.AccessDenied`. Processes come and go while we look;
-each place where that can happen says so in a comment and decides whether the
-race is harmless (skip) or must abort the request (raise).
+Every reader maps OS and psutil errors once (:func:`_mapped`): a vanished
+process becomes :class:`~sshd_adopt.errors.NoSuchProcess`, a refusal
+:class:`~sshd_adopt.errors.AccessDenied`, anything else
+:class:`~sshd_adopt.errors.ProcError`, always ``raise … from err``. Processes
+come and go while we look; each place where that can happen says so in a
+comment and decides whether the race is harmless (skip) or must abort the
+request (raise). This is psutil's own discipline (``_pslinux.wrap_exceptions``).
 
-TCP tables are read from ``/proc/<pid>/net/tcp{,6}``, which shows the network
-namespace *of that process*, not the reader's: the broker may run in another
-namespace than the sshd it inspects (the test harness does exactly that).
+Where psutil fits (uids, ppid, cmdline, create time, the process tree) it is
+used. Three things are read by hand, on purpose:
+
+* ``/proc/<pid>/exe``: psutil strips a `` (deleted)`` suffix when the path
+  has since been re-created, which is exactly the "binary replaced on disk"
+  fact the session checks must see.
+* ``/proc/<pid>/comm``: psutil's ``name()`` may substitute a name derived
+  from the (user-controlled) cmdline when comm is 15 characters long.
+* ``/proc/<pid>/net/tcp{,6}``: psutil reads ``/proc/net/…``, i.e. the
+  network namespace of the *reader*. The broker may run in another namespace
+  than the sshd it inspects (the multi-node lab does exactly that), so the
+  table is read through the inspected process, which shows *its* namespace.
+
+:data:`PROCFS` is only consulted for those hand-read files; tests point it
+at a fake tree (as psutil's tests do with ``psutil.PROCFS_PATH``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,18 +39,34 @@ from typing import TypeVar
 
 import psutil
 
-from sshd_adopt._internal.connection import Connection, normalise
+from sshd_adopt._internal.connection import Connection, IPAddress, normalise
 from sshd_adopt.errors import AccessDenied, NoSuchProcess, ProcError
 
-PROCFS = "/proc"
-MAX_TCP_TABLE = 16 * 1024 * 1024  # bytes; a node with ~100k sockets still fits
+PROCFS: str = "/proc"
+# Bytes read from one /proc/<pid>/net/tcp{,6}: ~150 bytes a socket, so a node
+# with ~100k sockets still fits; a larger file is refused rather than parsed
+# half-way (a truncated table could miss the socket we look for).
+MAX_TCP_TABLE = 16 * 1024 * 1024
 
 T = TypeVar("T")
+
+# One row of /proc/net/tcp{,6}: "sl: local rem st tx:rx tr:when retr uid timeout inode …".
+# Addresses are 8 (IPv4) or 32 (IPv6) hex digits, ports 4; the kernel prints
+# them with %08X/%04X, so anything else means we are not reading what we think.
+_ADDRESS = re.compile(r"([0-9A-Fa-f]{8}|[0-9A-Fa-f]{32}):([0-9A-Fa-f]{4})")
+_INODE = re.compile(r"[0-9]+")
+_SOCKET_LINK = re.compile(r"socket:\[([0-9]+)\]")
 
 
 @dataclass(frozen=True)
 class ProcInfo:
-    """The facts about one process that the session checks need."""
+    """The facts about one process that the session checks need.
+
+    ``exe`` is the raw text of ``/proc/<pid>/exe`` (a replaced binary keeps
+    its `` (deleted)`` suffix); ``None`` for kernel threads.
+    ``start_time`` is psutil's ``create_time()``: with ``pid`` it names one
+    process for good, which is how pid reuse is detected later.
+    """
 
     pid: int
     ppid: int
@@ -46,6 +78,15 @@ class ProcInfo:
     cmdline: tuple[str, ...]
     start_time: float
 
+    @property
+    def title(self) -> str:
+        """The command line as ``ps`` shows it.
+
+        sshd's ``setproctitle`` writes the title over argv and pads with NULs,
+        which psutil returns as trailing empty arguments; they are dropped.
+        """
+        return " ".join(self.cmdline).rstrip()
+
 
 @contextlib.contextmanager
 def _mapped(pid: int) -> Iterator[None]:
@@ -53,59 +94,108 @@ def _mapped(pid: int) -> Iterator[None]:
     try:
         yield
     except (psutil.NoSuchProcess, ProcessLookupError, FileNotFoundError) as err:
+        # psutil.ZombieProcess is a NoSuchProcess: a zombie has no fds, no
+        # exe and no namespace left to inspect, so it counts as gone.
         raise NoSuchProcess(f"process {pid} is gone") from err
     except (psutil.AccessDenied, PermissionError) as err:
         raise AccessDenied(f"not allowed to inspect process {pid}: {err}") from err
-    except psutil.Error as err:
+    except (psutil.Error, OSError) as err:
         raise ProcError(f"process {pid}: {err}") from err
 
 
+def _read_link(path: str) -> str | None:
+    """``readlink`` that turns "no such file" into ``None`` (other errors propagate)."""
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:
+        return None
+
+
 def proc_info(pid: int) -> ProcInfo:
-    """Read one process's facts; a zombie counts as gone."""
+    """Read one process's facts; a zombie counts as gone.
+
+    Raises NoSuchProcess if ``pid`` exits (or is reused) while we read it.
+    """
+    if pid <= 0:
+        # ppid 0 is "no parent" (init, kthreadd); psutil would invent pid 0.
+        raise NoSuchProcess(f"no process {pid}")
     with _mapped(pid):
-        proc = psutil.Process(pid)
+        proc = psutil.Process(pid)  # records the create time: the identity we check below
         with proc.oneshot():
             if proc.status() == psutil.STATUS_ZOMBIE:
-                raise psutil.NoSuchProcess(pid)
+                raise psutil.ZombieProcess(pid)
             uids = proc.uids()
             gids = proc.gids()
-            try:
-                exe: str | None = os.readlink(f"{PROCFS}/{pid}/exe")
-            except FileNotFoundError:
-                exe = None  # kernel threads have no exe; the process may also be exiting
-            return ProcInfo(
-                pid=pid,
-                ppid=proc.ppid(),
-                real_uid=uids.real,
-                effective_uid=uids.effective,
-                real_gid=gids.real,
-                name=proc.name(),
-                exe=exe,
-                cmdline=tuple(proc.cmdline()),
-                start_time=proc.create_time(),
-            )
+            ppid = proc.ppid()
+            cmdline = tuple(proc.cmdline())
+        # Kernel threads have no exe; a process that exits right now loses
+        # its exe and comm too -- the identity check below tells the two apart.
+        exe = _read_link(f"{PROCFS}/{pid}/exe")
+        with open(f"{PROCFS}/{pid}/comm", encoding="utf-8", errors="replace") as handle:
+            name = handle.read().rstrip("\n")
+        # The exe link and comm were read by path, after psutil's reads: if the
+        # process exited and its pid was reused in between, they describe
+        # another process. Re-reading the create time closes that window.
+        if not proc.is_running():
+            raise psutil.NoSuchProcess(pid)
+        return ProcInfo(
+            pid=pid,
+            ppid=ppid,
+            real_uid=uids.real,
+            effective_uid=uids.effective,
+            real_gid=gids.real,
+            name=name,
+            exe=exe,
+            cmdline=cmdline,
+            start_time=proc.create_time(),
+        )
 
 
-def socket_inodes(pid: int) -> list[int]:
-    """Inodes of the sockets ``pid`` holds, in file-descriptor order."""
+def _socket_fds(pid: int) -> list[tuple[int, int]]:
+    """``(fd, inode)`` of every socket ``pid`` holds, in fd order."""
     fd_dir = f"{PROCFS}/{pid}/fd"
     with _mapped(pid):
         names = os.listdir(fd_dir)
-    inodes: list[int] = []
-    for name in sorted(names, key=lambda n: int(n) if n.isdigit() else -1):
+    sockets: list[tuple[int, int]] = []
+    for name in names:
+        if not name.isdigit():
+            continue  # /proc/<pid>/fd holds only numbers; anything else is not an fd
         try:
             target = os.readlink(f"{fd_dir}/{name}")
-        except (FileNotFoundError, OSError):
-            continue  # the fd was closed between listdir and readlink: not ours to chase
-        if target.startswith("socket:[") and target.endswith("]"):
-            inodes.append(int(target[8:-1]))
-    return inodes
+        except PermissionError as err:
+            # Root may read any fd link; a refusal here is misconfiguration
+            # (or a hardened kernel), not a race, so it is not skipped silently.
+            raise AccessDenied(f"not allowed to read {fd_dir}/{name}: {err}") from err
+        except (FileNotFoundError, ProcessLookupError):
+            # The fd was closed (or the whole process exited) between listdir
+            # and readlink: psutil skips it the same way ("file which is gone
+            # in the meantime"). A vanished process is caught by the callers'
+            # identity checks, not here.
+            continue
+        except OSError as err:
+            if err.errno in (errno.EINVAL, errno.ENAMETOOLONG):
+                continue  # EINVAL: not a link; ENAMETOOLONG: not "socket:[N]" either
+            raise ProcError(f"reading {fd_dir}/{name}: {err}") from err
+        match = _SOCKET_LINK.fullmatch(target)
+        if match:
+            sockets.append((int(name), int(match.group(1))))
+    sockets.sort()
+    return sockets
 
 
-def _address(hex_text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """Decode /proc/net/tcp's address: 32-bit words printed as native-endian hex."""
-    if len(hex_text) not in (8, 32):
-        raise ValueError(f"address {hex_text!r} has {len(hex_text)} hex digits")
+def socket_inodes(pid: int) -> frozenset[int]:
+    """Inodes of the sockets ``pid`` holds (fds closed meanwhile are skipped)."""
+    return frozenset(inode for _fd, inode in _socket_fds(pid))
+
+
+def _address(hex_text: str) -> IPAddress:
+    """Decode /proc/net/tcp's address: 32-bit words printed as native-endian hex.
+
+    The kernel prints each 32-bit word of the network-order address with
+    ``%08X`` of its *native* value, so on little-endian hosts 127.0.0.1 reads
+    ``0100007F``. Packing each word back natively restores network order on
+    any host (reference §1.8).
+    """
     raw = b"".join(
         struct.pack("=I", int(hex_text[i : i + 8], 16)) for i in range(0, len(hex_text), 8)
     )
@@ -114,80 +204,143 @@ def _address(hex_text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.IPv6Address(raw)
 
 
+def _endpoint(text: str) -> tuple[IPAddress, int]:
+    match = _ADDRESS.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an address:port field: {text!r}")
+    return normalise(_address(match.group(1))), int(match.group(2), 16)
+
+
 def parse_tcp_table(text: str, source: str) -> list[Connection]:
-    """Parse the text of /proc/net/tcp or tcp6 (any state) into connections."""
+    """Parse the text of /proc/net/tcp or tcp6 (any state) into connections.
+
+    Every socket is returned whatever its state, as pam_slurm_adopt does: the
+    caller matches by inode. A line we cannot parse raises ProcError naming
+    ``source`` and the line number, because silently skipping it could hide
+    the very socket we look for.
+    """
     connections: list[Connection] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
-        if not fields or fields[0] == "sl":
-            continue  # the header
+        if not fields or (lineno == 1 and fields[0] == "sl"):
+            continue  # the header (and a trailing empty line)
         try:
-            local, remote, inode = fields[1], fields[2], int(fields[9])
-            local_ip, local_port = local.split(":")
-            remote_ip, remote_port = remote.split(":")
-            connections.append(
-                Connection(
-                    local_ip=normalise(_address(local_ip)),
-                    local_port=int(local_port, 16),
-                    remote_ip=normalise(_address(remote_ip)),
-                    remote_port=int(remote_port, 16),
-                    inode=inode,
-                )
-            )
-        except (IndexError, ValueError) as err:
+            if len(fields) < 10 or not _INODE.fullmatch(fields[9]):
+                raise ValueError("too few fields or a bad inode")
+            local_ip, local_port = _endpoint(fields[1])
+            remote_ip, remote_port = _endpoint(fields[2])
+        except ValueError as err:
             raise ProcError(f"error parsing {source} line {lineno}: {line[:120]!r}") from err
+        connections.append(
+            Connection(
+                local_ip=local_ip,
+                local_port=local_port,
+                remote_ip=remote_ip,
+                remote_port=remote_port,
+                inode=int(fields[9]),
+            )
+        )
     return connections
 
 
+def _read_table(pid: int, name: str) -> str | None:
+    """The text of ``/proc/<pid>/net/<name>``; ``None`` if that table does not exist."""
+    path = f"{PROCFS}/{pid}/net/{name}"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TCP_TABLE + 1)
+    except FileNotFoundError as err:
+        # Either the process exited (then its whole /proc directory is gone)
+        # or the namespace has no such table (IPv6 disabled): tell them apart.
+        if name == "tcp6" and os.path.isdir(f"{PROCFS}/{pid}/net"):
+            return None
+        raise NoSuchProcess(f"process {pid} is gone") from err
+    except PermissionError as err:
+        raise AccessDenied(f"not allowed to read {path}: {err}") from err
+    except OSError as err:
+        # A zombie's or exiting process's namespace may be gone already
+        # (EINVAL and friends): the process is as good as gone.
+        raise NoSuchProcess(f"process {pid} is exiting ({path}: {err})") from err
+    if len(data) > MAX_TCP_TABLE:
+        raise ProcError(f"{path} is larger than {MAX_TCP_TABLE} bytes")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError as err:
+        raise ProcError(f"{path} is not ASCII") from err
+
+
 def tcp_table(pid: int) -> list[Connection]:
-    """Every TCP socket in ``pid``'s network namespace (IPv4 then IPv6)."""
+    """Every TCP socket in ``pid``'s network namespace (IPv4 rows, then IPv6)."""
     connections: list[Connection] = []
     for name in ("tcp", "tcp6"):
-        path = f"{PROCFS}/{pid}/net/{name}"
-        try:
-            with _mapped(pid), open(path, encoding="ascii") as handle:
-                text = handle.read(MAX_TCP_TABLE + 1)
-        except NoSuchProcess:
-            raise
-        except ProcError:
-            if name == "tcp6":
-                continue  # IPv6 disabled in that namespace
-            raise
-        if len(text) > MAX_TCP_TABLE:
-            raise ProcError(f"{path} is larger than {MAX_TCP_TABLE} bytes")
-        connections += parse_tcp_table(text, path)
+        text = _read_table(pid, name)
+        if text is not None:
+            connections += parse_tcp_table(text, f"{PROCFS}/{pid}/net/{name}")
     return connections
 
 
 def connection_of(pid: int) -> Connection | None:
     """The TCP connection of the lowest-numbered TCP socket ``pid`` holds, if any.
 
-    sshd's per-connection monitor holds exactly one TCP socket: the client's.
+    sshd's per-connection monitor holds exactly one TCP socket, the client's
+    (observed, fd 4 on 9.2); the rest are unix sockets and socketpairs, which
+    are not in the TCP table. "Lowest fd wins" is pam_slurm_adopt's rule.
     """
-    inodes = socket_inodes(pid)
-    if not inodes:
+    sockets = _socket_fds(pid)
+    if not sockets:
         return None
     by_inode = {conn.inode: conn for conn in tcp_table(pid)}
-    for inode in inodes:
+    for _fd, inode in sockets:
         if inode in by_inode:
             return by_inode[inode]
     return None
 
 
 def children(pid: int, *, recursive: bool = False) -> list[int]:
-    """Child pids (or all descendants); processes that vanish meanwhile are skipped."""
+    """Child pids (or all descendants) of ``pid``.
+
+    Children that exit meanwhile are skipped (psutil builds the tree from one
+    scan of /proc and ignores entries that vanish); psutil also drops
+    "children" older than the parent, i.e. a reused pid. Raises NoSuchProcess
+    if ``pid`` itself is gone.
+    """
     with _mapped(pid):
         return [child.pid for child in psutil.Process(pid).children(recursive=recursive)]
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendants of ``pid`` (see :func:`children` for the races)."""
+    return children(pid, recursive=True)
 
 
 def still_running(pid: int, start_time: float) -> bool:
     """True if ``pid`` still names the process that started at ``start_time``.
 
     Guards against pid reuse between looking at a process and acting on it.
+    A zombie is not running: it can no longer be adopted or inspected.
     """
     try:
         return proc_info(pid).start_time == start_time
     except ProcError:
+        return False
+
+
+def same_process(info: ProcInfo) -> bool:
+    """True if ``info.pid`` is still that process, under the same parent.
+
+    Cheaper than :func:`proc_info` (one read of ``/proc/<pid>/stat``): used
+    to re-check a whole verified chain. A changed ppid means the parent died
+    and the process was reparented, i.e. the chain we verified is broken.
+    """
+    try:
+        proc = psutil.Process(info.pid)
+        with proc.oneshot():
+            return (
+                proc.create_time() == info.start_time
+                and proc.ppid() == info.ppid
+                and proc.status() != psutil.STATUS_ZOMBIE
+            )
+    except psutil.Error:
         return False
 
 

@@ -1,83 +1,164 @@
 """Find and verify the OpenSSH connection a broker client belongs to.
 
-The peer (from SO_PEERCRED) claims nothing; we walk its ancestry and accept
-it only if it descends, through processes of its own uid, from a genuine
-per-connection sshd pair::
+The peer (pid and uid from SO_PEERCRED) claims nothing; we walk its ancestry
+in /proc and accept it only if it descends, through processes of its own uid,
+from a genuine per-connection sshd pair under a genuine root listener::
 
     sshd listener                 real uid 0, exe = system sshd
-    └─ sshd: alice [priv]         real uid 0, exe = system sshd (9.8+: sshd-session)
-       └─ sshd: alice@notty       real uid of alice, same exe
-          └─ [shells …]           real uid of alice (at most ``max_intermediate``)
-             └─ peer              real and effective uid of alice
+    └─ sshd: alice [priv]         real uid 0, exe = system sshd   (the monitor)
+       └─ sshd: alice@notty       real uid alice, exe = system sshd (the session)
+          └─ [shells …]           real uid alice (at most ``max_intermediate``)
+             └─ peer              real and effective uid alice
 
-Observed with OpenSSH 9.2 (Debian 12, UsePAM no): all three sshd processes
-have ``/proc/<pid>/exe`` = ``/usr/sbin/sshd`` (sshd re-executes itself), the
-titles are ``sshd: <user> [priv]`` and ``sshd: <user>@notty`` (``@pts/N``
-with a tty), the monitor holds the client's TCP socket. While an
-AuthorizedKeysCommand runs, the monitor's *effective* uid is temporarily the
-command user's, so only real uids are checked. OpenSSH >= 9.8 runs the
-per-connection processes from ``sshd-session``, titled ``sshd-session: …``.
+Observed live with OpenSSH 9.2p1 (Debian 12, ``UsePAM no``, ForceCommand
+``/bin/sh`` script that ``exec``s ``sleep``; ``ps``, ``/proc/<pid>/status``,
+``/proc/<pid>/fd``, ``ss -tnp``):
 
-What defeats the obvious forgeries: a copy of sshd (or anything renamed
-``sshd``) has another exe path; a user running the real ``/usr/sbin/sshd``
-gets a monitor whose real uid is not 0; a replaced binary shows as
-``(deleted)``.
+* all three sshd processes have ``/proc/<pid>/exe`` = ``/usr/sbin/sshd`` and
+  ``comm`` = ``sshd`` (the listener re-executes itself per connection);
+* listener: uids 0/0/0, title ``sshd: /usr/sbin/sshd -D -f … [listener] 0 of
+  10-100 startups`` (argv kept, so psutil splits it into words);
+* monitor: uids 0/0/0, title ``sshd: alice [priv]`` written over argv and
+  padded with NULs (psutil returns trailing ``''`` arguments); holds the
+  client's TCP socket (fd 4) plus unix socketpairs;
+* session: uids alice/alice/alice, title ``sshd: alice@notty`` (``@pts/N``
+  with a tty; several ttys are comma-joined), also holds the TCP socket (fd 4);
+* the ForceCommand runs via the login shell's ``-c``, which ``exec``s a
+  single command, so the wrapper's parent is the session process directly;
+  the wrapper holds no socket (its fds are three pipes).
+
+Documented but not observed here: while an AuthorizedKeysCommand runs the
+monitor's *effective* uid is the command user's (DESIGN.md fact 5), so only
+real uids are checked. OpenSSH >= 9.8 runs the per-connection processes from
+``sshd-session`` and titles them ``sshd-session: alice [priv]`` and
+``sshd-session: alice@notty`` (seen in this repo's Debian 13 lab).
+
+What defeats the obvious forgeries, and why the anchor is the monitor: a user
+can run any binary under any title, but cannot make a process of theirs the
+child of a root process, nor create a root process. So the chain is pinned
+by the *root* monitor with a genuine exe and the ``<user> [priv]`` title,
+whose parent is a root listener with a genuine exe. A copy of sshd (or
+anything renamed or retitled ``sshd``) has another exe path; a user running
+the real ``/usr/sbin/sshd`` gets a monitor whose real uid is not 0; a binary
+replaced on disk shows ``(deleted)``. The user-owned session process's exe
+is a weaker fact (a user namespace can bind-mount over paths), which is why it
+is not the anchor.
 """
 
 from __future__ import annotations
 
 import pwd
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sshd_adopt._internal import procfs
 from sshd_adopt._internal.connection import Connection
 from sshd_adopt._internal.procfs import ProcInfo
-from sshd_adopt.errors import NotAnSshSession, ProcError
+from sshd_adopt.errors import NoSuchProcess, NotAnSshSession
 
 DEFAULT_SSHD_EXECUTABLES = frozenset(
     {
-        "/usr/sbin/sshd",
-        "/usr/lib/openssh/sshd-session",
-        "/usr/libexec/sshd-session",
+        "/usr/sbin/sshd",  # OpenSSH < 9.8: every per-connection process is sshd itself
+        "/usr/lib/openssh/sshd-session",  # Debian/Ubuntu, OpenSSH >= 9.8
+        "/usr/libexec/sshd-session",  # upstream default and RHEL/Fedora
         "/usr/sbin/sshd-session",
     }
 )
+# setproctitle() prefixes the title with the program name: "sshd" before 9.8,
+# "sshd-session" since.
 _TITLE_PREFIXES = ("sshd: ", "sshd-session: ")
+_DELETED = " (deleted)"
 
 
 @dataclass(frozen=True)
 class SshSession:
-    """A verified ssh connection and the peer process inside it."""
+    """A verified ssh connection and the peer process inside it.
+
+    ``chain`` lists the monitor, the session process, any intermediates and
+    the peer, top down: what the broker adopts first. ``monitor_start`` and
+    ``peer_start`` pin those pids to the processes that were verified (see
+    :func:`still_alive`).
+    """
 
     user: str
     uid: int
     peer_pid: int
     monitor_pid: int
     session_pid: int
-    chain: tuple[int, ...]  # monitor, session, intermediates…, peer (top down)
+    chain: tuple[int, ...]
     connection: Connection | None
     monitor_start: float
     peer_start: float
 
 
-def _title(info: ProcInfo) -> str:
-    return " ".join(info.cmdline)
+def _looks_like_sshd(info: ProcInfo, executables: frozenset[str]) -> bool:
+    """Whether ``info`` claims to be sshd (and so must pass the session checks).
 
-
-def _is_sshd(info: ProcInfo, executables: frozenset[str]) -> bool:
-    return info.exe is not None and info.exe in executables
+    Deliberately broad (exe, comm or title): a process that merely *looks*
+    like sshd is not walked past as an ordinary shell, it is checked as the
+    session process and refused with the precise reason.
+    """
+    exe = info.exe or ""
+    return (
+        exe in executables
+        or exe.removesuffix(_DELETED) in executables
+        # comm exactly (our own wrapper's comm is "sshd-adopt", and its
+        # keys command "sshd-adopt-keys": those are not sshd)
+        or info.name in ("sshd", "sshd-session", "sshd-auth")
+        or info.title.startswith(_TITLE_PREFIXES)
+    )
 
 
 def _check_exe(info: ProcInfo, executables: frozenset[str], role: str) -> None:
-    if info.exe is None or info.exe.endswith(" (deleted)"):
-        raise NotAnSshSession(f"{role} {info.pid}: executable {info.exe!r} is gone or replaced")
+    if info.exe is None:
+        raise NotAnSshSession(f"{role} {info.pid} has no executable (kernel thread?)")
+    if info.exe.endswith(_DELETED):
+        raise NotAnSshSession(
+            f"{role} {info.pid} runs {info.exe!r}: the binary was replaced or removed on disk "
+            "since it started (sshd upgraded and not restarted?)"
+        )
     if info.exe not in executables:
-        raise NotAnSshSession(f"{role} {info.pid}: {info.exe} is not a system sshd")
+        raise NotAnSshSession(
+            f"{role} {info.pid} runs {info.exe}, not a system sshd "
+            f"({', '.join(sorted(executables))})"
+        )
 
 
-def _titled(info: ProcInfo, user: str, suffix: str) -> bool:
-    title = _title(info)
-    return any(title.startswith(f"{prefix}{user}{suffix}") for prefix in _TITLE_PREFIXES)
+def _check_parent(parent: ProcInfo, child: ProcInfo) -> None:
+    """A parent started no later than its child; otherwise ``ppid`` was reused.
+
+    Race: ``child`` read its ppid, then that parent exited and the pid was
+    given to a new process before we read it. The new process is younger
+    than the child, which no real parent can be.
+    """
+    if parent.start_time > child.start_time:
+        raise NoSuchProcess(
+            f"parent {parent.pid} of {child.pid} is younger than its child: "
+            "the parent exited and its pid was reused"
+        )
+
+
+def _parent_of(child: ProcInfo) -> ProcInfo:
+    if child.ppid <= 0:
+        raise NotAnSshSession(f"process {child.pid} has no parent: reached the top of the tree")
+    parent = procfs.proc_info(child.ppid)
+    _check_parent(parent, child)
+    return parent
+
+
+def _check_unchanged(infos: Iterable[ProcInfo]) -> None:
+    """Re-verify every process of the chain after the walk.
+
+    Race: the walk reads one process at a time; any of them may exit (the
+    login is ending) or be reparented meanwhile. Same pid, start time and
+    ppid for all of them means the chain we verified existed as a whole.
+    """
+    for info in infos:
+        if not procfs.same_process(info):
+            raise NoSuchProcess(
+                f"process {info.pid} ({info.title or info.name}) exited or changed parent "
+                "while the session was being verified"
+            )
 
 
 def find_session(
@@ -89,83 +170,113 @@ def find_session(
 ) -> SshSession:
     """Verify that ``peer_pid`` runs inside an ssh connection of ``peer_uid``'s user.
 
-    Raises NotAnSshSession with the precise reason, or NoSuchProcess when a
-    process of the chain vanished while we looked (the login is ending).
+    ``peer_pid``/``peer_uid`` must come from SO_PEERCRED, never from the
+    request. The user name comes from the passwd database for ``peer_uid``,
+    never from the environment (it is compared with the sshd titles).
+
+    Raises NotAnSshSession with the precise reason (the broker logs it), or
+    NoSuchProcess when a process of the chain vanished or was replaced while
+    we looked (the login is ending, or a pid was reused).
     """
     try:
         user = pwd.getpwuid(peer_uid).pw_name
     except KeyError as err:
         raise NotAnSshSession(f"uid {peer_uid} has no passwd entry") from err
+
     peer = procfs.proc_info(peer_pid)
     if peer.real_uid != peer_uid or peer.effective_uid != peer_uid:
-        raise NotAnSshSession(f"peer {peer_pid} does not run as uid {peer_uid}")
-    if _is_sshd(peer, sshd_executables):
-        raise NotAnSshSession(f"peer {peer_pid} is itself an sshd process")
+        raise NotAnSshSession(
+            f"peer {peer_pid} runs as uid {peer.real_uid} (effective {peer.effective_uid}), "
+            f"not {peer_uid}"
+        )
+    if _looks_like_sshd(peer, sshd_executables):
+        raise NotAnSshSession(f"peer {peer_pid} ({peer.title!r}) is itself an sshd process")
+
+    # Walk up through the user's own processes (a login shell that did not
+    # exec, a wrapper script) to the first one that claims to be sshd.
     chain = [peer]
-    current = peer
-    for _ in range(max_intermediate + 1):
-        parent = procfs.proc_info(current.ppid)
+    intermediates = 0
+    while True:
+        parent = _parent_of(chain[-1])
+        if _looks_like_sshd(parent, sshd_executables):
+            break
         if parent.real_uid != peer_uid:
             raise NotAnSshSession(
                 f"ancestor {parent.pid} ({parent.name}) of peer {peer_pid} runs as uid "
-                f"{parent.real_uid}, before any sshd session process"
+                f"{parent.real_uid}, and no sshd session process comes before it"
+            )
+        intermediates += 1
+        if intermediates > max_intermediate:
+            raise NotAnSshSession(
+                f"no sshd session process within {max_intermediate} intermediate "
+                f"processes above peer {peer_pid}"
             )
         chain.append(parent)
-        if parent.name.startswith("sshd") or _is_sshd(parent, sshd_executables):
-            break
-        current = parent
-    else:
+
+    session = parent
+    if session.real_uid != peer_uid:
         raise NotAnSshSession(
-            f"no sshd session process within {max_intermediate} ancestors of {peer_pid}"
+            f"session process {session.pid} runs as uid {session.real_uid}, not {peer_uid}"
         )
-    session = chain[-1]
     _check_exe(session, sshd_executables, "session process")
-    if not _titled(session, user, "@"):
+    if not session.title.startswith(tuple(f"{p}{user}@" for p in _TITLE_PREFIXES)):
         raise NotAnSshSession(
-            f"session process {session.pid} is titled {_title(session)!r}, not {user}@…"
+            f"session process {session.pid} is titled {session.title!r}, not 'sshd: {user}@…'"
         )
-    monitor = procfs.proc_info(session.ppid)
+
+    monitor = _parent_of(session)
+    # Real uid only: the monitor's effective uid is the AuthorizedKeysCommandUser's
+    # while such a command runs (DESIGN.md fact 5).
     if monitor.real_uid != 0:
-        raise NotAnSshSession(f"monitor {monitor.pid} does not run as root")
-    _check_exe(monitor, sshd_executables, "monitor")
-    if not _titled(monitor, user, " [priv]"):
         raise NotAnSshSession(
-            f"monitor {monitor.pid} is titled {_title(monitor)!r}, not {user} [priv]"
+            f"monitor {monitor.pid} runs as uid {monitor.real_uid}, not root "
+            "(an sshd started by a user?)"
         )
-    listener = procfs.proc_info(monitor.ppid)
+    _check_exe(monitor, sshd_executables, "monitor")
+    if monitor.title not in {f"{p}{user} [priv]" for p in _TITLE_PREFIXES}:
+        raise NotAnSshSession(
+            f"monitor {monitor.pid} is titled {monitor.title!r}, not 'sshd: {user} [priv]'"
+        )
+
+    listener = _parent_of(monitor)
     if listener.real_uid != 0:
-        raise NotAnSshSession(f"listener {listener.pid} does not run as root")
+        raise NotAnSshSession(f"listener {listener.pid} runs as uid {listener.real_uid}, not root")
     _check_exe(listener, sshd_executables, "listener")
+
     connection = procfs.connection_of(monitor.pid)
-    pids = (monitor.pid, *(info.pid for info in reversed(chain)))
-    found = SshSession(
+    _check_unchanged([listener, monitor, session, *chain])
+    return SshSession(
         user=user,
         uid=peer_uid,
         peer_pid=peer_pid,
         monitor_pid=monitor.pid,
         session_pid=session.pid,
-        chain=pids,
+        chain=(monitor.pid, session.pid, *(info.pid for info in reversed(chain))),
         connection=connection,
         monitor_start=monitor.start_time,
         peer_start=peer.start_time,
     )
-    # The peer may have exited and its pid been reused while we walked: the
-    # start times pin both ends of the chain to the processes we verified.
-    if not still_alive(found):
-        raise NotAnSshSession(f"peer {peer_pid} or its monitor changed while being verified")
-    return found
 
 
 def still_alive(session: SshSession) -> bool:
-    """True while the verified peer and monitor are still the same processes."""
+    """True while the verified peer and monitor are still the same processes.
+
+    The broker calls this after adoption: if either pid now names another
+    process (exit plus pid reuse), what was adopted is not what was verified.
+    """
     return procfs.still_running(session.peer_pid, session.peer_start) and procfs.still_running(
         session.monitor_pid, session.monitor_start
     )
 
 
 def sessions_of_monitor(monitor_pid: int) -> list[int]:
-    """The monitor and all its descendants: everything adoption must move."""
+    """The monitor and all its descendants: everything adoption must move.
+
+    Race: descendants that exit while listed are skipped by procfs; if the
+    monitor itself is gone, only its pid is returned and adopting it fails
+    loudly at the stepd, which is the right place to notice.
+    """
     try:
-        return [monitor_pid, *procfs.children(monitor_pid, recursive=True)]
-    except ProcError:
+        return [monitor_pid, *procfs.descendants(monitor_pid)]
+    except NoSuchProcess:
         return [monitor_pid]
