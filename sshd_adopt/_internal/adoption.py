@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from sshd_adopt._internal import decision as dec
 from sshd_adopt._internal import hints, protocol
-from sshd_adopt._internal.callerid import query_callerid
+from sshd_adopt._internal.callerid import ANSWERS
 from sshd_adopt._internal.config import Config, apply_overrides
 from sshd_adopt._internal.localjobs import user_jobs
 from sshd_adopt._internal.logs import logger
@@ -35,6 +35,22 @@ from sshd_adopt.errors import Error, NoSuchProcess, NotAnSshSession, StepdError
 #: How often a decision may be revised after failed adoptions (callerid job,
 #: then newest, then the failure action): a hard stop against loops.
 _MAX_ROUNDS = 4
+
+
+class Phases:
+    """Wall time per phase of one request, for the decision log line."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.spent: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.spent.append((name, (now - self._last) * 1000))
+        self._last = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={ms:.0f}" for name, ms in self.spent)
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,7 @@ class AdoptionService:
     def handle_adopt(self, peer: Peer, overrides: dict[str, str]) -> dict[str, str]:
         """Answer one wrapper: adopt its ssh session or say why not."""
         started = time.monotonic()
+        phases = Phases()
         state = self._state()
         log = logger()
         try:
@@ -104,10 +121,27 @@ class AdoptionService:
         )
         for why in rejected:
             log.warning("user %s pid %d: override rejected: %s", user, peer.pid, why)
-        return self._decide_and_adopt(state, options, session, started)
+        phases.mark("session")
+        return self._decide_and_adopt(state, options, session, started, phases)
+
+    def adopt_connection(self, session: SshSession) -> dict[str, str]:
+        """Decide and adopt a connection the broker found itself (the sweeper's entry).
+
+        Same decision, fallbacks and log line as a wrapper's request, with the
+        broker's own options: nobody asked, so there are no overrides.
+        """
+        state = self._state()
+        return self._decide_and_adopt(
+            state, state.config.options, session, time.monotonic(), Phases()
+        )
 
     def _decide_and_adopt(
-        self, state: BrokerState, options: Options, session: SshSession, started: float
+        self,
+        state: BrokerState,
+        options: Options,
+        session: SshSession,
+        started: float,
+        phases: Phases,
     ) -> dict[str, str]:
         """Run the decision (with callerid and fallbacks) and carry it out."""
         log = logger()
@@ -126,10 +160,12 @@ class AdoptionService:
             node_known=bool(nodename and spool),
             jobs=jobs,
         )
+        phases.mark("jobs")
         decision = dec.decide(facts, options)
         if isinstance(decision, dec.AskCallerId):
             facts = replace(facts, callerid=self._callerid(state, session))
             decision = dec.decide(facts, options)
+            phases.mark("callerid")
         result: AdoptResult | None = None
         failures: list[str] = []
         failed_job: int | None = None
@@ -148,8 +184,12 @@ class AdoptionService:
                 failures.append(f"job {decision.job_id}: {err}")
                 failed_job = decision.job_id
                 decision = dec.after_adopt_failure(facts, options, decision)
+        phases.mark("adopt")
         elapsed_ms = (time.monotonic() - started) * 1000
-        self._log_decision(session, facts, decision, failures, elapsed_ms)
+        self._log_decision(
+            session, facts, decision=decision, failures=failures, elapsed_ms=elapsed_ms,
+            phases=phases,
+        )
         if isinstance(decision, dec.Adopt) and result is not None:
             return protocol.reply(protocol.ADOPTED, job=decision.job_id, env=result.env)
         if isinstance(decision, dec.Deny):
@@ -173,7 +213,7 @@ class AdoptionService:
         if session.connection is None or state.slurm is None:
             return dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
         settings = state.config.callerid
-        return query_callerid(
+        return ANSWERS.query(
             session.connection,
             slurmd_port=state.slurm.slurmd_port,
             protocol_version=state.slurm.protocol_version,
@@ -186,9 +226,11 @@ class AdoptionService:
     def _log_decision(
         session: SshSession,
         facts: dec.LoginFacts,
+        *,
         decision: dec.Decision,
         failures: list[str],
         elapsed_ms: float,
+        phases: Phases,
     ) -> None:
         """One line per decision: who, from where, what we saw, what we did, why, how long."""
         jobs = ",".join(str(job.job_id) for job in facts.jobs) or "none"
@@ -208,9 +250,9 @@ class AdoptionService:
         reason = getattr(decision, "reason", "")
         logger().info(
             "user=%s uid=%d from=%s pid=%d jobs=%s callerid=%s outcome=%s%s reason=%r%s "
-            "time=%.1fms",
+            "time=%.1fms (%s)",
             session.user, session.uid, session.connection or "?", session.peer_pid, jobs,
-            callerid, outcome, job, reason, failed, elapsed_ms,
+            callerid, outcome, job, reason, failed, elapsed_ms, phases,
         )
 
 

@@ -27,7 +27,9 @@ from typing import Any
 from sshd_adopt import __version__
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.adoption import AdoptionService, BrokerState, Peer
+from sshd_adopt._internal.gate import GateService
 from sshd_adopt._internal.logs import logger
+from sshd_adopt._internal.sweeper import Sweeper
 from sshd_adopt.errors import BrokerProtocolError, Error
 
 _PEERCRED = struct.Struct("3i")
@@ -44,6 +46,8 @@ class Broker:
             max_workers=settings.workers, thread_name_prefix="adopt"
         )
         self._service = AdoptionService(lambda: self._state)
+        self._gate = GateService(lambda: self._state)
+        self._sweeper = Sweeper(lambda: self._state, self._service)
         self._clients: Counter[int] = Counter()
         self._total = 0
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -89,11 +93,14 @@ class Broker:
             slurm.version if slurm else "?",
             f"; slurm problem: {self._state.slurm_problem}" if self._state.slurm_problem else "",
         )
+        if self._state.config.sweeper.enabled:
+            self._sweeper.start()
         if ready is not None:
             ready()
         try:
             await self._stopping.wait()
         finally:
+            self._sweeper.stop()
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -128,7 +135,7 @@ class Broker:
             self._clients[uid] += 1
             reply = await self._answer(reader, peer)
             if reply is not None:
-                writer.write(protocol.encode(reply))
+                writer.write(protocol.encode(reply, limit=protocol.MAX_REPLY_FRAME))
                 await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
         except (TimeoutError, ConnectionError, BrokerProtocolError) as err:
             logger().warning("dropped client pid %d uid %d: %s", pid, uid, err or "timeout")
@@ -173,6 +180,19 @@ class Broker:
                     peer.pid, peer.uid, settings.decision_deadline,
                 )
                 return protocol.reply(protocol.FAILED, message="sshd-adopt: the broker timed out")
+        if op == "keys":
+            # The gate's key source has its own bound (gate.timeout) on top
+            # of the decision's; sshd itself would wait forever.
+            bound = settings.decision_deadline + self._state.config.gate.timeout
+            loop = asyncio.get_running_loop()
+            keys = loop.run_in_executor(
+                self._pool, self._gate.handle_keys, peer, overrides[protocol.KEYS_USER]
+            )
+            try:
+                return await asyncio.wait_for(keys, timeout=bound)
+            except TimeoutError:
+                logger().error("gate: keys request of pid %d exceeded %.1fs", peer.pid, bound)
+                return protocol.reply(protocol.FAILED, message="the broker timed out")
         logger().warning("request %r from pid %d is not served yet", op, peer.pid)
         return protocol.reply(protocol.FAILED, message=f"request {op!r} is not supported yet")
 

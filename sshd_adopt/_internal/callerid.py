@@ -559,3 +559,70 @@ def query_callerid(
     if answer is None:
         return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "", budget.spent())
     return answer
+
+
+#: How long an answer for one TCP connection is reused. sshd runs the
+#: AuthorizedKeysCommand (the gate) twice per login and the wrapper asks again
+#: right after: without this, a silent source host would cost each login three
+#: deadlines instead of one. A 4-tuple names one connection only while it is
+#: open, and a connection's source job cannot change, so a short reuse is safe.
+ANSWER_TTL = 30.0
+_MAX_CACHED = 4096
+
+
+class AnswerCache:
+    """Callerid answers per connection 4-tuple, shared by the gate and adoption."""
+
+    def __init__(self, ttl: float = ANSWER_TTL) -> None:
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._answers: dict[tuple[str, int, str, int], tuple[float, CallerIdAnswer]] = {}
+        self._pending: dict[tuple[str, int, str, int], threading.Event] = {}
+
+    def query(
+        self,
+        conn: Connection,
+        *,
+        slurmd_port: int,
+        protocol_version: int,
+        deadline: float = 1.0,
+        method: Method = "auto",
+        scontrol_path: str = "scontrol",
+    ) -> CallerIdAnswer:
+        """:func:`query_callerid`, asked at most once per connection within the TTL.
+
+        Concurrent requests for the same connection wait for the first one
+        instead of each sending the RPC.
+        """
+        key = (str(conn.remote_ip), conn.remote_port, str(conn.local_ip), conn.local_port)
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                hit = self._answers.get(key)
+                if hit is not None and hit[0] > now:
+                    return hit[1]
+                waiting = self._pending.get(key)
+                if waiting is None:
+                    done = self._pending[key] = threading.Event()
+                    break
+            waiting.wait(timeout=deadline + 1.0)
+        try:
+            answer = query_callerid(
+                conn, slurmd_port=slurmd_port, protocol_version=protocol_version,
+                deadline=deadline, method=method, scontrol_path=scontrol_path,
+            )
+            with self._lock:
+                if len(self._answers) >= _MAX_CACHED:
+                    self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+                    if len(self._answers) >= _MAX_CACHED:
+                        self._answers.clear()
+                self._answers[key] = (time.monotonic() + self._ttl, answer)
+            return answer
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+            done.set()
+
+
+#: The broker's one cache (module level: the gate and adoption share it).
+ANSWERS = AnswerCache()

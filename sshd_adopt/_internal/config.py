@@ -70,11 +70,13 @@ __all__ = [
     "CallerIdSettings",
     "Config",
     "Exemptions",
+    "GateSettings",
     "InvalidConfig",
     "LogSettings",
     "LogTarget",
     "Messages",
     "SlurmSettings",
+    "SweeperSettings",
     "apply_overrides",
     "load_config",
     "parse_option",
@@ -102,6 +104,7 @@ _WRAPPER_DEFAULT_TIMEOUT: Final = protocol.DEFAULT_WRAPPER_TIMEOUT
 
 CallerIdMethod = Literal["auto", "native", "scontrol"]
 LogTarget = Literal["syslog", "stderr", "auto"]
+GateOnDeny = Literal["restrict", "refuse"]
 
 
 class InvalidConfig(ConfigError):
@@ -279,6 +282,56 @@ class SlurmSettings:
 
 
 @dataclass(frozen=True)
+class GateSettings:
+    """The auth-time gate (``sshd-adopt-keys``, sshd's AuthorizedKeysCommand).
+
+    ``user`` is sshd's ``AuthorizedKeysCommandUser``: the broker serves a
+    "keys" request only from a process of that user forked by a genuine sshd
+    monitor. The keys come from ``keys_command`` (run with the gate user's
+    privileges, ``%u`` replaced by the user name) when it is set, else from
+    ``keys_files`` (relative to the user's home; ``%u`` and ``%h`` expand),
+    which the root broker reads with sshd's StrictModes rules. ``timeout``
+    bounds the key source, since sshd imposes no bound on the command.
+
+    ``on_deny`` says what a user who may not enter gets. ``refuse``
+    (default): no key, so authentication fails before any session exists and
+    the client prints only "Permission denied (publickey)" (the reason is in
+    the broker's log). ``restrict``: the user's keys with the ``restrict``
+    option, so authentication succeeds with forwarding, agent, X11 and pty
+    off, the ForceCommand wrapper runs and the user sees the helpful denial
+    message; but the user's shell rc files run before the wrapper, so a
+    denied user can run code on the node until the sweeper ends the
+    connection (its measured bound, docs/threat-model.md). ``refuse`` is the
+    containment boundary; ``restrict`` trades it for the message.
+    """
+
+    user: str = "sshd-adopt-gate"
+    on_deny: GateOnDeny = "refuse"
+    keys_command: str = ""
+    keys_files: tuple[str, ...] = (".ssh/authorized_keys",)
+    timeout: float = 2.0
+    max_keys_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SweeperSettings:
+    """The session sweeper: sessions of managed users found outside any job.
+
+    ``interval`` is the period of the full scan (the safety net behind the
+    proc connector's events); ``grace`` is how old a connection must be before
+    the sweeper acts on it, so the wrapper adopts it first in the normal case;
+    ``kill_after`` is how long a connection to be ended gets between SIGTERM
+    and SIGKILL.
+    """
+
+    enabled: bool = True
+    interval: float = 2.0
+    grace: float = 0.5
+    kill_after: float = 2.0
+    use_proc_connector: bool = True
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """Where the broker logs. The level is ``policy.log_level``, as in pam_slurm_adopt."""
 
@@ -299,6 +352,8 @@ class Config:
     messages: Messages = field(default_factory=Messages)
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    sweeper: SweeperSettings = field(default_factory=SweeperSettings)
     warnings: tuple[str, ...] = ()
 
 
@@ -440,6 +495,14 @@ def _list_of(item: Callable[[object], str]) -> Callable[[object], tuple[str, ...
         return tuple(out)
 
     return convert
+
+
+def _keys_file(value: object) -> str:
+    """An authorized_keys path: relative to the home, or absolute; no ``..``."""
+    text = _want_str(value)
+    if not text or "\x00" in text or ".." in text.split("/"):
+        raise _Invalid(f"{text!r} is not a keys file path (non-empty, no '..')")
+    return text
 
 
 def _non_empty_paths(value: object) -> tuple[str, ...]:
@@ -586,6 +649,21 @@ _SECTIONS: Final[Mapping[str, _Schema]] = {
         "facility": _choice(tuple(sorted(SysLogHandler.facility_names))),
         "ident": _name,
     },
+    "gate": {
+        "user": _name,
+        "keys_command": _want_str,
+        "on_deny": _choice(get_args(GateOnDeny)),
+        "keys_files": _list_of(_keys_file),
+        "timeout": _seconds,
+        "max_keys_bytes": _count(protocol.MAX_REPLY_FRAME // 2),
+    },
+    "sweeper": {
+        "enabled": _bool_toml,
+        "interval": _seconds,
+        "grace": _seconds,
+        "kill_after": _seconds,
+        "use_proc_connector": _bool_toml,
+    },
 }
 
 
@@ -673,6 +751,8 @@ class _Loader:
             messages=Messages(**values["messages"]),
             slurm=SlurmSettings(**values["slurm"]),
             log=LogSettings(**values["log"]),
+            gate=GateSettings(**values["gate"]),
+            sweeper=SweeperSettings(**values["sweeper"]),
         )
 
     def combinations(self, config: Config) -> None:
@@ -732,6 +812,12 @@ class _Loader:
                 "policy.action_unknown",
                 "'allow' lets users with several jobs in unconfined when the source "
                 "job cannot be determined",
+            )
+        if config.gate.on_deny == "restrict":
+            self.warn(
+                "gate.on_deny",
+                "'restrict' lets users who may not enter authenticate: their shell rc "
+                "files run until the sweeper ends the connection",
             )
         group_ok = broker.socket_group is not None and broker.socket_mode & 0o020
         if not broker.socket_mode & 0o002 and not group_ok:

@@ -21,6 +21,14 @@ from sshd_adopt.errors import BrokerProtocolError
 
 PROTOCOL_VERSION = "1"
 MAX_FRAME = 8192
+#: Replies to the auth-time gate carry a user's public keys, which can exceed
+#: a request frame; only the broker sends frames this large, and only the
+#: gate client (``sshd-adopt-keys``) accepts them. Requests stay at MAX_FRAME.
+MAX_REPLY_FRAME = 256 * 1024
+#: The one argument a "keys" request carries: the user sshd is authenticating
+#: (``%u``). The broker verifies it against the sshd monitor's own title.
+KEYS_USER = "user"
+MAX_USER_CHARS = 64
 MAX_ITEMS = 64
 LENGTH_BYTES = 4
 OVERRIDE_PREFIX = "o."
@@ -32,6 +40,9 @@ ENV_PREFIX = "env."
 #: readiness checks; "keys": the auth-time gate asks whether a user may enter.
 OPS = frozenset({"adopt", "ping", "keys"})
 
+#: Result of a "keys" request that lets the user in; the keys are in ``keys``.
+KEYS = "keys"
+
 #: Results of an "adopt" request.
 ADOPTED = "adopted"  # in a job; ``job`` and ``env.*`` are set
 ALLOWED = "allowed"  # let in without adoption (root, exempt, policy)
@@ -39,35 +50,38 @@ DENIED = "denied"  # refused; ``message`` is for the user
 FAILED = "failed"  # the broker could not decide; the wrapper applies its failure action
 
 _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+#: What a user name may contain (POSIX portable names plus ``@`` and ``$`` for
+#: directory services): anything else never names a real account.
+_USER_CHARS = _KEY_CHARS | frozenset("@$")
 
 
-def encode(items: dict[str, str]) -> bytes:
-    """Serialise one frame; refuse bad keys, NULs and frames over :data:`MAX_FRAME`."""
+def encode(items: dict[str, str], *, limit: int = MAX_FRAME) -> bytes:
+    """Serialise one frame; refuse bad keys, NULs and frames over ``limit`` bytes."""
     parts = []
     for key, value in items.items():
         if not key or not _KEY_CHARS.issuperset(key) or "\0" in value:
             raise BrokerProtocolError(f"cannot encode item {key!r}")
         parts.append(f"{key}={value}")
     body = "\0".join(parts).encode("utf-8")
-    if not body or len(body) > MAX_FRAME:
-        raise BrokerProtocolError(f"frame of {len(body)} bytes outside 1..{MAX_FRAME}")
+    if not body or len(body) > limit:
+        raise BrokerProtocolError(f"frame of {len(body)} bytes outside 1..{limit}")
     return len(body).to_bytes(LENGTH_BYTES, "big") + body
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes, *, limit: int = MAX_FRAME) -> int:
     """Parse and bound the 4-byte length prefix."""
     if len(header) != LENGTH_BYTES:
         raise BrokerProtocolError("frame cut short in its length prefix")
     length = int.from_bytes(header, "big")
-    if length == 0 or length > MAX_FRAME:
-        raise BrokerProtocolError(f"frame length {length} outside 1..{MAX_FRAME}")
+    if length == 0 or length > limit:
+        raise BrokerProtocolError(f"frame length {length} outside 1..{limit}")
     return length
 
 
-def decode(body: bytes) -> dict[str, str]:
+def decode(body: bytes, *, limit: int = MAX_FRAME) -> dict[str, str]:
     """Parse one frame's body into a dict; duplicates, bad keys and bad UTF-8 are errors."""
-    if len(body) > MAX_FRAME:
-        raise BrokerProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    if len(body) > limit:
+        raise BrokerProtocolError(f"frame of {len(body)} bytes exceeds {limit}")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -91,6 +105,10 @@ def parse_request(body: bytes) -> tuple[str, dict[str, str]]:
 
     Override values are returned as strings; the broker validates names and
     values against its own option table and strictness rules.
+
+    A "keys" request takes no overrides (the gate's policy is the broker's
+    own) and exactly one argument, ``user`` (sshd's ``%u``); it comes back as
+    the only entry of the second element, ``{"user": name}``.
     """
     items = decode(body)
     if items.get("v") != PROTOCOL_VERSION:
@@ -98,6 +116,13 @@ def parse_request(body: bytes) -> tuple[str, dict[str, str]]:
     op = items.get("op", "")
     if op not in OPS:
         raise BrokerProtocolError(f"unknown request {op[:40]!r}")
+    if op == "keys":
+        user = items.get(KEYS_USER, "")
+        if set(items) != {"v", "op", KEYS_USER}:
+            raise BrokerProtocolError("a keys request carries exactly v, op and user")
+        if not user or len(user) > MAX_USER_CHARS or not _USER_CHARS.issuperset(user):
+            raise BrokerProtocolError(f"bad user name {user[:40]!r}")
+        return op, {KEYS_USER: user}
     overrides: dict[str, str] = {}
     for key, value in items.items():
         if key in ("v", "op"):

@@ -7,30 +7,17 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.harness import RUN, VAR, Cluster, wait_until
-
-BROKER_ETC = VAR / "etc"
-
-
-def broker_pid(node: str) -> int:
-    """The pid of the lab broker on ``node``, from the harness's state file."""
-    state = json.loads((RUN / "state.json").read_text())
-    return int(state["daemons"][f"sshd-adoptd-{node}"]["pid"])
-
-
-def broker_config(node: str) -> Path:
-    return BROKER_ETC / node / "sshd-adopt.toml"
+from tests.harness import Cluster, wait_until
 
 
 def reload_broker(cluster: Cluster, node: str) -> None:
     """SIGHUP the broker and wait until it logged the reload."""
     log = cluster.broker_log(node)
     mark = log.mark()
-    os.kill(broker_pid(node), signal.SIGHUP)
+    os.kill(cluster.broker_pid(node), signal.SIGHUP)
     log.wait_for("reloaded", mark=mark, timeout=10)
 
 
@@ -45,7 +32,7 @@ def broker_policy(cluster: Cluster) -> Iterator[Callable[..., None]]:
     saved: dict[str, str] = {}
 
     def apply(node: str, **sections: dict[str, object]) -> None:
-        path = broker_config(node)
+        path = cluster.broker_config(node)
         original = saved.setdefault(node, path.read_text())
         text = original
         for section, values in sections.items():
@@ -60,7 +47,7 @@ def broker_policy(cluster: Cluster) -> Iterator[Callable[..., None]]:
 
     yield apply
     for node, text in saved.items():
-        broker_config(node).write_text(text)
+        cluster.broker_config(node).write_text(text)
         reload_broker(cluster, node)
 
 

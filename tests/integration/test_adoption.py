@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.harness import VENV, Cluster, remote_cgroup_job, wait_until
-from tests.integration.conftest import broker_pid
 
+DENIED = "Permission denied (publickey)"
 NO_JOBS = "Access denied by sshd-adopt: you have no active jobs on this node"
 UNKNOWN = "Access denied by sshd-adopt: unable to determine source job"
 WRAPPER = str(VENV / "bin" / "sshd-adopt")
@@ -32,14 +32,31 @@ def cgroup_job(text: str) -> int | None:
     return found.job if found is not None else None
 
 
-def test_user_without_job_is_refused_with_the_message(cluster: Cluster) -> None:
+def test_user_without_job_is_refused_at_authentication(cluster: Cluster) -> None:
+    """With the shipped gate (on_deny=refuse) a denial happens before any session."""
+    log = cluster.broker_log("n1")
+    mark = log.mark()
+    result = cluster.ssh("login", "n1", "echo SHOULD-NOT-RUN", user="bob")
+    assert result.returncode == 255
+    assert DENIED in result.stderr
+    assert "SHOULD-NOT-RUN" not in result.stdout
+    line = log.wait_for("gate: user=bob", mark=mark)
+    assert "outcome=deny" in line
+    assert "user has no jobs on this node" in line
+
+
+def test_user_without_job_sees_the_message_when_the_gate_restricts(
+    cluster: Cluster, broker_policy: Callable[..., None]
+) -> None:
+    """gate.on_deny=restrict: the wrapper runs and the broker's message reaches the client."""
+    broker_policy("n1", gate={"on_deny": "restrict"})
     log = cluster.broker_log("n1")
     mark = log.mark()
     result = cluster.ssh("login", "n1", "echo SHOULD-NOT-RUN", user="bob")
     assert result.returncode == 255
     assert NO_JOBS in result.stderr
     assert "SHOULD-NOT-RUN" not in result.stdout
-    line = log.wait_for("user=bob", mark=mark)
+    line = log.wait_for("user=bob uid=", mark=mark)
     assert "outcome=deny" in line
 
 
@@ -73,7 +90,7 @@ def _session_pids(user: str, marker: str) -> dict[int, str]:
     while pid > 1:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         pids[pid] = cmd
-        if cmd.startswith(f"sshd: {user} [priv]"):
+        if re.match(rf"sshd(-session)?: {user} \[priv\]", cmd):
             break
         pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     return pids
@@ -89,8 +106,9 @@ def test_listpids_shows_the_sshd_processes_and_scancel_ends_the_session(
         wait_until(lambda: _remote_leaf("alice", "^sleep 313") is not None, 15, "remote sleep")
         session = _session_pids("alice", "^sleep 313")
         listed = {pid for pid, step in cluster.listpids("n1", job) if step == "extern"}
-        monitor = [pid for pid, cmd in session.items() if cmd.startswith("sshd: alice [priv]")]
-        notty = [pid for pid, cmd in session.items() if cmd.startswith("sshd: alice@")]
+        monitor = [pid for pid, cmd in session.items()
+                   if re.match(r"sshd(-session)?: alice \[priv\]", cmd)]
+        notty = [pid for pid, cmd in session.items() if re.match(r"sshd(-session)?: alice@", cmd)]
         assert monitor and notty, session
         assert set(session) <= listed, (session, listed)
         cluster.cancel(job)
@@ -128,10 +146,12 @@ def test_root_and_exempt_get_in_when_slurm_conf_is_broken(
     for user in ("root", "carol"):
         result = cluster.ssh("login", "n3", "true", user=user)
         assert result.returncode == 0, result.stderr
-    # A managed user meets action_generic_failure (ignore -> fallthrough=deny).
+    # A managed user meets action_generic_failure (ignore -> fallthrough=deny),
+    # at the gate already.
     alice = cluster.ssh("login", "n3", "true", user="alice")
     assert alice.returncode == 255
-    assert "Access denied by sshd-adopt" in alice.stderr
+    assert DENIED in alice.stderr
+    assert "NodeName is unknown" in cluster.broker_log("n3").text().splitlines()[-1]
 
 
 def test_interactive_login_gets_a_login_shell(cluster: Cluster) -> None:
@@ -223,9 +243,12 @@ def test_several_jobs_deny_refuses_with_the_message(
 ) -> None:
     broker_policy("n1", policy={"action_unknown": "deny"})
     _three_jobs(cluster)
+    log = cluster.broker_log("n1")
+    mark = log.mark()
     result = cluster.ssh("login", "n1", "true", user="alice")
     assert result.returncode == 255
-    assert UNKNOWN in result.stderr
+    assert DENIED in result.stderr
+    assert "action_unknown=deny" in log.wait_for("gate: user=alice", mark=mark)
 
 
 def test_broker_down_follows_action_generic_failure(
@@ -233,12 +256,14 @@ def test_broker_down_follows_action_generic_failure(
 ) -> None:
     del broker_restart
     cluster.submit("alice", ["n2"])
-    pid = broker_pid("n2")
+    pid = cluster.broker_pid("n2")
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not cluster.broker_socket("n2").exists(), 10, "broker to stop")
     result = cluster.ssh("login", "n2", "echo IN", user="alice")
     assert result.returncode == 255
-    assert "adoption service is unavailable" in result.stderr
+    # The auth-time gate asks the same broker: with it gone, managed users are
+    # refused before a session exists (fail closed), root is not.
+    assert DENIED in result.stderr
     assert "IN" not in result.stdout
     root = cluster.ssh("login", "n2", "echo IN", user="root")
     assert root.returncode == 0

@@ -701,3 +701,21 @@ def test_libmunge_without_munged_fails_cleanly(tmp_path: Path) -> None:
         pytest.skip("libmunge.so.2 not installed")
     with pytest.raises(munge.MungeError, match="munge_encode"):
         munge.encode_libmunge(b"x", timeout=5, socket_path=str(tmp_path / "no-socket"))
+
+
+def test_answer_cache_asks_once_per_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate (twice) and the wrapper ask about one connection: one RPC."""
+    calls: list[Connection] = []
+
+    def fake(conn: Connection, **_: object) -> CallerIdAnswer:
+        calls.append(conn)
+        return CallerIdAnswer(CallerIdOutcome.UNREACHABLE)
+
+    monkeypatch.setattr(callerid, "query_callerid", fake)
+    cache = callerid.AnswerCache(ttl=60)
+    one = Connection(ipaddress.ip_address("10.0.0.2"), 22, ipaddress.ip_address("10.0.0.1"), 5000)
+    other = Connection(ipaddress.ip_address("10.0.0.2"), 22, ipaddress.ip_address("10.0.0.1"), 5001)
+    for conn in (one, one, one, other):
+        assert cache.query(conn, slurmd_port=6818, protocol_version=0x2600).outcome is (
+            CallerIdOutcome.UNREACHABLE)
+    assert calls == [one, other]
