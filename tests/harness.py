@@ -6,10 +6,22 @@ each "host" a set of namespaces entered with nsenter. Every compute node runs ss
 oracle for differential tests). See ``scripts/cluster --help``.
 
 Everything here runs as root on the machine that hosts the lab.
+
+Generations: ``Cluster(generation="bookworm")`` (Debian 12: Slurm 22.05, OpenSSH 9.2, the
+host's own userland) or ``Cluster(generation="trixie")`` (Debian 13: Slurm 24.11, OpenSSH 10,
+Python 3.13, from a chroot), see ``scripts/cluster --help`` and docs/generations.md. Tests use
+the same host names on both: ``ctl``, ``login``, ``n1``..``n3`` (every generation has its own
+UTS namespaces and /etc/hosts). Slurm NodeNames differ (``t1``..``t3`` on trixie: cgroup v1
+hierarchies are host-wide and Slurm's prefix is ``/slurm_<NodeName>``); the Cluster maps host
+names to NodeNames where Slurm wants them (``submit``, spool sockets, cgroup dirs, slurmd logs)
+and back (``job_info``, ``hostnames``, ``remote_cgroup_job``). The module constants below
+(RUN, VAR, LOG, VENV, NSDIR, ADDRESSES) are the bookworm lab's; generation-aware code uses
+the same-named Cluster attributes and methods instead.
 """
 
 from __future__ import annotations
 
+import json
 import pwd
 import re
 import shlex
@@ -40,6 +52,45 @@ CLEAN_ENV = {
     "HOME": "/root",
 }
 
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What tests need to know of one lab generation (scripts/cluster has the full record;
+    tests/unit/test_generations.py checks that both agree)."""
+
+    name: str
+    root: Path | None  # the chroot with the generation's userland; None: the host's own
+    run: Path  # host paths of the run, state and log dirs (the same paths inside the lab)
+    var: Path
+    log: Path
+    venv: Path  # inside the lab (what sshd's ForceCommand and in-lab commands use)
+    v4_net: str
+    v6_net: str
+    node_names: tuple[tuple[str, str], ...]  # (host, Slurm NodeName)
+
+    def in_root(self, path: Path | str) -> Path:
+        """A path inside the lab's userland, seen from the host."""
+        return Path(f"{self.root}{path}") if self.root is not None else Path(path)
+
+
+GENERATIONS: dict[str, Generation] = {
+    "bookworm": Generation(
+        name="bookworm", root=None, run=RUN, var=VAR, log=LOG, venv=VENV,
+        v4_net="10.213.0.", v6_net="fd5a:213::",
+        node_names=(("n1", "n1"), ("n2", "n2"), ("n3", "n3"))),
+    "trixie": Generation(
+        name="trixie", root=Path("/var/lib/sshd-adopt-lab-trixie/root"),
+        run=Path("/run/sshd-adopt-lab-trixie"), var=Path("/var/lib/sshd-adopt-lab-trixie/lab"),
+        log=Path("/var/log/sshd-adopt-lab-trixie"), venv=VENV,
+        v4_net="10.214.0.", v6_net="fd5a:214::",
+        node_names=(("n1", "t1"), ("n2", "t2"), ("n3", "t3"))),
+}
+DEFAULT_GENERATION = "bookworm"
+HOST_NUM = {"ctl": 1, "login": 5, "n1": 11, "n2": 12, "n3": 13}
+#: Slurm NodeName -> lab host name, over all generations (NodeNames never repeat).
+_HOST_OF_NODE = {node: host for gen in GENERATIONS.values() for host, node in gen.node_names}
+
 _CGROUP_RE = re.compile(r"/slurm_(?P<node>[^/]+)/uid_(?P<uid>\d+)/job_(?P<job>\d+)"
                         r"(?:/step_(?P<step>[^/\s]+))?")
 
@@ -52,7 +103,7 @@ class HarnessError(RuntimeError):
 class CgroupJob:
     """Which Slurm job (and step) a process's cgroup path names."""
 
-    node: str
+    node: str  # the lab host name (n1..n3) of the Slurm node, in every generation
     uid: int
     job: int
     step: str | None
@@ -100,8 +151,8 @@ def remote_cgroup_job(cgroup_text: str, controller: str = "memory") -> CgroupJob
     match = _CGROUP_RE.search(path)
     if match is None:
         return None
-    return CgroupJob(node=match["node"], uid=int(match["uid"]), job=int(match["job"]),
-                     step=match["step"])
+    return CgroupJob(node=_HOST_OF_NODE.get(match["node"], match["node"]), uid=int(match["uid"]),
+                     job=int(match["job"]), step=match["step"])
 
 
 class LogFile:
@@ -139,20 +190,75 @@ class LogFile:
 
 
 class Cluster:
-    """Handle on the running lab cluster."""
+    """Handle on the running lab cluster of one generation."""
 
-    def __init__(self, script: Path = SCRIPT) -> None:
+    def __init__(self, script: Path = SCRIPT, generation: str = DEFAULT_GENERATION) -> None:
         self.script = script
+        self.gen = GENERATIONS[generation]
+        self.generation = generation
+        self.run = self.gen.run
+        self.nsdir = self.gen.run / "ns"
+        self.var = self.gen.var
+        self.log = self.gen.log
+        self.venv = self.gen.venv  # inside the lab
+        self.venv_host = self.gen.in_root(self.gen.venv)  # the same venv from the host
+        self._node_of = dict(self.gen.node_names)
+        self._host_of = {node: host for host, node in self.gen.node_names}
+
+    def __repr__(self) -> str:
+        return f"Cluster(generation={self.generation!r})"
+
+    # ------------------------------------------------------------------ names
+
+    def node(self, host: str) -> str:
+        """Slurm NodeName of a compute host (``n1`` -> ``t1`` on trixie)."""
+        return self._node_of.get(host, host)
+
+    def host_of(self, node: str) -> str:
+        """Lab host name of a Slurm NodeName (the inverse of ``node``)."""
+        return self._host_of.get(node, node)
+
+    def address(self, host: str) -> str:
+        return f"{self.gen.v4_net}{HOST_NUM[host]}"
+
+    def address6(self, host: str) -> str:
+        return f"{self.gen.v6_net}{HOST_NUM[host]}"
+
+    def in_root(self, path: Path | str) -> Path:
+        """A path inside the lab's userland (e.g. /usr/sbin/sshd), seen from the host."""
+        return self.gen.in_root(path)
+
+    # ------------------------------------------------------------------ harness state
+
+    def state(self) -> dict[str, object]:
+        """scripts/cluster's state file (daemons, pids, options)."""
+        data = json.loads((self.run / "state.json").read_text())
+        if not isinstance(data, dict):
+            raise HarnessError(f"{self.run / 'state.json'} is not an object")
+        return data
+
+    def daemon_pid(self, name: str) -> int:
+        daemons = self.state().get("daemons")
+        if not isinstance(daemons, dict) or name not in daemons:
+            raise HarnessError(f"no daemon {name!r} in {self.run / 'state.json'}")
+        return int(daemons[name]["pid"])
+
+    def broker_pid(self, host: str) -> int:
+        return self.daemon_pid(f"sshd-adoptd-{host}")
+
+    def broker_config(self, host: str) -> Path:
+        return self.var / "etc" / host / "sshd-adopt.toml"
 
     # ------------------------------------------------------------------ lifecycle
 
     def run_script(self, *args: str, timeout: float = 300,
                    check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``scripts/cluster ARGS`` (as a subprocess)."""
-        proc = subprocess.run([str(self.script), *args], capture_output=True, text=True,
+        proc = subprocess.run([str(self.script), "--generation", self.generation, *args],
+                              capture_output=True, text=True,
                               timeout=timeout, check=False)
         if check and proc.returncode != 0:
-            raise HarnessError(f"scripts/cluster {' '.join(args)} failed "
+            raise HarnessError(f"scripts/cluster -g {self.generation} {' '.join(args)} failed "
                                f"(rc={proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc
 
@@ -185,9 +291,12 @@ class Cluster:
             wd = pw.pw_dir
             argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
                     "--init-groups", "--reset-env", "--", *argv]
-        return ["nsenter", f"--net={NSDIR / (host + '.net')}",
-                f"--uts={NSDIR / (host + '.uts')}", f"--mount={NSDIR / (host + '.mnt')}",
-                f"--wd={wd}", "--", *argv]
+        ns = ["nsenter", f"--net={self.nsdir / (host + '.net')}",
+              f"--uts={self.nsdir / (host + '.uts')}", f"--mount={self.nsdir / (host + '.mnt')}"]
+        if self.gen.root is not None:
+            # chroot(8) changes to / itself: env -C gives the working directory back.
+            return [*ns, "--wd=/", "--", "chroot", str(self.gen.root), "env", "-C", wd, *argv]
+        return [*ns, f"--wd={wd}", "--", *argv]
 
     def exec(self, host: str, *cmd: str, user: str | None = None, timeout: float = 60,
              check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -223,12 +332,12 @@ class Cluster:
 
     # ------------------------------------------------------------------ jobs
 
-    @staticmethod
-    def spool(node: str) -> Path:
-        return VAR / f"slurmd-{node}"
+    def spool(self, host: str) -> Path:
+        """slurmd's spool dir of a compute host (SlurmdSpoolDir=.../slurmd-%n)."""
+        return self.var / f"slurmd-{self.node(host)}"
 
-    def stepd_socket(self, node: str, job: int, step: int = EXTERN_STEP) -> Path:
-        return self.spool(node) / f"{node}_{job}.{step}"
+    def stepd_socket(self, host: str, job: int, step: int = EXTERN_STEP) -> Path:
+        return self.spool(host) / f"{self.node(host)}_{job}.{step}"
 
     @staticmethod
     def stepd_answers(path: Path) -> bool:
@@ -253,7 +362,9 @@ class Cluster:
         return state, self.hostnames(nodelist) if nodelist else []
 
     def hostnames(self, nodelist: str) -> list[str]:
-        return self.slurm("scontrol", "show", "hostnames", nodelist).split()
+        """Expand a Slurm node list into lab host names (``t[1-2]`` -> n1, n2 on trixie)."""
+        return [self.host_of(n)
+                for n in self.slurm("scontrol", "show", "hostnames", nodelist).split()]
 
     def submit(self, user: str, nodes: Sequence[str] | int, script_or_wrap: str = "sleep 600",
                *, extra_args: Sequence[str] = (), wait: bool = True,
@@ -272,7 +383,8 @@ class Cluster:
         if isinstance(nodes, int):
             args.append(f"--nodes={nodes}")
         else:
-            args += [f"--nodes={len(nodes)}", f"--nodelist={','.join(nodes)}"]
+            args += [f"--nodes={len(nodes)}",
+                     f"--nodelist={','.join(self.node(n) for n in nodes)}"]
         args += list(extra_args)
         if script_or_wrap.startswith("#!"):
             proc = self.exec("login", *args, user=user, input=script_or_wrap)
@@ -309,8 +421,8 @@ class Cluster:
             if self.job_info(job) is not None:
                 return False
             return not any(
-                self.stepd_answers(sock) for node in COMPUTE
-                for sock in self.spool(node).glob(f"{node}_{job}.*"))
+                self.stepd_answers(sock) for host in COMPUTE
+                for sock in self.spool(host).glob(f"{self.node(host)}_{job}.*"))
 
         wait_until(gone, timeout, f"job {job} to be gone", interval=0.2)
 
@@ -334,10 +446,11 @@ class Cluster:
         del host
         return Path(f"/proc/{pid}/cgroup").read_text()
 
-    @staticmethod
-    def job_cgroup_dir(node: str, uid: int, job: int, step: str = "extern",
+    def job_cgroup_dir(self, host: str, uid: int, job: int, step: str = "extern",
                        controller: str = "memory") -> Path:
-        return Path(f"/sys/fs/cgroup/{controller}/slurm_{node}/uid_{uid}/job_{job}/step_{step}")
+        """cgroup v1 dirs are host-wide: every generation's lab sees the same tree."""
+        return Path(f"/sys/fs/cgroup/{controller}/slurm_{self.node(host)}/uid_{uid}/job_{job}"
+                    f"/step_{step}")
 
     def listpids(self, host: str, job: int) -> list[tuple[int, str]]:
         """``scontrol listpids JOB`` run on ``host``: [(pid, step), ...] (real pids only)."""
@@ -385,28 +498,22 @@ class Cluster:
 
     # ------------------------------------------------------------------ logs
 
-    @staticmethod
-    def syslog() -> LogFile:
+    def syslog(self) -> LogFile:
         """Everything logged to /dev/log inside the lab (pam_slurm_adopt, ...)."""
-        return LogFile(LOG / "syslog.log")
+        return LogFile(self.log / "syslog.log")
 
-    @staticmethod
-    def pam_log() -> LogFile:
+    def pam_log(self) -> LogFile:
         """pam_slurm_adopt's syslog lines."""
-        return LogFile(LOG / "syslog.log", contains="pam_slurm_adopt[")
+        return LogFile(self.log / "syslog.log", contains="pam_slurm_adopt[")
 
-    @staticmethod
-    def sshd_log(node: str, port: int = 22) -> LogFile:
-        return LogFile(LOG / f"sshd-{node}-{port}.log")
+    def sshd_log(self, host: str, port: int = 22) -> LogFile:
+        return LogFile(self.log / f"sshd-{host}-{port}.log")
 
-    @staticmethod
-    def slurmd_log(node: str) -> LogFile:
-        return LogFile(LOG / f"slurmd-{node}.log")
+    def slurmd_log(self, host: str) -> LogFile:
+        return LogFile(self.log / f"slurmd-{self.node(host)}.log")
 
-    @staticmethod
-    def broker_log(node: str) -> LogFile:
-        return LogFile(LOG / f"sshd-adoptd-{node}.log")
+    def broker_log(self, host: str) -> LogFile:
+        return LogFile(self.log / f"sshd-adoptd-{host}.log")
 
-    @staticmethod
-    def broker_socket(node: str) -> Path:
-        return RUN / node / "broker.sock"
+    def broker_socket(self, host: str) -> Path:
+        return self.run / host / "broker.sock"
