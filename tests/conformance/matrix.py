@@ -1,0 +1,128 @@
+"""The scenario matrix: what each row sets up and the verdict it is EXPECTED to get.
+
+A row's expected verdict is part of the code on purpose: the suite computes the actual
+verdict from what both front ends did and fails when they disagree, so that a behaviour
+change on either side (an sshd-adopt regression, a different Slurm generation) shows up as a
+failing test instead of a silently different report. ``differs on purpose`` names the exact
+fields that differ and why; any other field differing too, or these fields no longer
+differing, is a deviation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tests.conformance.model import Row, Verdict
+
+GATE = ("sshd-adopt adds hint lines (where the user's jobs run); with the auth-time gate "
+        "(issue #5) in the drop-in, the refusal happens during publickey authentication and "
+        "the user sees only sshd's \"Permission denied (publickey)\", which differs in the "
+        "same field")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the matrix."""
+
+    key: str
+    title: str
+    setup: str  # what state both front ends face
+    expected: Verdict
+    fields: frozenset[str] = frozenset()  # the fields that differ on purpose
+    reason: str = ""
+
+    def check(self, row: Row) -> list[str]:
+        """Problems with ``row`` against the expectation (empty: as expected)."""
+        if self.expected == "not run":
+            return []
+        if row.pam is None or row.adopt is None:
+            return [f"{self.key}: not observed"]
+        got = set(row.differing)
+        if self.expected == "same" and got:
+            return [f"{self.key}: expected same, but {sorted(got)} differ"]
+        if self.expected == "differs on purpose" and got != set(self.fields):
+            return [f"{self.key}: expected exactly {sorted(self.fields)} to differ "
+                    f"({self.reason}), got {sorted(got)}"]
+        return []
+
+    def verdict(self, row: Row | None) -> Verdict:
+        """The ACTUAL verdict of ``row``: ``differs`` whenever it deviates from the matrix."""
+        if self.expected == "not run" or row is None:
+            return "not run"
+        if not row.differing:
+            return "same"
+        return "differs on purpose" if not self.check(row) else "differs"
+
+
+def _s(key: str, title: str, setup: str, expected: Verdict = "same",
+       fields: tuple[str, ...] = (), reason: str = "") -> Scenario:
+    return Scenario(key, title, setup, expected, frozenset(fields), reason)
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    _s("root", "root", "alice has a job on n1; root logs in from login", "same"),
+    _s("no_jobs_deny", "no jobs, action_no_jobs=deny", "bob (slurmusers) has no job on n1",
+       "differs on purpose", ("stderr",),
+       "message names sshd-adopt; " + GATE),
+    _s("no_jobs_ignore", "no jobs, action_no_jobs=ignore",
+       "bob has no job; both sides set action_no_jobs=ignore",
+       "differs on purpose", ("outcome", "exit", "stderr"),
+       "design choice (fail closed): PAM_IGNORE lets the rest of the PAM stack decide "
+       "(here pam_unix: success, so bob gets in unconfined); sshd-adopt has no next module "
+       "and resolves ignore through policy.fallthrough, default deny"),
+    _s("no_jobs_ignore_fallthrough_allow", "no jobs, ignore + fallthrough=allow",
+       "as above, sshd-adopt also sets fallthrough=allow",
+       "same", (), ""),
+    _s("dave_unmanaged", "local user, not in slurmusers",
+       "dave exists on the node with a key, is not in slurmusers, has no job",
+       "differs on purpose", ("outcome", "exit", "stderr"),
+       "design choice: sshd-adopt manages only the sshd Match group (slurmusers); "
+       "pam_slurm_adopt applies to everyone in the PAM stack and refuses dave (no jobs)"),
+    _s("dave_managed", "local user in slurmusers, never used Slurm",
+       "dave added to slurmusers, no job", "differs on purpose", ("stderr",),
+       "message names sshd-adopt; " + GATE),
+    _s("one_job", "one job", "alice has one job on n1", "same"),
+    _s("disable_x11", "disable_x11", "one job, disable_x11 set on both sides "
+       "(the lab has no X server, so no job has X11: only checks nothing is exported)",
+       "same"),
+    _s("several_inside", "several jobs, from inside one (callerid)",
+       "alice has another job on n2 and a job on n1+n2 whose batch step sshes to n2",
+       "same"),
+    _s("several_compute", "several jobs, from a compute node outside any job",
+       "three jobs of alice on n2; ssh from n1 (slurmd there answers: no job)", "same", (),
+       "both take the newest job: the lab's PAM line sets nodename=, so 22.05 finds the "
+       "cgroup for its mtime comparison (without it, reference §5.6 would bite)"),
+    _s("several_login", "several jobs, from the login host",
+       "three jobs of alice on n2; ssh from login (no slurmd: source unknown)", "same", (),
+       "as above"),
+    _s("unknown_allow", "action_unknown=allow", "three jobs on n2, from login", "same"),
+    _s("unknown_deny", "action_unknown=deny", "three jobs on n2, from login",
+       "differs on purpose", ("stderr",), "message names sshd-adopt; " + GATE),
+    _s("adopt_failure_deny", "adoption fails, action_adopt_failure=deny",
+       "one job; its step_extern cpuset has no memory nodes, so slurmstepd's "
+       "ADD_EXTERN_PID fails (ENOSPC) for both", "differs on purpose", ("stderr",),
+       "message names sshd-adopt and the job; upstream's says \"into cgroup\""),
+    _s("adopt_failure_allow", "adoption fails, action_adopt_failure=allow",
+       "as above, both sides set action_adopt_failure=allow", "differs on purpose",
+       ("cgroup", "listpids"),
+       "allow means unconfined in sshd-adopt (documented); upstream's session is left "
+       "half-adopted by the failed ADD_EXTERN_PID (in the job's cgroups and listpids, "
+       "without SLURM_JOB_ID): a side effect, not a policy"),
+    _s("stepd_hung", "the extern slurmstepd does not answer",
+       "one job; its extern slurmstepd is SIGSTOPped for 6 s", "differs on purpose",
+       ("outcome", "exit", "stderr", "cgroup", "job_env", "listpids"),
+       "design choice (bounded): sshd-adopt gives up on the stepd after "
+       "broker.stepd_timeout (2 s) and, not knowing the job, refuses; pam_slurm_adopt waits "
+       "for as long as the stepd is stopped (no bound) and adopts once it resumes"),
+    _s("job_starting", "job still starting (extern step not up)",
+       "sbatch done and the job allocated to n1, but n1's slurmd is stopped so the "
+       "extern step does not exist yet", "differs on purpose", ("stderr",),
+       "message names sshd-adopt; " + GATE),
+    _s("job_ending", "the job ends while the session runs",
+       "one job that ends 3 s after the login (its batch script exits)", "same"),
+    _s("nodename", "nodename differing from the hostname",
+       "not expressible in the 22.05 lab (NodeName == hostname); both sides set nodename "
+       "explicitly in every row", "not run"),
+)
+
+BY_KEY = {scenario.key: scenario for scenario in SCENARIOS}
