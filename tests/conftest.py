@@ -50,10 +50,7 @@ BOOKWORM_ONLY: dict[str, str] = {
 }
 #: Fixtures of tests/integration/conftest.py that act on the bookworm lab's files whatever
 #: the generation (they would change the bookworm brokers from a trixie test).
-BOOKWORM_ONLY_FIXTURES = {
-    "broker_policy": "fixture broker_policy edits the bookworm broker configs (VAR/etc)",
-    "broker_restart": "fixture broker_restart + broker_pid() read the bookworm state.json",
-}
+BOOKWORM_ONLY_FIXTURES: dict[str, str] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
