@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import grp
 import json
 import os
 import pwd
@@ -112,8 +113,19 @@ def _user_gids(user: str) -> list[int] | None:
 
 
 def _exempt_users(config: Config | None) -> list[str]:
-    """Root plus every configured exempt user that exists here (sshd -T needs real users)."""
+    """Root, the configured exempt users and the listed members of exempt groups.
+
+    Each is checked with ``sshd -T`` so that a drop-in ``Match`` block that
+    disagrees with the broker's ``[exempt]`` (an admin who would get the
+    wrapper) shows up here. Only users that exist are listed (sshd -T needs
+    real users); members through their primary group are not enumerated.
+    """
     names = {"root"} | (set(config.exempt.users) if config else set())
+    for group in sorted(config.exempt.groups) if config else ():
+        try:
+            names.update(grp.getgrnam(group).gr_mem)
+        except KeyError:
+            continue
     found = []
     for name in sorted(names):
         try:
