@@ -19,6 +19,7 @@ from sshd_adopt._internal import decision as dec
 from sshd_adopt._internal import hints, protocol
 from sshd_adopt._internal.callerid import ANSWERS
 from sshd_adopt._internal.config import Config, apply_overrides
+from sshd_adopt._internal.connection import Connection
 from sshd_adopt._internal.localjobs import user_jobs
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.options import Options
@@ -77,6 +78,67 @@ class AdoptResult:
 
     env: dict[str, str]
     adopted: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Where:
+    """This node as Slurm knows it: its NodeName and spool dir (None: unknown)."""
+
+    nodename: str | None
+    spool: str | None
+
+    @classmethod
+    def of(cls, state: BrokerState, options: Options) -> Where:
+        slurm = state.slurm
+        return cls(options.nodename or (slurm.nodename if slurm else None),
+                   slurm.spool_dir if slurm else None)
+
+
+def decide_connection(
+    state: BrokerState,
+    options: Options,
+    where: Where,
+    *,
+    user: str,
+    uid: int,
+    connection: Connection | None,
+    phases: Phases | None = None,
+) -> tuple[dec.LoginFacts, dec.Decision]:
+    """Gather the facts for one connection and decide, asking callerid when needed.
+
+    Shared by adoption (the wrapper's request, the sweeper) and the auth-time
+    gate, so that who may enter is decided by one piece of code.
+    """
+    jobs: tuple[dec.LocalJob, ...] = ()
+    if where.nodename and where.spool:
+        jobs = user_jobs(where.spool, where.nodename, uid,
+                         timeout=state.config.broker.stepd_timeout)
+    facts = dec.LoginFacts(user=user, uid=uid, exempt=False,
+                           node_known=bool(where.nodename and where.spool), jobs=jobs)
+    if phases is not None:
+        phases.mark("jobs")
+    decision = dec.decide(facts, options)
+    if isinstance(decision, dec.AskCallerId):
+        facts = replace(facts, callerid=_callerid(state, connection))
+        decision = dec.decide(facts, options)
+        if phases is not None:
+            phases.mark("callerid")
+    return facts, decision
+
+
+def _callerid(state: BrokerState, connection: Connection | None) -> dec.CallerIdAnswer:
+    """Ask the source host's slurmd which job owns the client end of this connection."""
+    if connection is None or state.slurm is None:
+        return dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
+    settings = state.config.callerid
+    return ANSWERS.query(
+        connection,
+        slurmd_port=state.slurm.slurmd_port,
+        protocol_version=state.slurm.protocol_version,
+        deadline=settings.deadline,
+        method=settings.method,
+        scontrol_path=settings.scontrol_path,
+    )
 
 
 class AdoptionService:
@@ -145,27 +207,12 @@ class AdoptionService:
     ) -> dict[str, str]:
         """Run the decision (with callerid and fallbacks) and carry it out."""
         log = logger()
-        slurm = state.slurm
-        nodename = options.nodename or (slurm.nodename if slurm else None)
-        spool = slurm.spool_dir if slurm else None
-        jobs: tuple[dec.LocalJob, ...] = ()
-        if nodename and spool:
-            jobs = user_jobs(
-                spool, nodename, session.uid, timeout=state.config.broker.stepd_timeout
-            )
-        facts = dec.LoginFacts(
-            user=session.user,
-            uid=session.uid,
-            exempt=False,
-            node_known=bool(nodename and spool),
-            jobs=jobs,
+        where = Where.of(state, options)
+        facts, decision = decide_connection(
+            state, options, where, user=session.user, uid=session.uid,
+            connection=session.connection, phases=phases,
         )
-        phases.mark("jobs")
-        decision = dec.decide(facts, options)
-        if isinstance(decision, dec.AskCallerId):
-            facts = replace(facts, callerid=self._callerid(state, session))
-            decision = dec.decide(facts, options)
-            phases.mark("callerid")
+        nodename, spool, jobs = where.nodename, where.spool, facts.jobs
         result: AdoptResult | None = None
         failures: list[str] = []
         failed_job: int | None = None
@@ -207,20 +254,6 @@ class AdoptionService:
             return protocol.reply(protocol.ALLOWED)
         log.error("decision loop ended without an outcome for %s", session.user)
         return protocol.reply(protocol.FAILED, message="sshd-adopt: internal error")
-
-    def _callerid(self, state: BrokerState, session: SshSession) -> dec.CallerIdAnswer:
-        """Ask the source host's slurmd which job owns the client end of this connection."""
-        if session.connection is None or state.slurm is None:
-            return dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
-        settings = state.config.callerid
-        return ANSWERS.query(
-            session.connection,
-            slurmd_port=state.slurm.slurmd_port,
-            protocol_version=state.slurm.protocol_version,
-            deadline=settings.deadline,
-            method=settings.method,
-            scontrol_path=settings.scontrol_path,
-        )
 
     @staticmethod
     def _log_decision(

@@ -46,15 +46,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from sshd_adopt._internal import decision as dec
 from sshd_adopt._internal import procfs, protocol
-from sshd_adopt._internal.adoption import BrokerState, Peer
-from sshd_adopt._internal.callerid import ANSWERS
+from sshd_adopt._internal.adoption import BrokerState, Peer, Where, decide_connection
 from sshd_adopt._internal.config import GateSettings
 from sshd_adopt._internal.connection import Connection
-from sshd_adopt._internal.localjobs import user_jobs
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.procfs import ProcInfo
 from sshd_adopt.errors import Error, NotAnSshSession, ProcError
@@ -221,25 +219,10 @@ class GateService:
         if state.config.exempt.is_exempt(ctx.user, os.getgrouplist(ctx.user, entry.pw_gid)):
             return True, "exempt user"
         options = state.config.options
-        slurm = state.slurm
-        nodename = options.nodename or (slurm.nodename if slurm else None)
-        spool = slurm.spool_dir if slurm else None
-        jobs: tuple[dec.LocalJob, ...] = ()
-        if nodename and spool:
-            jobs = user_jobs(spool, nodename, ctx.uid, timeout=state.config.broker.stepd_timeout)
-        facts = dec.LoginFacts(user=ctx.user, uid=ctx.uid, exempt=False,
-                               node_known=bool(nodename and spool), jobs=jobs)
-        decision = dec.decide(facts, options)
-        if isinstance(decision, dec.AskCallerId):
-            answer = dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
-            if ctx.connection is not None and slurm is not None:
-                settings = state.config.callerid
-                answer = ANSWERS.query(
-                    ctx.connection, slurmd_port=slurm.slurmd_port,
-                    protocol_version=slurm.protocol_version, deadline=settings.deadline,
-                    method=settings.method, scontrol_path=settings.scontrol_path,
-                )
-            decision = dec.decide(replace(facts, callerid=answer), options)
+        _, decision = decide_connection(
+            state, options, Where.of(state, options), user=ctx.user, uid=ctx.uid,
+            connection=ctx.connection,
+        )
         if isinstance(decision, dec.Deny):
             return False, decision.reason
         if isinstance(decision, dec.Adopt | dec.Allow):
