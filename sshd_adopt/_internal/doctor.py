@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import os
 import shlex
-import socket
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -243,27 +242,14 @@ def check_broker(ping: PingResult, *, our_version: str, nodename: str | None) ->
 def ping_broker(socket_path: str, timeout: float = 2.0) -> PingResult:
     """Send one "ping" frame and read the reply; failures become ``error``, never raise."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(socket_path)
-            sock.sendall(protocol.encode({"v": protocol.PROTOCOL_VERSION, "op": "ping"}))
-            length = protocol.frame_length(_recv_exact(sock, protocol.LENGTH_BYTES))
-            reply = protocol.decode(_recv_exact(sock, length))
+        reply = protocol.exchange(
+            socket_path, {"v": protocol.PROTOCOL_VERSION, "op": "ping"}, timeout=timeout
+        )
     except (OSError, BrokerProtocolError) as err:
         return PingResult(socket_path, error=str(err) or type(err).__name__)
     if reply.get("result") != "pong":
         return PingResult(socket_path, error=f"unexpected reply {reply.get('result')!r}")
     return PingResult(socket_path, version=reply.get("version", "?"), node=reply.get("node", ""))
-
-
-def _recv_exact(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise BrokerProtocolError("the broker closed the connection")
-        data += chunk
-    return data
 
 
 # --------------------------------------------------------------------------- sshd

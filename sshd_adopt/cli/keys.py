@@ -17,7 +17,6 @@ locks managed users out, never lets them in unchecked (root and admins use
 
 from __future__ import annotations
 
-import _socket
 import sys
 
 from sshd_adopt._internal import protocol
@@ -37,29 +36,10 @@ DEFAULT_TIMEOUT = 6.0
 
 def ask(socket_path: str, user: str, timeout: float) -> dict[str, str]:
     """One "keys" request; the whole exchange is bounded by ``timeout``."""
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(socket_path)
-        sock.sendall(protocol.encode(
-            {"v": protocol.PROTOCOL_VERSION, "op": "keys", protocol.KEYS_USER: user}))
-        header = _recv_exact(sock, protocol.LENGTH_BYTES)
-        length = protocol.frame_length(header, limit=protocol.MAX_REPLY_FRAME)
-        return protocol.decode(_recv_exact(sock, length), limit=protocol.MAX_REPLY_FRAME)
-    finally:
-        sock.close()
-
-
-def _recv_exact(sock: _socket.socket, count: int) -> bytes:
-    chunks: list[bytes] = []
-    got = 0
-    while got < count:
-        chunk = sock.recv(min(count - got, 65536))
-        if not chunk:
-            raise BrokerProtocolError("broker closed the connection")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+    return protocol.exchange(
+        socket_path, {"v": protocol.PROTOCOL_VERSION, "op": "keys", protocol.KEYS_USER: user},
+        timeout=timeout, limit=protocol.MAX_REPLY_FRAME,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,6 @@ it sends as untrusted.
 
 from __future__ import annotations
 
-import _socket
 import os
 import pwd
 import sys
@@ -94,25 +93,7 @@ def ask_broker(settings: Settings) -> dict[str, str]:
     request = {"v": protocol.PROTOCOL_VERSION, "op": "adopt"}
     for key, value in settings.overrides.items():
         request[protocol.OVERRIDE_PREFIX + key] = value
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        sock.settimeout(settings.timeout)
-        sock.connect(settings.socket_path)
-        sock.sendall(protocol.encode(request))
-        length = protocol.frame_length(_recv_exact(sock, protocol.LENGTH_BYTES))
-        return protocol.decode(_recv_exact(sock, length))
-    finally:
-        sock.close()
-
-
-def _recv_exact(sock: _socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise BrokerProtocolError("broker closed the connection")
-        data += chunk
-    return data
+    return protocol.exchange(settings.socket_path, request, timeout=settings.timeout)
 
 
 def session_argv(shell: str, command: str | None, sftp_server: str) -> list[str]:
