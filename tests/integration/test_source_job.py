@@ -42,7 +42,7 @@ def test_ssh_from_a_batch_step_and_an_srun_step_lands_in_the_spanning_job(
     batch = cluster.run_in_batch(
         "alice", ["n1", "n2"],
         "ssh n2 cat /proc/self/cgroup; echo ---; "
-        "srun --overlap -N1 -n1 -w n1 ssh n2 cat /proc/self/cgroup",
+        f"srun --overlap -N1 -n1 -w {cluster.node('n1')} ssh n2 cat /proc/self/cgroup",
     )
     assert batch.returncode == 0, batch.output
     from_batch, from_srun = batch.output.split("---")
