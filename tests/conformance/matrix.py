@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from tests.conformance.model import Row, Verdict
 
-GATE = ("sshd-adopt adds hint lines (where the user's jobs run); with the auth-time gate "
-        "(issue #5) in the drop-in, the refusal happens during publickey authentication and "
-        "the user sees only sshd's \"Permission denied (publickey)\", which differs in the "
-        "same field")
+GATE = ("with the shipped auth-time gate (gate.on_deny=refuse) sshd-adopt refuses during "
+        "publickey authentication, before any user code runs (a ForceCommand runs only after "
+        "the user's shell rc files), so the client sees sshd's \"Permission denied "
+        "(publickey)\" and the reason is in the broker log; with gate.on_deny=restrict the "
+        "wrapper's message is shown, with hint lines on where the user's jobs run")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     _s("root", "root", "alice has a job on n1; root logs in from login", "same"),
     _s("no_jobs_deny", "no jobs, action_no_jobs=deny", "bob (slurmusers) has no job on n1",
        "differs on purpose", ("stderr",),
-       "message names sshd-adopt; " + GATE),
+       GATE),
     _s("no_jobs_ignore", "no jobs, action_no_jobs=ignore",
        "bob has no job; both sides set action_no_jobs=ignore",
        "differs on purpose", ("outcome", "exit", "stderr"),
@@ -80,7 +81,7 @@ SCENARIOS: tuple[Scenario, ...] = (
        "pam_slurm_adopt applies to everyone in the PAM stack and refuses dave (no jobs)"),
     _s("dave_managed", "local user in slurmusers, never used Slurm",
        "dave added to slurmusers, no job", "differs on purpose", ("stderr",),
-       "message names sshd-adopt; " + GATE),
+       GATE),
     _s("one_job", "one job", "alice has one job on n1", "same"),
     _s("disable_x11", "disable_x11", "one job, disable_x11 set on both sides "
        "(the lab has no X server, so no job has X11: only checks nothing is exported)",
@@ -97,7 +98,7 @@ SCENARIOS: tuple[Scenario, ...] = (
        "as above"),
     _s("unknown_allow", "action_unknown=allow", "three jobs on n2, from login", "same"),
     _s("unknown_deny", "action_unknown=deny", "three jobs on n2, from login",
-       "differs on purpose", ("stderr",), "message names sshd-adopt; " + GATE),
+       "differs on purpose", ("stderr",), GATE),
     _s("adopt_failure_deny", "adoption fails, action_adopt_failure=deny",
        "one job; its step_extern cpuset has no memory nodes, so slurmstepd's "
        "ADD_EXTERN_PID fails (ENOSPC) for both", "differs on purpose", ("stderr",),
@@ -117,7 +118,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     _s("job_starting", "job still starting (extern step not up)",
        "sbatch done and the job allocated to n1, but n1's slurmd is stopped so the "
        "extern step does not exist yet", "differs on purpose", ("stderr",),
-       "message names sshd-adopt; " + GATE),
+       GATE),
     _s("job_ending", "the job ends while the session runs",
        "one job that ends 3 s after the login (its batch script exits)", "same"),
     _s("nodename", "nodename differing from the hostname",

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import pytest
 
+from sshd_adopt._internal.stepd import StepdConnection
+from sshd_adopt.errors import Error
 from tests.conformance.matrix import BY_KEY
 from tests.conformance.model import PROBE, Observation, Row, parse_probe
 from tests.conformance.report import save
-from tests.harness import VAR, Cluster, HarnessError, wait_until
+from tests.harness import Cluster, HarnessError, wait_until
 
 PAM = 2222
 ADOPT = 22
@@ -41,14 +43,15 @@ STARTED = time.monotonic()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _results() -> Iterator[None]:
+def _results(cluster: Cluster) -> Iterator[None]:
     """Write the rows of this run as JSON when asked to (see the module docstring)."""
     yield
     target = os.environ.get("SSHD_ADOPT_CONFORMANCE_RESULTS")
     if not target:
         return
-    slurm = subprocess.run(["slurmd", "-V"], capture_output=True, text=True).stdout.strip()
-    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+    # The versions of the lab that ran (a chroot generation has its own Slurm and OpenSSH).
+    slurm = cluster.exec("n1", "slurmd", "-V").stdout.strip()
+    ssh = cluster.exec("n1", "ssh", "-V").stderr.strip()
     meta = {"slurm": slurm, "openssh": ssh.split(",")[0],
             "date": datetime.date.today().isoformat(),
             "duration": f"{time.monotonic() - STARTED:.0f} s"}
@@ -61,11 +64,10 @@ def pam_options(cluster: Cluster) -> Iterator[Callable[..., None]]:
 
     PAM reads the service file at every login, so no daemon needs a reload.
     """
-    del cluster
     saved: dict[Path, str] = {}
 
     def apply(node: str, **options: str) -> None:
-        path = VAR / "etc" / "pam.d" / f"sshd-psa-{node}"
+        path = cluster.var / "etc" / "pam.d" / f"sshd-psa-{cluster.node(node)}"
         original = saved.setdefault(path, path.read_text())
         lines = []
         for line in original.splitlines():
@@ -82,9 +84,18 @@ def pam_options(cluster: Cluster) -> Iterator[Callable[..., None]]:
 
 @pytest.fixture
 def dave(cluster: Cluster) -> Iterator[str]:
-    """A local user with a key who has never used Slurm; removed again afterwards."""
-    del cluster
+    """A local user with a key who has never used Slurm; removed again afterwards.
+
+    A chroot generation has its own /etc/passwd: dave is created there too, with the
+    same uid (homes are shared through the lab's /home bind).
+    """
     subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-U", "-p", "*", "dave"], check=True)
+    root = cluster.gen.root
+    if root is not None:
+        uid = str(Cluster.uid("dave"))
+        subprocess.run(["chroot", str(root), "groupadd", "-g", uid, "dave"], check=False)
+        subprocess.run(["chroot", str(root), "useradd", "-M", "-d", "/home/dave", "-s",
+                        "/bin/bash", "-u", uid, "-g", uid, "-p", "*", "dave"], check=True)
     try:
         home = Path("/home/dave")
         ssh_dir = home / ".ssh"
@@ -96,6 +107,11 @@ def dave(cluster: Cluster) -> Iterator[str]:
         subprocess.run(["chown", "-R", "dave:dave", str(home)], check=True)
         yield "dave"
     finally:
+        if root is not None:
+            subprocess.run(["chroot", str(root), "userdel", "dave"], capture_output=True,
+                           check=False)
+            subprocess.run(["chroot", str(root), "groupdel", "dave"], capture_output=True,
+                           check=False)
         subprocess.run(["userdel", "-r", "dave"], capture_output=True, check=False)
 
 
@@ -192,6 +208,9 @@ def test_users_without_a_job(cluster: Cluster, broker_policy: Callable[..., None
     both(cluster, "no_jobs_deny", "login", "n1", "bob", labels)
     both(cluster, "dave_unmanaged", "login", "n1", dave, labels)
     subprocess.run(["gpasswd", "-a", dave, "slurmusers"], capture_output=True, check=True)
+    if cluster.gen.root is not None:  # the generation's own /etc/group
+        subprocess.run(["chroot", str(cluster.gen.root), "gpasswd", "-a", dave, "slurmusers"],
+                       capture_output=True, check=True)
     both(cluster, "dave_managed", "login", "n1", dave, labels)
     pam_options("n1", action_no_jobs="ignore")
     broker_policy("n1", policy={"action_no_jobs": "ignore"})
@@ -202,16 +221,18 @@ def test_users_without_a_job(cluster: Cluster, broker_policy: Callable[..., None
            "no_jobs_ignore_fallthrough_allow")
 
 
-def _extern_stepd(job: int) -> int:
-    out = subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{job}\.extern\]"],
-                         capture_output=True, text=True).stdout.split()
-    if not out:
-        raise HarnessError(f"no extern slurmstepd for job {job}")
-    return int(out[0])
+def _extern_stepd(cluster: Cluster, job: int, node: str = "n1") -> int:
+    """The extern slurmstepd of ``job`` on ``node``, asked through its own socket (job ids
+    repeat across lab generations, so a process-name search could find the other lab's)."""
+    try:
+        with StepdConnection.open(str(cluster.stepd_socket(node, job)), timeout=5) as stepd:
+            return stepd.daemon_pid()
+    except Error as err:
+        raise HarnessError(f"no extern slurmstepd for job {job} on {node}: {err}") from err
 
 
 @contextlib.contextmanager
-def refusing_extern_step(job: int, node: str = "n1") -> Iterator[None]:
+def refusing_extern_step(cluster: Cluster, job: int, node: str = "n1") -> Iterator[None]:
     """Make slurmstepd's ADD_EXTERN_PID fail for real, for both front ends.
 
     task/cgroup adds an adopted pid to the step_extern cpuset too; the kernel refuses to
@@ -219,8 +240,7 @@ def refusing_extern_step(job: int, node: str = "n1") -> Iterator[None]:
     -1. The cpuset may only be emptied while it holds no task, so the stepd and its sleeper
     wait in the job's cpuset meanwhile; everything is put back afterwards.
     """
-    step = Path(f"/sys/fs/cgroup/cpuset/slurm_{node}/uid_{Cluster.uid('alice')}/job_{job}"
-                "/step_extern")
+    step = cluster.job_cgroup_dir(node, Cluster.uid("alice"), job, controller="cpuset")
     mems = (step / "cpuset.mems").read_text().strip()
     pids: list[str] = []
     try:
@@ -248,7 +268,7 @@ def refusing_extern_step(job: int, node: str = "n1") -> Iterator[None]:
 
 def _hung_stepd_row(cluster: Cluster, job: int, labels: dict[int, str]) -> None:
     """Both logins start while the extern stepd is stopped; it resumes after 6 s."""
-    stepd = _extern_stepd(job)
+    stepd = _extern_stepd(cluster, job)
     clients: dict[int, subprocess.Popen[str]] = {}
     ends: dict[int, float] = {}
     os.kill(stepd, signal.SIGSTOP)
@@ -283,7 +303,7 @@ def test_one_job(cluster: Cluster, broker_policy: Callable[..., None],
     pam_options("n1", disable_x11="1")
     broker_policy("n1", policy={"disable_x11": True})
     both(cluster, "disable_x11", "login", "n1", "alice", labels)
-    with refusing_extern_step(job):
+    with refusing_extern_step(cluster, job):
         both(cluster, "adopt_failure_deny", "login", "n1", "alice", labels)
         pam_options("n1", disable_x11="1", action_adopt_failure="allow")
         broker_policy("n1", policy={"disable_x11": True, "action_adopt_failure": "allow"})
@@ -367,9 +387,9 @@ def test_several_jobs_from_inside_one(cluster: Cluster) -> None:
     verify("several_inside")
 
 
-def _slurmd_pid(node: str) -> int:
-    out = subprocess.run(["pgrep", "-f", f"slurmd -D -N {node}"], capture_output=True,
-                         text=True).stdout.split()
+def _slurmd_pid(cluster: Cluster, node: str) -> int:
+    out = subprocess.run(["pgrep", "-f", f"slurmd -D -N {cluster.node(node)}$"],
+                         capture_output=True, text=True).stdout.split()
     if not out:
         raise HarnessError(f"slurmd of {node} not found")
     return int(out[0])
@@ -378,7 +398,7 @@ def _slurmd_pid(node: str) -> int:
 def test_job_still_starting(cluster: Cluster) -> None:
     """slurmd is stopped for a few seconds (well below SlurmdTimeout/MessageTimeout), so the
     job is allocated but no extern step exists on the node yet."""
-    slurmd = _slurmd_pid("n1")
+    slurmd = _slurmd_pid(cluster, "n1")
     os.kill(slurmd, signal.SIGSTOP)
     try:
         job = cluster.submit("alice", ["n1"], wait=False)
