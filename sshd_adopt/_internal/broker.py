@@ -100,13 +100,16 @@ class Broker:
         try:
             await self._stopping.wait()
         finally:
-            self._sweeper.stop()
+            # Stop accepting first, then answer what is in flight, and only then stop the
+            # sweeper: its thread may be mid-decision, and joining it must not block the
+            # event loop that is answering those requests.
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             if self._in_flight:
                 logger().info("finishing %d request(s) in flight", len(self._in_flight))
                 await asyncio.wait(self._in_flight, timeout=settings.decision_deadline + 1)
+            await asyncio.to_thread(self._sweeper.stop)
             self._pool.shutdown(wait=False, cancel_futures=True)
             logger().info("sshd-adoptd stopped")
 
