@@ -66,7 +66,10 @@ class Broker:
             logger().error("reload failed, keeping the previous configuration: %s", err)
             return
         self._state = new
-        logger().info("configuration and Slurm facts reloaded")
+        if new.slurm_problem:
+            logger().error("configuration reloaded; Slurm problem: %s", new.slurm_problem)
+        else:
+            logger().info("configuration and Slurm facts reloaded")
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         """Listen until SIGTERM/SIGINT, then finish the requests in flight and return."""

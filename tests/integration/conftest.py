@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -34,21 +35,43 @@ def broker_policy(cluster: Cluster) -> Iterator[Callable[..., None]]:
     def apply(node: str, **sections: dict[str, object]) -> None:
         path = cluster.broker_config(node)
         original = saved.setdefault(node, path.read_text())
-        text = original
-        for section, values in sections.items():
-            lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-            header = f"[{section}]\n"
-            if header in text:
-                text = text.replace(header, header + "\n".join(lines) + "\n", 1)
-            else:
-                text += "\n" + header + "\n".join(lines) + "\n"
-        path.write_text(text)
+        _write_atomically(path, with_settings(original, sections))
         reload_broker(cluster, node)
 
     yield apply
     for node, text in saved.items():
-        cluster.broker_config(node).write_text(text)
+        _write_atomically(cluster.broker_config(node), text)
         reload_broker(cluster, node)
+
+
+def with_settings(text: str, sections: dict[str, dict[str, object]]) -> str:
+    """``text`` (TOML) with ``key = value`` set in the given sections: an existing key's line
+    is replaced (TOML forbids duplicates), a missing key or section is added."""
+    lines = text.splitlines()
+    for section, values in sections.items():
+        header = f"[{section}]"
+        if header not in (line.strip() for line in lines):
+            lines += ["", header]
+        start = next(i for i, line in enumerate(lines) if line.strip() == header) + 1
+        end = next((i for i in range(start, len(lines)) if lines[i].lstrip().startswith("[")),
+                   len(lines))
+        for key, value in values.items():
+            entry = f"{key} = {json.dumps(value)}"
+            found = [i for i in range(start, end)
+                     if lines[i].split("=", 1)[0].strip() == key]
+            if found:
+                lines[found[0]] = entry
+            else:
+                lines.insert(start, entry)
+                end += 1
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write then rename, as an editor does: the broker never reads a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @pytest.fixture
