@@ -118,6 +118,15 @@ class BatchResult:
     output: str
 
 
+def process_running(pid: int) -> bool:
+    """Is ``pid`` running? A zombie (exited, waiting for init to reap it) is not."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 def wait_until(pred: Callable[[], bool], timeout: float, what: str,
                interval: float = 0.1) -> None:
     """Poll ``pred`` until true; raise HarnessError naming ``what`` on timeout."""

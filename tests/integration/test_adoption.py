@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import VENV, Cluster, remote_cgroup_job, wait_until
+from tests.harness import VENV, Cluster, process_running, remote_cgroup_job, wait_until
 
 DENIED = "Permission denied (publickey)"
 NO_JOBS = "Access denied by sshd-adopt: you have no active jobs on this node"
@@ -119,15 +119,8 @@ def test_listpids_shows_the_sshd_processes_and_scancel_ends_the_session(
     assert client.returncode == 255
     assert "NOTKILLED" not in stdout
     assert "closed by remote host" in stderr
-    wait_until(lambda: not any(_alive(pid) for pid in session), 10, "session pids to die")
+    wait_until(lambda: not any(process_running(pid) for pid in session), 10, "session pids to die")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize("user", ["root", "carol"])

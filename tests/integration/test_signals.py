@@ -12,9 +12,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-from tests.harness import Cluster, remote_cgroup_job
+from tests.harness import Cluster, process_running, remote_cgroup_job
 
 
 @contextlib.contextmanager
@@ -92,15 +91,7 @@ def test_sigterm_answers_the_request_in_flight_then_exits(
     assert after.index("gate: user=alice") < after.index("sshd-adoptd stopped")
     # ... and the broker really exited.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and process_running(pid):
         time.sleep(0.1)
-    assert not _alive(pid)
+    assert not process_running(pid)
 
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for init to reap it has exited)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
