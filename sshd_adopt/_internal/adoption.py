@@ -154,7 +154,7 @@ class AdoptionService:
         state = self._state()
         log = logger()
         try:
-            user = pwd.getpwuid(peer.uid).pw_name
+            entry = pwd.getpwuid(peer.uid)
         except KeyError:
             log.error("request from pid %d: uid %d has no passwd entry", peer.pid, peer.uid)
             return protocol.reply(protocol.FAILED, message="unknown user")
@@ -163,8 +163,8 @@ class AdoptionService:
         if peer.uid == 0:
             log.info("Ignoring root user (pid %d)", peer.pid)
             return protocol.reply(protocol.ALLOWED)
-        gids = os.getgrouplist(user, pwd.getpwuid(peer.uid).pw_gid)
-        if state.config.exempt.is_exempt(user, gids):
+        user = entry.pw_name
+        if state.config.exempt.covers(entry):
             log.info("user %s (pid %d) is exempt: not adopted", user, peer.pid)
             return protocol.reply(protocol.ALLOWED)
         try:

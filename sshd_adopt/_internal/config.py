@@ -38,6 +38,7 @@ import enum
 import grp
 import math
 import os
+import pwd
 import re
 import string
 import tomllib
@@ -188,6 +189,15 @@ class Exemptions:
     def is_exempt(self, user: str, gids: Iterable[int]) -> bool:
         """Whether ``user``, a member of ``gids``, is let in without adoption."""
         return user in self.users or not self.gids.isdisjoint(gids)
+
+    def covers(self, entry: pwd.struct_passwd) -> bool:
+        """Whether the account ``entry`` is exempt, by name or by any of its groups.
+
+        The one place the gate, adoption and the sweeper ask: all three must
+        agree on who is never adopted and never refused.
+        """
+        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+        return self.is_exempt(entry.pw_name, groups)
 
 
 @dataclass(frozen=True)

@@ -215,8 +215,7 @@ class GateService:
     def _decide(self, state: BrokerState, ctx: GateContext) -> tuple[bool, str]:
         if ctx.uid == 0:
             return True, "root is never refused"
-        entry = pwd.getpwnam(ctx.user)
-        if state.config.exempt.is_exempt(ctx.user, os.getgrouplist(ctx.user, entry.pw_gid)):
+        if state.config.exempt.covers(pwd.getpwnam(ctx.user)):
             return True, "exempt user"
         options = state.config.options
         _, decision = decide_connection(

@@ -106,11 +106,6 @@ STRICTNESS: Mapping[str, tuple[str, ...]] = {
 FREE_OVERRIDES: frozenset[str] = frozenset({"single_job_skip_rpc", "disable_x11", "log_level"})
 
 
-def effective_fallthrough(options: Options) -> FallThrough:
-    """Return the site policy that ``ignore`` stands for."""
-    return options.fallthrough
-
-
 def replace(options: Options, **changes: object) -> Options:
     """Return a copy of ``options`` with ``changes`` applied (typed helper for tests)."""
     return dataclasses.replace(options, **changes)  # type: ignore[arg-type]

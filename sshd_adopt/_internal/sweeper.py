@@ -415,9 +415,7 @@ class Sweeper:
             entry = pwd.getpwnam(user)
         except KeyError:
             return
-        if entry.pw_uid == 0 or state.config.exempt.is_exempt(
-            user, os.getgrouplist(user, entry.pw_gid)
-        ):
+        if entry.pw_uid == 0 or state.config.exempt.covers(entry):
             return  # never touched
         descendants = procfs.children(monitor.pid, recursive=True)
         session_pid = None
