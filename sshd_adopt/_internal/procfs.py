@@ -33,12 +33,13 @@ import ipaddress
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import psutil
 
+from sshd_adopt._internal import sockpeek
 from sshd_adopt._internal.connection import Connection, IPAddress, normalise
 from sshd_adopt.errors import AccessDenied, NoSuchProcess, ProcError
 
@@ -49,6 +50,10 @@ PROCFS: str = "/proc"
 MAX_TCP_TABLE = 16 * 1024 * 1024
 
 T = TypeVar("T")
+
+# Whether connection_of may use pidfd_getfd (cleared for good the first time
+# the kernel refuses it; see sockpeek).
+_pidfd_usable = True
 
 # One row of /proc/net/tcp{,6}: "sl: local rem st tx:rx tr:when retr uid timeout inode …".
 # Addresses are 8 (IPv4) or 32 (IPv6) hex digits, ports 4; the kernel prints
@@ -282,6 +287,9 @@ def tcp_table(pid: int) -> list[Connection]:
 def connection_of(pid: int) -> Connection | None:
     """The TCP connection of the lowest-numbered TCP socket ``pid`` holds, if any.
 
+    Asked of the socket itself when the kernel allows (:mod:`sockpeek`, ~3 ms
+    cheaper per call), otherwise found by inode in the process's TCP tables.
+
     sshd's per-connection monitor holds exactly one TCP socket, the client's
     (observed, fd 4 on 9.2); the rest are unix sockets and socketpairs, which
     are not in the TCP table. "Lowest fd wins" is pam_slurm_adopt's rule.
@@ -289,6 +297,14 @@ def connection_of(pid: int) -> Connection | None:
     sockets = _socket_fds(pid)
     if not sockets:
         return None
+    global _pidfd_usable  # noqa: PLW0603  (one switch per process, set once)
+    if _pidfd_usable and PROCFS == "/proc":
+        try:
+            return sockpeek.first_tcp_connection(pid, sockets)
+        except sockpeek.Unavailable:
+            _pidfd_usable = False  # this kernel or policy says no: tables from now on
+        except OSError as err:
+            raise ProcError(f"reading the sockets of process {pid}: {err}") from err
     by_inode = {conn.inode: conn for conn in tcp_table(pid)}
     for _fd, inode in sockets:
         if inode in by_inode:
@@ -308,9 +324,71 @@ def children(pid: int, *, recursive: bool = False) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children(recursive=recursive)]
 
 
+@dataclass(frozen=True)
+class ProcessTree:
+    """Parent-to-children links from one pass over /proc (a snapshot).
+
+    Asking psutil for one process's children scans all of /proc each time;
+    the sweeper needs the children of every ssh connection, so it takes one
+    snapshot per scan instead. Processes forked after the pass are missing
+    from it: the proc connector's events and the next scan catch those.
+    """
+
+    kids: dict[int, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, links: Iterable[tuple[int, int, float]]) -> ProcessTree:
+        """Build from ``(pid, ppid, start_time)`` of every process seen.
+
+        As psutil does, a "child" that started before its parent is dropped:
+        the parent's pid was reused and the child belongs to its old owner.
+        """
+        entries = list(links)
+        started = {pid: start for pid, _ppid, start in entries}
+        kids: dict[int, list[int]] = {}
+        for pid, ppid, start in entries:
+            if ppid in started and start >= started[ppid]:
+                kids.setdefault(ppid, []).append(pid)
+        return cls({parent: tuple(sorted(pids)) for parent, pids in kids.items()})
+
+    def children(self, pid: int) -> list[int]:
+        """Direct children of ``pid`` in the snapshot."""
+        return list(self.kids.get(pid, ()))
+
+    def descendants(self, pid: int) -> list[int]:
+        """All descendants of ``pid``, breadth first (each pid once)."""
+        found: list[int] = []
+        seen = {pid}
+        queue = list(self.kids.get(pid, ()))
+        while queue:
+            child = queue.pop(0)
+            if child in seen:
+                continue
+            seen.add(child)
+            found.append(child)
+            queue.extend(self.kids.get(child, ()))
+        return found
+
+
 def descendants(pid: int) -> list[int]:
     """All descendants of ``pid`` (see :func:`children` for the races)."""
     return children(pid, recursive=True)
+
+
+def started_at(pid: int) -> float:
+    """When ``pid`` started (as :attr:`ProcInfo.start_time`), from its stat file alone.
+
+    The cheap identity read for hot paths (the sweeper sees every fork on the
+    node). Raises NoSuchProcess for a vanished process or a zombie.
+    """
+    if pid <= 0:
+        raise NoSuchProcess(f"no process {pid}")
+    with _mapped(pid):
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                raise psutil.ZombieProcess(pid)
+            return proc.create_time()
 
 
 def still_running(pid: int, start_time: float) -> bool:
@@ -320,7 +398,7 @@ def still_running(pid: int, start_time: float) -> bool:
     A zombie is not running: it can no longer be adopted or inspected.
     """
     try:
-        return proc_info(pid).start_time == start_time
+        return started_at(pid) == start_time
     except ProcError:
         return False
 

@@ -337,14 +337,14 @@ class Sweeper:
                     owner = self._owner.get(event.parent)
                     if owner is not None and len(self._owner) < _MAX_TRACKED:
                         with contextlib.suppress(ProcError):
-                            start = procfs.proc_info(event.pid).start_time
+                            start = procfs.started_at(event.pid)
                             self._owner[event.pid] = _Tracked(owner.monitor, start)
                             self._due = min(self._due, time.monotonic() + grace)
                     elif event.parent in self._listeners:
                         # A new connection's monitor: remember it so that what
                         # it forks is tracked, and look at it after the grace.
                         with contextlib.suppress(ProcError):
-                            start = procfs.proc_info(event.pid).start_time
+                            start = procfs.started_at(event.pid)
                             self._owner[event.pid] = _Tracked(event.pid, start)
                             self._first_seen[(event.pid, start)] = time.monotonic()
                         self._due = min(self._due, time.monotonic() + grace)
@@ -364,13 +364,23 @@ class Sweeper:
         grace = state.config.sweeper.grace
         listeners: set[int] = set()
         monitors: list[tuple[psutil.Process, str]] = []
-        for proc in psutil.process_iter(["name", "uids", "cmdline", "ppid"]):
+        links: list[tuple[int, int, float]] = []
+        # One pass over /proc reads each process's stat once (name, ppid,
+        # start); status and cmdline only for sshd's root processes. During
+        # an MPI fan-out there are hundreds of processes and a scan every
+        # grace period, so this pass is what the sweeper costs.
+        for proc in psutil.process_iter(["name", "ppid", "create_time"]):
             info = proc.info
-            if not info["name"] or not info["name"].startswith("sshd") or info["uids"] is None:
+            if info["ppid"] is not None and info["create_time"] is not None:
+                links.append((proc.pid, info["ppid"], info["create_time"]))
+            if not info["name"] or not info["name"].startswith("sshd"):
                 continue
-            if info["uids"].real != 0:
-                continue
-            title = " ".join(info["cmdline"] or ()).strip()  # setproctitle pads it
+            try:
+                if proc.uids().real != 0:
+                    continue
+                title = " ".join(proc.cmdline()).strip()  # setproctitle pads it
+            except psutil.Error:
+                continue  # gone meanwhile (or a zombie): nothing to sweep
             found = _MONITOR_TITLE.fullmatch(title)
             if found is None:
                 if "[listener]" in title and netns_of(proc.pid) == self._netns:
@@ -378,6 +388,7 @@ class Sweeper:
                 continue
             monitors.append((proc, found.group(1)))
         self._listeners = frozenset(listeners)
+        tree = procfs.ProcessTree.of(links)
         live: set[tuple[int, float]] = set()
         for proc, user in monitors:
             try:
@@ -386,7 +397,8 @@ class Sweeper:
                 if key in self._settled:
                     continue
                 self._check_monitor(
-                    state, proc, user, nodename=nodename, executables=executables, grace=grace
+                    state, proc, user, tree, nodename=nodename, executables=executables,
+                    grace=grace,
                 )
             except (psutil.Error, ProcError):
                 continue  # the connection ended while we looked
@@ -398,8 +410,8 @@ class Sweeper:
         }
 
     def _check_monitor(  # noqa: PLR0912, PLR0915  (one linear checklist, in order)
-        self, state: BrokerState, proc: psutil.Process, user: str, *, nodename: str | None,
-        executables: frozenset[str], grace: float,
+        self, state: BrokerState, proc: psutil.Process, user: str, tree: procfs.ProcessTree,
+        *, nodename: str | None, executables: frozenset[str], grace: float,
     ) -> None:
         monitor = procfs.proc_info(proc.pid)
         if monitor.real_uid != 0 or monitor.exe not in executables:
@@ -417,9 +429,9 @@ class Sweeper:
             return
         if entry.pw_uid == 0 or state.config.exempt.covers(entry):
             return  # never touched
-        descendants = procfs.children(monitor.pid, recursive=True)
+        descendants = tree.descendants(monitor.pid)
         session_pid = None
-        for child in procfs.children(monitor.pid):
+        for child in tree.children(monitor.pid):
             with contextlib.suppress(ProcError):
                 title = " ".join(procfs.proc_info(child).cmdline).strip()
                 # "user@notty"/"user@pts/N" with a session, plain "user" for -N
@@ -435,7 +447,7 @@ class Sweeper:
         for pid in descendants:
             if pid not in self._owner:
                 with contextlib.suppress(ProcError):
-                    self._owner[pid] = _Tracked(monitor.pid, procfs.proc_info(pid).start_time)
+                    self._owner[pid] = _Tracked(monitor.pid, procfs.started_at(pid))
         strays = [
             pid for pid, tracked in self._owner.items()
             if tracked.monitor == monitor.pid and pid != monitor.pid and pid not in descendants
@@ -510,7 +522,7 @@ class Sweeper:
         starts: dict[int, float] = {}
         for pid in pids:
             with contextlib.suppress(ProcError):
-                starts[pid] = procfs.proc_info(pid).start_time
+                starts[pid] = procfs.started_at(pid)
         for pid in starts:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sshd_adopt._internal import procfs
@@ -334,3 +335,61 @@ def test_connection_of_own_socket() -> None:
                 assert conns[inode].remote_port == port
                 assert conns[inode].local_port == client.getsockname()[1]
                 assert inode in procfs.socket_inodes(os.getpid())
+
+
+# -- ProcessTree -------------------------------------------------------------------------------
+
+
+def test_process_tree_children_and_descendants() -> None:
+    tree = procfs.ProcessTree.of([
+        (1, 0, 0.0), (10, 1, 5.0), (11, 10, 6.0), (12, 10, 6.5), (13, 12, 7.0), (20, 1, 5.0),
+    ])
+    assert tree.children(10) == [11, 12]
+    assert tree.descendants(10) == [11, 12, 13]
+    assert tree.descendants(13) == []
+    assert tree.children(99) == [] and tree.descendants(99) == []
+
+
+def test_process_tree_drops_links_to_a_reused_parent_pid() -> None:
+    # 30 started before the current process 10: its parent was an earlier 10.
+    tree = procfs.ProcessTree.of([(10, 1, 50.0), (30, 10, 40.0), (31, 10, 60.0)])
+    assert tree.children(10) == [31]
+
+
+def test_process_tree_survives_a_cycle() -> None:
+    # Impossible in a real /proc, but a snapshot of racing reads must not loop.
+    tree = procfs.ProcessTree.of([(5, 6, 1.0), (6, 5, 1.0)])
+    assert tree.descendants(5) == [6]
+
+
+def test_process_tree_matches_psutil_for_this_process() -> None:
+    child = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 5
+        while not procfs.children(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        links = [(p.pid, p.info["ppid"], p.info["create_time"])
+                 for p in psutil.process_iter(["ppid", "create_time"])]
+        tree = procfs.ProcessTree.of(links)
+        assert tree.descendants(child.pid) == procfs.descendants(child.pid)
+        assert child.pid in tree.children(os.getpid())
+    finally:
+        for pid in procfs.descendants(child.pid):
+            os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+
+
+def test_started_at_is_proc_infos_start_time() -> None:
+    assert procfs.started_at(os.getpid()) == procfs.proc_info(os.getpid()).start_time
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(NoSuchProcess):
+        procfs.started_at(child.pid)  # a zombie counts as gone
+    child.wait()
+    with pytest.raises(NoSuchProcess):
+        procfs.started_at(child.pid)
