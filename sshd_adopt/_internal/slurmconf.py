@@ -17,7 +17,9 @@ arguments, and the Slurm tools we run get a fixed, minimal environment.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import ipaddress
 import os
 import pwd
 import re
@@ -26,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+import psutil
 import sh
 
 from sshd_adopt._internal.stepd import NEWEST_PROTOCOL, PROTOCOL_VERSIONS
@@ -327,16 +330,41 @@ def _short(hostname: str) -> str:
     return hostname.split(".", 1)[0]
 
 
+def host_addresses() -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every IP address configured on this host's interfaces (its network namespace)."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(ValueError):
+                    found.add(ipaddress.ip_address(entry.address.split("%", 1)[0]))
+    return frozenset(found)
+
+
+def _literal_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None  # a host name: we do not resolve it
+
+
 def _resolve_node(
-    nodes: list[_Node], *, nodename: str | None, hostname: str | None
+    nodes: list[_Node],
+    *,
+    nodename: str | None,
+    hostname: str | None,
+    addresses: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None,
 ) -> _Node | None:
     """Which configured node this host is, the way libslurm guesses it (reference §1.10).
 
     An explicit ``nodename`` wins. Otherwise the short hostname is looked up
     as a NodeHostname (which defaults to the NodeName, so plain setups match
-    by name), then as a NodeName, then ``localhost`` as a NodeHostname.
-    Unlike libslurm we do no DNS lookups (``slurm_conf_get_aliased_nodename``):
-    a login must not wait on a resolver.
+    by name), then as a NodeName; then a node whose NodeAddr is a literal IP
+    address of this host (exactly one: several nodes on one address are
+    multiple slurmds, which need ``nodename``); then ``localhost`` as a
+    NodeHostname. The address step stands in for libslurm's DNS alias lookup
+    (``slurm_conf_get_aliased_nodename``), which we do not do: a resolver
+    that is slow or down must not decide which node this is.
     """
     if nodename is not None:
         for node in nodes:
@@ -347,11 +375,17 @@ def _resolve_node(
     for candidates in (
         [n for n in nodes if _short(n.hostname) == short],
         [n for n in nodes if n.name == short],
-        [n for n in nodes if n.hostname == "localhost"],
     ):
         if candidates:
             return candidates[0]
-    return None
+    mine = host_addresses() if addresses is None else addresses
+    by_address = [n for n in nodes if _literal_ip(n.addr) in mine]
+    if len(by_address) == 1:
+        return by_address[0]
+    if by_address:
+        return None  # ambiguous: refuse to guess between slurmds sharing this address
+    local = [n for n in nodes if n.hostname == "localhost"]
+    return local[0] if local else None
 
 
 def expand_spool_dir(
@@ -441,13 +475,15 @@ def load_slurm_facts(
     *,
     nodename: str | None = None,
     hostname: str | None = None,
+    addresses: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None,
     version: str | None = None,
 ) -> SlurmFacts:
     """Read slurm.conf (and its includes) and the Slurm version into :class:`SlurmFacts`.
 
     ``nodename`` is the site's explicit node name (the ``nodename=`` option)
     and wins over any guess; ``hostname`` replaces ``socket.gethostname()``
-    (for tests and the doctor). ``version`` skips running ``slurmd -V``.
+    (for tests and the doctor), ``addresses`` this host's IP addresses.
+    ``version`` skips running ``slurmd -V``.
     Raises :class:`SlurmConfigError` if no slurm.conf can be read or a value
     we need is malformed. An unknown node is not an error here: the facts say
     ``nodename=None`` and the decision applies ``action_generic_failure``.
@@ -458,7 +494,9 @@ def load_slurm_facts(
     cluster = glob_.get("clustername")
     if not cluster:
         raise SlurmConfigError(f"{path}: ClusterName is not set")
-    node = _resolve_node(_nodes(parsed), nodename=nodename, hostname=hostname)
+    node = _resolve_node(
+        _nodes(parsed), nodename=nodename, hostname=hostname, addresses=addresses
+    )
     port = _int(glob_.get("slurmdport", str(DEFAULT_SLURMD_PORT)), "SlurmdPort", path)
     if node is not None and node.port is not None:
         port = node.port

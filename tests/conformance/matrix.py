@@ -122,8 +122,12 @@ SCENARIOS: tuple[Scenario, ...] = (
     _s("job_ending", "the job ends while the session runs",
        "one job that ends 3 s after the login (its batch script exits)", "same"),
     _s("nodename", "nodename differing from the hostname",
-       "not expressible in the 22.05 lab (NodeName == hostname); both sides set nodename "
-       "explicitly in every row", "not run"),
+       "24.11 lab only (the 22.05 lab names its nodes after the hosts): alice has a job on "
+       "host n1, whose Slurm NodeName is t1 (NodeAddr = n1's address, t1 an /etc/hosts alias "
+       "of n1); neither side is given nodename (every other row gives it to both)", "same",
+       (), "pam_slurm_adopt finds t1 through the resolver's alias of the host name; "
+       "sshd-adopt does no DNS lookups and finds it as the one NodeAddr that is an address "
+       "of this host (where NodeAddr is a name, set policy.nodename)"),
 )
 
 BY_KEY = {scenario.key: scenario for scenario in SCENARIOS}

@@ -46,7 +46,8 @@ def broker_policy(cluster: Cluster) -> Iterator[Callable[..., None]]:
 
 def with_settings(text: str, sections: dict[str, dict[str, object]]) -> str:
     """``text`` (TOML) with ``key = value`` set in the given sections: an existing key's line
-    is replaced (TOML forbids duplicates), a missing key or section is added."""
+    is replaced (TOML forbids duplicates), a missing key or section is added, and a value of
+    None removes the key."""
     lines = text.splitlines()
     for section, values in sections.items():
         header = f"[{section}]"
@@ -59,7 +60,11 @@ def with_settings(text: str, sections: dict[str, dict[str, object]]) -> str:
             entry = f"{key} = {json.dumps(value)}"
             found = [i for i in range(start, end)
                      if lines[i].split("=", 1)[0].strip() == key]
-            if found:
+            if value is None:  # remove the key: the broker's default applies
+                for i in reversed(found):
+                    del lines[i]
+                    end -= 1
+            elif found:
                 lines[found[0]] = entry
             else:
                 lines.insert(start, entry)

@@ -66,14 +66,15 @@ def pam_options(cluster: Cluster) -> Iterator[Callable[..., None]]:
     """
     saved: dict[Path, str] = {}
 
-    def apply(node: str, **options: str) -> None:
+    def apply(node: str, **options: str | None) -> None:
         path = cluster.var / "etc" / "pam.d" / f"sshd-psa-{cluster.node(node)}"
         original = saved.setdefault(path, path.read_text())
         lines = []
         for line in original.splitlines():
             if "pam_slurm_adopt.so" in line and not line.lstrip().startswith("#"):
                 words = [w for w in line.split() if w.split("=", 1)[0] not in options]
-                line = " ".join([*words, *(f"{k}={v}" for k, v in options.items())])
+                line = " ".join([*words, *(f"{k}={v}" for k, v in options.items()
+                                           if v is not None)])  # None: drop the option
             lines.append(line)
         path.write_text("\n".join(lines) + "\n")
 
@@ -385,6 +386,23 @@ def test_several_jobs_from_inside_one(cluster: Cluster) -> None:
         subprocess.run(["pkill", "-u", "alice", "-x", "-f", f"sleep {marker}"], check=False)
     ROWS["several_inside"] = Row.compare("several_inside", observed[PAM], observed[ADOPT])
     verify("several_inside")
+
+
+def test_nodename_differs_from_hostname(cluster: Cluster, broker_policy: Callable[..., None],
+                                       pam_options: Callable[..., None]) -> None:
+    """Neither front end is told the node name: Slurm's NodeName is not the host's name.
+
+    The lab gives both sides ``nodename`` explicitly everywhere else; here it is removed from
+    the PAM line and from the broker's policy, so each has to work out that host n1 runs
+    NodeName t1 (pam_slurm_adopt through the /etc/hosts alias, sshd-adopt through NodeAddr).
+    """
+    if cluster.node("n1") == "n1":
+        pytest.skip("this lab generation names its Slurm nodes after their hosts")
+    job = cluster.submit("alice", ["n1"])
+    pam_options("n1", nodename=None)
+    broker_policy("n1", policy={"nodename": None})
+    both(cluster, "nodename", "login", "n1", "alice", {job: "A"})
+    verify("nodename")
 
 
 def _slurmd_pid(cluster: Cluster, node: str) -> int:

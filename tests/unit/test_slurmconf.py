@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import pwd
 from pathlib import Path
 
@@ -116,8 +117,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def load(conf: Path, *, nodename: str | None = None, hostname: str | None = None) -> SlurmFacts:
-    return load_slurm_facts(str(conf), nodename=nodename, hostname=hostname, version="22.05.8")
+def load(conf: Path, *, nodename: str | None = None, hostname: str | None = None,
+         addresses: tuple[str, ...] = ()) -> SlurmFacts:
+    return load_slurm_facts(str(conf), nodename=nodename, hostname=hostname,
+                            addresses=frozenset(ipaddress.ip_address(a) for a in addresses),
+                            version="22.05.8")
 
 
 LAB = """\
@@ -178,6 +182,29 @@ def test_explicit_nodename_wins_even_if_unknown(tmp_path: Path) -> None:
     facts = load(write(tmp_path / "slurm.conf", LAB), nodename="x9", hostname="n1")
     assert (facts.nodename, facts.spool_dir, facts.slurmd_port) == (
         "x9", "/var/lib/lab/slurmd-x9", 6820)
+
+
+def test_nodename_from_this_hosts_address(tmp_path: Path) -> None:
+    """NodeName t1 on host n1 (the 24.11 lab): found by NodeAddr, without DNS."""
+    conf = write(tmp_path / "slurm.conf", LAB)
+    facts = load(conf, hostname="elsewhere", addresses=("127.0.0.1", "10.213.0.12", "fe80::1"))
+    assert (facts.nodename, facts.spool_dir) == ("n2", "/var/lib/lab/slurmd-n2")
+    # The host name still wins over the address, as in libslurm.
+    assert load(conf, hostname="n3", addresses=("10.213.0.12",)).nodename == "n3"
+    # A NodeAddr that is a host name is never resolved.
+    assert load(conf, hostname="elsewhere", addresses=("10.213.0.99",)).nodename is None
+
+
+def test_address_shared_by_several_nodes_is_ambiguous(tmp_path: Path) -> None:
+    conf = write(tmp_path / "slurm.conf",
+                 "ClusterName=c\nNodeName=a,b NodeAddr=10.0.0.5 Port=[7001-7002]\n")
+    assert load(conf, hostname="host", addresses=("10.0.0.5",)).nodename is None
+    v6 = write(tmp_path / "v6.conf", "ClusterName=c\nNodeName=x NodeAddr=fd00::5\n")
+    assert load(v6, hostname="host", addresses=("fd00::5",)).nodename == "x"
+
+
+def test_host_addresses_lists_loopback() -> None:
+    assert ipaddress.ip_address("127.0.0.1") in slurmconf.host_addresses()
 
 
 def test_localhost_node(tmp_path: Path) -> None:
