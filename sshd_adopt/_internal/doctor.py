@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import shlex
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sshd_adopt._internal import protocol
@@ -52,6 +53,7 @@ __all__ = [
     "WRAPPER_NAME",
     "Check",
     "DryRun",
+    "ForcedCommand",
     "PathStat",
     "PingResult",
     "SshdView",
@@ -59,6 +61,7 @@ __all__ = [
     "check_broker",
     "check_config",
     "check_config_file",
+    "check_exempt_agrees",
     "check_safe_path",
     "check_slurm",
     "check_sshd_exempt",
@@ -66,6 +69,8 @@ __all__ = [
     "describe",
     "dry_run",
     "exit_status",
+    "forced_commands",
+    "match_exclusions",
     "parse_sshd_t",
     "ping_broker",
     "stat_chain",
@@ -352,6 +357,123 @@ def check_sshd_exempt(view: SshdView) -> list[Check]:
                       "exclude admins and root from the drop-in's Match block "
                       "(e.g. Match Group slurmusers,!clusteradm)")]
     return [_ok(name, "no sshd-adopt ForceCommand (exempt)")]
+
+
+@dataclass(frozen=True)
+class ForcedCommand:
+    """A ``ForceCommand`` line of sshd's configuration and the ``Match`` it sits under."""
+
+    command: str
+    criteria: str | None  # the Match line's arguments; None: outside any Match block
+
+
+_KEYWORD = re.compile(r"\s*([A-Za-z]+)(?:\s*=\s*|\s+)(.*)")
+_MAX_INCLUDE_DEPTH = 16  # sshd's own limit
+
+
+def forced_commands(
+    text: str, include: Callable[[str], Sequence[str]], *, criteria: str | None = None,
+    depth: int = 0,
+) -> list[ForcedCommand]:
+    """Every ``ForceCommand`` in an sshd_config text, with the ``Match`` it applies under.
+
+    ``include(pattern)`` returns the texts of the files an ``Include`` names. As
+    in sshd, an included file starts in the including file's Match block and
+    its own Match lines end at its end (sshd restores the Match state after an
+    Include).
+    """
+    found: list[ForcedCommand] = []
+    for line in text.splitlines():
+        matched = _KEYWORD.fullmatch(line.split("#", 1)[0].rstrip())
+        if matched is None:
+            continue
+        keyword, value = matched.group(1).lower(), matched.group(2).strip()
+        if keyword == "match":
+            criteria = value
+        elif keyword == "forcecommand":
+            found.append(ForcedCommand(value, criteria))
+        elif keyword == "include" and depth < _MAX_INCLUDE_DEPTH:
+            try:
+                patterns = shlex.split(value)
+            except ValueError:
+                patterns = value.split()
+            for pattern in patterns:
+                for included in include(pattern):
+                    found += forced_commands(included, include, criteria=criteria,
+                                             depth=depth + 1)
+    return found
+
+
+def match_exclusions(criteria: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The users and groups a Match line excludes by name (``!name``), wildcards left out."""
+    users: set[str] = set()
+    groups: set[str] = set()
+    words = criteria.split()
+    index = 0
+    while index < len(words):
+        key, _, patterns = words[index].partition("=")
+        if not patterns and key.lower() not in ("all", "canonical", "final"):
+            index += 1
+            patterns = words[index] if index < len(words) else ""
+        index += 1
+        target = {"user": users, "group": groups}.get(key.lower())
+        if target is None:
+            continue
+        for pattern in patterns.split(","):
+            name = pattern[1:] if pattern.startswith("!") else ""
+            if name and not any(c in name for c in "*?"):
+                target.add(name)
+    return frozenset(users), frozenset(groups)
+
+
+def check_exempt_agrees(
+    commands: Iterable[ForcedCommand], *, exempt_users: Iterable[str],
+    exempt_groups: Iterable[str], user_is_exempt: Callable[[str], bool], config_path: str,
+    sweeper_enabled: bool,
+) -> list[Check]:
+    """Whoever sshd's Match block keeps away from the wrapper must be in ``[exempt]``.
+
+    The drop-in's ``Match Group slurmusers,!clusteradm`` promises admins a plain
+    session that Slurm never denies. sshd keeps the wrapper and the gate away
+    from them, but the broker's sweeper only knows ``[exempt]``: an admin who is
+    not listed there has her session ended within a second when she has no job
+    on the node. Nothing is reported when no Match block forces the wrapper, or
+    when the sweeper is off (then nothing else looks at those sessions).
+    """
+    blocks = sorted({c.criteria for c in commands
+                     if c.criteria is not None and forced_wrapper(c.command) is not None})
+    if not blocks or not sweeper_enabled:
+        return []
+    users: set[str] = set()
+    groups: set[str] = set()
+    for criteria in blocks:
+        excluded_users, excluded_groups = match_exclusions(criteria)
+        users |= excluded_users
+        groups |= excluded_groups
+    listed_users, listed_groups = set(exempt_users), set(exempt_groups)
+    missing_users = sorted(u for u in users if u != "root" and u not in listed_users
+                           and not user_is_exempt(u))
+    missing_groups = sorted(groups - listed_groups)
+    where = "; ".join(f"Match {b}" for b in blocks)
+    if not missing_users and not missing_groups:
+        excluded = ", ".join([*sorted(users), *sorted(groups)]) or "nobody by name"
+        return [_ok("exempt", f"[exempt] covers whom sshd's {where} excludes ({excluded})")]
+    named = [f"user {u}" for u in missing_users] + [f"group {g}" for g in missing_groups]
+    toml = []
+    if missing_users:
+        toml.append(f"users = {_toml_list(sorted(listed_users | set(missing_users)))}")
+    if missing_groups:
+        toml.append(f"groups = {_toml_list(sorted(listed_groups | groups))}")
+    return [Check("exempt", Status.FAIL,
+                  f"sshd's {where} keeps {', '.join(named)} away from the wrapper, but "
+                  f"[exempt] in {config_path} does not: the broker's sweeper ends their ssh "
+                  "sessions when they have no job on this node",
+                  f"set {' and '.join(toml)} under [exempt] in {config_path}, then reload "
+                  "the broker (systemctl reload sshd-adoptd)")]
+
+
+def _toml_list(names: Iterable[str]) -> str:
+    return "[" + ", ".join(f'"{n}"' for n in names) + "]"
 
 
 # --------------------------------------------------------------------------- paths

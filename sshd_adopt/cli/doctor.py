@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import grp
 import json
 import os
@@ -29,7 +30,7 @@ from sshd_adopt import __version__
 from sshd_adopt._internal import doctor
 from sshd_adopt._internal.config import DEFAULT_CONFIG_PATH, Config, load_config
 from sshd_adopt._internal.decision import LocalJob
-from sshd_adopt._internal.doctor import Check, DryRun, SshdView, Status
+from sshd_adopt._internal.doctor import Check, DryRun, ForcedCommand, SshdView, Status
 from sshd_adopt._internal.localjobs import user_jobs
 from sshd_adopt._internal.slurmconf import SlurmFacts, load_slurm_facts
 from sshd_adopt.errors import Error
@@ -38,6 +39,9 @@ from sshd_adopt.errors import Error
 #: so anything slower is a hung NSS lookup for Match Group, worth reporting.
 SSHD_TIMEOUT = 15.0
 DEFAULT_SSHD = "/usr/sbin/sshd"
+DEFAULT_SSHD_CONFIG = "/etc/ssh/sshd_config"
+#: Where sshd resolves an Include that is not an absolute path (its SSHDIR).
+SSHD_DIR = "/etc/ssh"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +106,46 @@ def gather_sshd(user: str, sshd: str, config_file: str | None) -> SshdView:
     except (sh.CommandNotFound, OSError) as err:
         return SshdView(user, error=f"cannot run {sshd}: {err}")
     return SshdView(user, settings=doctor.parse_sshd_t(str(out)))
+
+
+def gather_forced_commands(path: str) -> list[ForcedCommand]:
+    """The ForceCommand lines of sshd's configuration file and its Includes, with their Match.
+
+    sshd -T shows the result for one user; which users a Match block leaves out
+    is only in the files. An unreadable file gives nothing (sshd -T reports it).
+    """
+    def include(pattern: str) -> list[str]:
+        if not pattern.startswith(("/", "~")):
+            pattern = os.path.join(SSHD_DIR, pattern)
+        texts = []
+        for name in sorted(glob.glob(os.path.expanduser(pattern))):
+            try:
+                texts.append(Path(name).read_text(errors="replace"))
+            except OSError:
+                continue
+        return texts
+
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    return doctor.forced_commands(text, include)
+
+
+def _exempt_check(config: Config, config_path: str, sshd_config: str | None) -> list[Check]:
+    """The users and groups the drop-in's Match block leaves out are exempt for the broker."""
+
+    def user_is_exempt(name: str) -> bool:
+        try:
+            return config.exempt.covers(pwd.getpwnam(name))
+        except KeyError:
+            return True  # no such user: nobody to protect
+
+    return doctor.check_exempt_agrees(
+        gather_forced_commands(sshd_config or DEFAULT_SSHD_CONFIG),
+        exempt_users=config.exempt.users, exempt_groups=config.exempt.groups,
+        user_is_exempt=user_is_exempt, config_path=config_path,
+        sweeper_enabled=config.sweeper.enabled)
 
 
 def _user_gids(user: str) -> list[int] | None:
@@ -244,6 +288,8 @@ def gather(args: argparse.Namespace) -> tuple[list[Check], DryRun | None]:
         checks.append(Check("sshd (managed user)", Status.SKIP,
                             "no --user given: sshd's view of a managed user is not checked",
                             "sshd-adopt doctor --user NAME (a user in the Match block)"))
+    if config is not None:
+        checks += _exempt_check(config, path, args.sshd_config)
     wrapper = args.wrapper or _default_wrapper(views)
     checks += _path_checks(wrapper, views)
     return checks, dry
