@@ -45,6 +45,8 @@ BOOKWORM_ONLY: dict[str, str] = {
     "test_doctor_live.py": "reads VAR/etc of the bookworm lab",
     "test_stepd_live.py": "hard-codes the bookworm node address",
     "test_install.py": "installs into the host userland (bookworm) only",
+    "test_install_node.py": "installs the host userland's python and sshd into n3; the "
+                            "trixie lab runs from its own chroot",
     "test_harness.py::test_status_is_healthy_and_root_netns_untouched":
         "hard-codes 10.213.0.x / fd5a:213::",
 }
