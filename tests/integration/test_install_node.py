@@ -172,7 +172,19 @@ def setup_script(tmp: Path, points: list[str], lab_run: Path) -> str:
         f"mount -n --bind {q(str(tmp / 'dev-log'))} {q(str(lab_run / 'dev-log'))}",
         "mount -n -t tmpfs -o mode=0755,nosuid,nodev,size=16m sshd-adopt-test-run "
         "/run/sshd-adopt",
-        "mount -n -t tmpfs -o mode=1777,nosuid,nodev,size=512m sshd-adopt-test-tmp /tmp",
+    ]
+    # The checkout itself stays visible under the fresh /tmp (CI clones into /tmp). Its
+    # stash must be outside /tmp, which the tmpfs covers: the fresh /run/sshd-adopt.
+    keep = REPO.is_relative_to("/tmp")
+    repo_stash = "/run/sshd-adopt/.repo"
+    if keep:
+        lines += [f"mkdir {repo_stash}", f"mount -n --bind {q(str(REPO))} {repo_stash}"]
+    lines.append(
+        "mount -n -t tmpfs -o mode=1777,nosuid,nodev,size=512m sshd-adopt-test-tmp /tmp")
+    if keep:
+        lines += [f"mkdir -p {q(str(REPO))}",
+                  f"mount -n --move {repo_stash} {q(str(REPO))}", f"rmdir {repo_stash}"]
+    lines += [
         "echo ready",
         "exec sleep infinity",
     ]
