@@ -213,11 +213,14 @@ def test_forwarding_only_connection_is_adopted_and_ends_with_the_job(cluster: Cl
         def monitor() -> int | None:
             for proc in psutil.process_iter(["cmdline"]):
                 title = " ".join(proc.info["cmdline"] or ()).strip()
-                if re.fullmatch(r"sshd(-session)?: alice \[priv\]", title) and any(
-                    re.match(r"sshd(-session)?: alice", " ".join(c.cmdline()).strip())
-                    for c in proc.children()
-                ):
-                    return proc.pid
+                if not re.fullmatch(r"sshd(-session)?: alice \[priv\]", title):
+                    continue
+                try:
+                    if any(re.match(r"sshd(-session)?: alice", " ".join(c.cmdline()).strip())
+                           for c in proc.children()):
+                        return proc.pid
+                except psutil.Error:
+                    continue  # another connection's process exiting (a zombie) meanwhile
             return None
 
         wait_until(lambda: monitor() is not None, 15, "the -N connection's monitor")

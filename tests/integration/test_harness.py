@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.harness import COMPUTE, Cluster, remote_cgroup_job
+from tests.harness import COMPUTE, Cluster, remote_cgroup_job, wait_until
 
 DENIAL = "Access denied by pam_slurm_adopt: you have no active jobs on this node"
 
@@ -30,7 +30,9 @@ def test_two_node_job_has_extern_steps_on_both_nodes(cluster: Cluster) -> None:
         sock = cluster.stepd_socket(node, job)
         assert sock.exists(), sock
         assert cluster.stepd_answers(sock)
-        assert cluster.job_cgroup_dir(node, uid, job).is_dir()
+        # slurmstepd listens on its socket before it builds the step's cgroups.
+        cgroup = cluster.job_cgroup_dir(node, uid, job)
+        wait_until(cgroup.is_dir, 10, f"{cgroup} created")
         steps = {step for _pid, step in cluster.listpids(node, job)}
         assert "extern" in steps, cluster.listpids(node, job)
     assert not cluster.stepd_socket("n3", job).exists()
