@@ -31,6 +31,7 @@ from typing import Final
 import psutil
 import sh
 
+from sshd_adopt._internal.connection import IPAddress
 from sshd_adopt._internal.stepd import NEWEST_PROTOCOL, PROTOCOL_VERSIONS
 from sshd_adopt.errors import SlurmConfigError
 
@@ -330,9 +331,9 @@ def _short(hostname: str) -> str:
     return hostname.split(".", 1)[0]
 
 
-def host_addresses() -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def host_addresses() -> frozenset[IPAddress]:
     """Every IP address configured on this host's interfaces (its network namespace)."""
-    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    found: set[IPAddress] = set()
     for entries in psutil.net_if_addrs().values():
         for entry in entries:
             if entry.family in (socket.AF_INET, socket.AF_INET6):
@@ -341,7 +342,7 @@ def host_addresses() -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]
     return frozenset(found)
 
 
-def _literal_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _literal_ip(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -353,7 +354,7 @@ def _resolve_node(
     *,
     nodename: str | None,
     hostname: str | None,
-    addresses: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None,
+    addresses: frozenset[IPAddress] | None = None,
 ) -> _Node | None:
     """Which configured node this host is, the way libslurm guesses it (reference §1.10).
 
@@ -475,7 +476,7 @@ def load_slurm_facts(
     *,
     nodename: str | None = None,
     hostname: str | None = None,
-    addresses: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None,
+    addresses: frozenset[IPAddress] | None = None,
     version: str | None = None,
 ) -> SlurmFacts:
     """Read slurm.conf (and its includes) and the Slurm version into :class:`SlurmFacts`.
