@@ -1,8 +1,9 @@
 """pytest wiring for the lab cluster (see tests/harness.py and scripts/cluster).
 
 Every test under tests/integration/ is marked ``cluster``. The session-scoped ``cluster``
-fixture brings the lab up once (``scripts/cluster up`` unless ``scripts/cluster status`` says
-it is healthy); if that fails, the tests ERROR - nothing is skipped. After each cluster test all
+fixture runs ``scripts/cluster up`` once per generation (it starts what is not running and
+installs exactly this checkout into the lab venv); if that fails, the tests ERROR - nothing is
+skipped. After each cluster test all
 jobs are cancelled, so tests leave no job behind and do not depend on their order. Only one
 pytest session uses a lab at a time (a flock on <lab state dir>/pytest.lock, per generation:
 /var/lib/sshd-adopt-lab/pytest.lock for bookworm; a second session waits up to 15 minutes).

@@ -275,9 +275,13 @@ class Cluster:
         return self.run_script("status", check=False, timeout=60).returncode == 0
 
     def ensure_up(self) -> None:
-        """Start the lab unless ``scripts/cluster status`` says it is healthy."""
-        if not self.is_up():
-            self.run_script("up", timeout=600)
+        """``scripts/cluster up``: start what is not running, and install this checkout.
+
+        Always run, even when the lab is healthy: ``up`` reinstalls the package when the
+        checkout changed and checks that the venv holds exactly its code, so a lab left
+        running by an earlier session never tests other code than the one in hand.
+        """
+        self.run_script("up", timeout=600)
 
     # ------------------------------------------------------------------ running things
 
