@@ -42,7 +42,6 @@ LOCK_WAIT = 900.0
 #: cluster.broker_pid(), cluster.broker_config()) instead.
 BOOKWORM_ONLY: dict[str, str] = {
     "test_lifecycle.py": "asserts on the bookworm RUN/NSDIR/state.json",
-    "test_callerid_live.py": "hard-codes 10.213.0.x addresses and RUN/slurmd pid files",
     "test_doctor_live.py": "reads VAR/etc of the bookworm lab",
     "test_stepd_live.py": "hard-codes the bookworm node address",
     "test_install.py": "installs into the host userland (bookworm) only",

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from sshd_adopt._internal import decision as dec
-from sshd_adopt._internal import hints, protocol
-from sshd_adopt._internal.callerid import ANSWERS
+from sshd_adopt._internal import hints, munge, protocol, run
+from sshd_adopt._internal.callerid import ANSWERS, CallerIdRequest
 from sshd_adopt._internal.config import Config, apply_overrides
 from sshd_adopt._internal.connection import Connection
 from sshd_adopt._internal.localjobs import user_jobs
@@ -103,11 +103,14 @@ def decide_connection(
     uid: int,
     connection: Connection | None,
     phases: Phases | None = None,
+    ask_source: bool = True,
 ) -> tuple[dec.LoginFacts, dec.Decision]:
     """Gather the facts for one connection and decide, asking callerid when needed.
 
     Shared by adoption (the wrapper's request, the sweeper) and the auth-time
-    gate, so that who may enter is decided by one piece of code.
+    gate, so that who may enter is decided by one piece of code. The gate
+    passes ``ask_source=False``: before authentication nothing leaves the
+    node, so an undecided :class:`~decision.AskCallerId` comes back as is.
     """
     jobs: tuple[dec.LocalJob, ...] = ()
     if where.nodename and where.spool:
@@ -118,27 +121,36 @@ def decide_connection(
     if phases is not None:
         phases.mark("jobs")
     decision = dec.decide(facts, options)
-    if isinstance(decision, dec.AskCallerId):
-        facts = replace(facts, callerid=_callerid(state, connection))
+    if isinstance(decision, dec.AskCallerId) and ask_source:
+        facts = replace(facts, callerid=_callerid(state, uid, connection))
         decision = dec.decide(facts, options)
         if phases is not None:
             phases.mark("callerid")
     return facts, decision
 
 
-def _callerid(state: BrokerState, connection: Connection | None) -> dec.CallerIdAnswer:
-    """Ask the source host's slurmd which job owns the client end of this connection."""
-    if connection is None or state.slurm is None:
+def _callerid(state: BrokerState, uid: int, connection: Connection | None) -> dec.CallerIdAnswer:
+    """Ask the source host's slurmd, as the connection's user, which job owns this connection."""
+    slurm = state.slurm
+    if connection is None or slurm is None:
         return dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
     settings = state.config.callerid
-    return ANSWERS.query(
-        connection,
-        slurmd_port=state.slurm.slurmd_port,
-        protocol_version=state.slurm.protocol_version,
+    try:
+        gid = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
+    request = CallerIdRequest(
+        requester=run.Identity(uid, gid),
+        credential=munge.CredentialOptions(
+            restrict_uid=slurm.slurmd_user_uid, ttl=slurm.auth_ttl, socket=slurm.auth_socket),
+        slurmds=slurm.slurmds,
+        protocol_version=slurm.protocol_version,
         deadline=settings.deadline,
         method=settings.method,
-        scontrol_path=settings.scontrol_path,
+        scontrol=settings.scontrol_path,
+        munge=settings.munge_path,
     )
+    return ANSWERS.query(connection, request)
 
 
 class AdoptionService:
@@ -274,6 +286,7 @@ class AdoptionService:
                 dec.CallerIdOutcome.MEMBER: f"member of job {answer.job_id}",
                 dec.CallerIdOutcome.INDETERMINATE: "job indeterminate",
                 dec.CallerIdOutcome.UNREACHABLE: "source unreachable",
+                dec.CallerIdOutcome.NOT_A_NODE: "source is not a Slurm node (nothing sent)",
                 dec.CallerIdOutcome.NO_SOCKET: "no socket",
             }[answer.outcome]
             callerid = f"{label} via {answer.method or '-'} in {answer.seconds * 1000:.0f}ms"

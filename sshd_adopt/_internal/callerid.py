@@ -1,58 +1,67 @@
 """Ask the source host's slurmd which job owns the client end of an ssh connection.
 
-This is pam_slurm_adopt's ``slurm_network_callerid()`` (reference §3), with
-one difference that is the point of the module: **one total deadline**.
-libslurm connects with TCPTimeout (2 s by default) and then waits
-MessageTimeout (10 s) for the answer, so a source host that drops packets to
-its slurmd port holds every login about 2 s, and a slurmd that accepts but
-never answers (stopped, wedged, overloaded) holds it about 10 s. Here every
-socket operation, the munge encode, the retries and the ``scontrol``
-fallback share one budget (default 1 s), and every failure maps to an
-outcome instead of an exception: the broker must decide, not crash.
+This is pam_slurm_adopt's ``slurm_network_callerid()`` with two differences
+that are the point of the module.
+
+**Nothing worth having leaves the node.** The request carries a MUNGE
+credential to another host, so it goes only to Slurm's own daemons: to an
+address of a configured node (NodeAddr/NodeHostname from slurm.conf, in the
+families slurmd listens on: IPv6 only with ``EnableIPv6``), on the port that
+node's slurmd listens on. A source that is not a Slurm node (a login host, any
+IPv6 source without EnableIPv6) is "not a node" at once: no credential, no
+deadline to wait out. The credential itself is minted as the connecting user,
+decodable only by SlurmdUser and bound to the request body with libslurm's
+K12 hash (:mod:`sshd_adopt._internal.munge`, :func:`hash_payload`), so whoever
+receives it cannot use it for anything else. It is asked only after sshd has
+authenticated the connection, and only when the answer can change the outcome.
+
+**One total deadline.** libslurm connects with TCPTimeout (2 s by default) and
+then waits MessageTimeout (10 s) for the answer, so a source host that drops
+packets to its slurmd port holds every login about 2 s, and a slurmd that
+accepts but never answers holds it about 10 s. Here every socket operation,
+the munge encode, the retries and the ``scontrol`` fallback share one budget
+(default 1 s), and every failure maps to an outcome instead of an exception.
 
 Two ways to ask:
 
 ``native``
-    Speak the RPC ourselves: one TCP connection to ``<client ip>:SlurmdPort``,
-    a REQUEST_NETWORK_CALLERID in Slurm's framing with a munge credential,
-    one response. About a millisecond of our own work plus the slurmd's.
+    Speak the RPC ourselves: one TCP connection to the source's slurmd, a
+    REQUEST_NETWORK_CALLERID in Slurm's framing, one response.
 ``scontrol``
-    Run ``scontrol callerid ...``, which calls libslurm. It costs a fork/exec
-    and slurm.conf parsing, but speaks whatever protocol the installed Slurm
-    speaks, so it is the fallback when the native path does not understand
-    the installed version or the slurmd's answer.
+    Run ``scontrol callerid ...`` as the connecting user (libslurm speaks
+    whatever protocol the installed Slurm speaks). It costs a fork/exec and
+    slurm.conf parsing.
 
-``auto`` tries native and falls back to scontrol only for *protocol*
-failures. Network failures are final: a refused connection means there is
-no slurmd there (a login node, say), and a timeout has already spent the
-budget; scontrol would meet the same network.
+``auto`` tries native and falls back to scontrol only when the slurmd closed
+the connection without answering (how a slurmd rejects a protocol version it
+does not take) or when the installed version is one we do not speak. Resets,
+timeouts and garbage are final: the same credential-carrying request would
+only go out again.
 
-Which failures are retried: only those that say nothing about the source
-host (a connection reset, EAGAIN). A slurmd that closes without answering
-has rejected the request (version, credential), so that is a protocol
-failure: no retry, but scontrol in ``auto``. A
-refusal is an answer (``UNREACHABLE`` at once, as the Slurm docs recommend
-for login nodes: "better to have the RPC be rejected rather than silently
+Which failures are retried: only those that say nothing about the source host
+(a connection reset, EAGAIN), a bounded number of times. A refusal is an
+answer (``UNREACHABLE`` at once, as the Slurm docs recommend for hosts
+without slurmd: "better to have the RPC be rejected rather than silently
 dropped"); a timeout is ``UNREACHABLE``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
-import sh
 import tenacity
+from Crypto.Hash import KangarooTwelve
 
-from sshd_adopt._internal import munge
-from sshd_adopt._internal.connection import Connection
+from sshd_adopt._internal import munge, run
+from sshd_adopt._internal.connection import Connection, IPAddress
 from sshd_adopt._internal.decision import CallerIdAnswer, CallerIdOutcome
 from sshd_adopt._internal.logs import logger
 from sshd_adopt.errors import CallerIdError
@@ -66,6 +75,8 @@ RESPONSE_NETWORK_CALLERID = 5036
 RESPONSE_SLURM_RC = 8001
 AUTH_PLUGIN_MUNGE = 101
 HASH_PLUGIN_NONE = 1
+HASH_PLUGIN_K12 = 2  # slurm.h hash_plugin_type
+K12_BYTES = 32
 NO_VAL = 0xFFFFFFFE
 AF_INET = 2  # Slurm packs Linux's numbers; spelled out so the wire does not follow the host
 AF_INET6 = 10
@@ -109,11 +120,17 @@ _UNREACHABLE_ERRNOS = frozenset(
 
 
 class ProtocolFailure(CallerIdError):
-    """The native path cannot get an answer it understands; another method may.
+    """The native path cannot get an answer it understands.
 
     Raised by the pure pack/parse helpers; :func:`query_callerid` never lets
-    it escape (it becomes a fallback to scontrol, or UNREACHABLE).
+    it escape (it becomes UNREACHABLE, or a fallback to scontrol for
+    :class:`Rejected`).
     """
+
+
+class Rejected(ProtocolFailure):
+    """The slurmd will not take our request (closed without answering, or a
+    protocol version we do not speak): the one case where scontrol may do better."""
 
 
 class _Transient(Exception):
@@ -176,17 +193,18 @@ def pack_request_body(conn: Connection) -> bytes:
     )
 
 
-def hash_payload(msg_type: int = REQUEST_NETWORK_CALLERID) -> bytes:
-    """The munge payload auth/munge checks: HASH_PLUGIN_NONE + BE msg_type.
+def hash_payload(body: bytes, msg_type: int = REQUEST_NETWORK_CALLERID) -> bytes:
+    """The munge payload that binds a credential to one message, as libslurm makes it.
 
-    libslurm sends a K12 hash of the body instead; the receiver also accepts
-    this 3-byte "no hash" form unless ``CommunicationParameters=block_zero_hash``
-    (reference §3.5), and it spares us a KangarooTwelve implementation. The
-    body is not integrity-protected either way that matters here: it only
-    names a TCP connection, and the answer is checked against the user's
-    own jobs by the broker.
+    ``_compute_hash`` in ``src/common/slurm_protocol_api.c`` (22.05 → 26.05):
+    the hash plugin id (K12 = 2), then KangarooTwelve over the packed body
+    with the message type in network byte order as the customisation string,
+    32 bytes; 33 bytes in all. The receiving slurmd (``_check_hash``)
+    recomputes it over the body it received, so a captured credential is
+    good for this exact request and nothing else.
     """
-    return bytes([HASH_PLUGIN_NONE]) + struct.pack(">H", msg_type)
+    digest = KangarooTwelve.new(data=body, custom=struct.pack(">H", msg_type)).read(K12_BYTES)
+    return bytes([HASH_PLUGIN_K12]) + digest
 
 
 def _packstr(data: bytes) -> bytes:
@@ -194,11 +212,14 @@ def _packstr(data: bytes) -> bytes:
     return struct.pack(">I", len(data) + 1) + data + b"\0"
 
 
-def pack_request(conn: Connection, credential: bytes, protocol_version: int) -> bytes:
-    """The full length-prefixed frame: header, munge auth, body (reference §3.5, App. A)."""
+def pack_request(body: bytes, credential: bytes, protocol_version: int) -> bytes:
+    """The full length-prefixed frame: header, munge auth, body.
+
+    The 22.05 header (``slurm_send_node_msg``), unchanged for forward_cnt =
+    ret_cnt = 0 through 26.05.
+    """
     if protocol_version not in SPOKEN_VERSIONS:
-        raise ProtocolFailure(f"protocol version {protocol_version:#x} not spoken natively")
-    body = pack_request_body(conn)
+        raise Rejected(f"protocol version {protocol_version:#x} not spoken natively")
     header = struct.pack(
         ">HHHIHHH", protocol_version, 0, REQUEST_NETWORK_CALLERID, len(body), 0, 0, 0
     )
@@ -333,18 +354,41 @@ def _outcome(reply: Reply) -> tuple[CallerIdOutcome, int | None]:
     return CallerIdOutcome.INDETERMINATE, None
 
 
+# --- what one query needs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallerIdRequest:
+    """Everything a query needs besides the connection: whom it is for and where it may go.
+
+    ``requester`` is the connection's user (the credential names them);
+    ``slurmds`` every configured node's slurmd address with its port
+    (:attr:`SlurmFacts.slurmds`), the only destinations; ``credential`` who
+    may decode the credential and how long it lives. Times are in seconds.
+    """
+
+    requester: run.Identity
+    credential: munge.CredentialOptions
+    slurmds: Mapping[IPAddress, int] = field(default_factory=dict)
+    protocol_version: int = PROTOCOL_22_05
+    deadline: float = 1.0
+    method: Method = "auto"
+    scontrol: str = "/usr/bin/scontrol"
+    munge: str = munge.MUNGE_CLI
+
+
 # --- native path -----------------------------------------------------------------------------
 
 
 def _recv_exact(sock: socket.socket, n: int, budget: _Budget, *, first: bool) -> bytes:
     """Read exactly ``n`` bytes, every recv under what is left of the budget.
 
-    A clean end of stream is a protocol failure, not worth a retry: it is how
-    a slurmd rejects a request it cannot take (seen live: 22.05 closes
-    without a word on a newer protocol version, logging "Invalid Protocol
-    Version 11520"), so the same request would only be rejected again, and
-    scontrol, which speaks the installed version, is the better next try.
-    A reset (RST) instead raises ConnectionResetError, which is retried.
+    A clean end of stream before any byte is :class:`Rejected`, not worth a
+    retry: it is how a slurmd refuses a request it cannot take (seen live:
+    22.05 closes without a word on a newer protocol version, logging "Invalid
+    Protocol Version 11520"; 26.05 does the same on a hash it cannot check),
+    so the same request would only be refused again. A reset (RST) raises
+    ConnectionResetError, which is retried.
     """
     chunks: list[bytes] = []
     got = 0
@@ -356,35 +400,30 @@ def _recv_exact(sock: socket.socket, n: int, budget: _Budget, *, first: bool) ->
         chunk = sock.recv(min(n - got, 65536))
         if not chunk:
             if first and got == 0:
-                raise ProtocolFailure("slurmd closed the connection without answering")
+                raise Rejected("slurmd closed the connection without answering")
             raise ProtocolFailure("response cut short")
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
 
 
-def _native_once(
-    conn: Connection,
-    slurmd_port: int,
-    protocol_version: int,
-    budget: _Budget,
-    munge_socket: str | None,
-) -> Reply:
+def _native_once(conn: Connection, port: int, request: CallerIdRequest, budget: _Budget) -> Reply:
     """One connect/send/receive; classifies every failure for the retry policy."""
     left = budget.left()
     if left < MIN_ATTEMPT:
         raise _Unreachable("deadline reached")
     family = socket.AF_INET if conn.family == 4 else socket.AF_INET6
+    body = pack_request_body(conn)
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(left)
-            sock.connect((str(conn.remote_ip), slurmd_port))
-            # Encode only once connected: a refused connection (login node)
-            # then costs no credential at all.
+            sock.connect((str(conn.remote_ip), port))
+            # Encode only once connected: a refused connection costs no credential.
             credential = munge.encode(
-                hash_payload(), timeout=budget.left(), socket_path=munge_socket
+                hash_payload(body), requester=request.requester, options=request.credential,
+                timeout=budget.left(), munge=request.munge,
             )
-            frame = pack_request(conn, credential, protocol_version)
+            frame = pack_request(body, credential, request.protocol_version)
             sock.settimeout(max(budget.left(), 0.001))
             sock.sendall(frame)
             length = response_length(_recv_exact(sock, 4, budget, first=True))
@@ -399,16 +438,15 @@ def _native_once(
         raise _Unreachable(str(exc)) from exc
 
 
-def _native(
-    conn: Connection,
-    slurmd_port: int,
-    protocol_version: int,
-    budget: _Budget,
-    munge_socket: str | None,
-) -> CallerIdAnswer:
-    """The native RPC with bounded retries; raises ProtocolFailure for the fallback."""
-    if protocol_version not in SPOKEN_VERSIONS:
-        raise ProtocolFailure(f"protocol version {protocol_version:#x} not spoken natively")
+def _native(conn: Connection, port: int, request: CallerIdRequest, budget: _Budget) -> Reply:
+    """The native RPC with bounded retries of transient failures.
+
+    Raises :class:`Rejected` (scontrol may help), :class:`ProtocolFailure`
+    or :class:`~sshd_adopt._internal.munge.MungeError` (final), or
+    :class:`_Unreachable`.
+    """
+    if request.protocol_version not in SPOKEN_VERSIONS:
+        raise Rejected(f"protocol version {request.protocol_version:#x} not spoken natively")
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(_Transient),
         # A retry starts only with MIN_ATTEMPT left after the wait, so the
@@ -421,83 +459,46 @@ def _native(
         reraise=True,
     )
     try:
-        reply = retrying(_native_once, conn, slurmd_port, protocol_version, budget, munge_socket)
-    except _Unreachable as exc:
-        logger().debug("callerid native to %s: unreachable: %s", conn.remote_ip, exc.why)
-        return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "native", budget.spent())
+        reply: Reply = retrying(_native_once, conn, port, request, budget)
     except _Transient as exc:
-        raise ProtocolFailure(f"{MAX_ATTEMPTS} attempts failed, last: {exc}") from exc
-    except munge.MungeError as exc:
-        raise ProtocolFailure(str(exc)) from exc
-    outcome, job_id = _outcome(reply)
-    return CallerIdAnswer(outcome, job_id, "native", budget.spent())
+        raise _Unreachable(f"{MAX_ATTEMPTS} attempts failed, last: {exc}") from exc
+    return reply
 
 
 # --- scontrol path ---------------------------------------------------------------------------
 
 
-def _scontrol(conn: Connection, scontrol_path: str, budget: _Budget) -> CallerIdAnswer | None:
-    """``scontrol callerid ...``; ``None`` when scontrol could not be run or said nothing we know.
+def _scontrol(conn: Connection, request: CallerIdRequest, budget: _Budget) -> CallerIdAnswer | None:
+    """``scontrol callerid ...`` as the requester; ``None`` when it said nothing we know.
 
     scontrol reads this node's slurm.conf and connects from this node's
-    network namespace, which is right because the broker runs on the node.
-
-    The deadline is our own timer, not sh's ``_timeout``: sh polls its
-    timeout every 100 ms and so adds ~100 ms to *every* call (measured: an
-    8 ms scontrol took 105 ms with ``_timeout``). The timer SIGKILLs the
-    process at the deadline; ``wait()`` then returns at once.
+    network namespace, which is right because the broker runs on the node;
+    it mints its credential as the user it runs as (libslurm's
+    ``slurm_network_callerid``: unrestricted, but K12-bound to its body).
     """
-    left = budget.left()
-    if left < MIN_SCONTROL:
+    if budget.left() < MIN_SCONTROL:
         return None
-    argv = [
-        "callerid",
-        str(conn.remote_ip),
-        str(conn.remote_port),
-        str(conn.local_ip),
-        str(conn.local_port),
-        str(conn.family),
-    ]
-    killed = threading.Event()
+    argv = [request.scontrol, "callerid", str(conn.remote_ip), str(conn.remote_port),
+            str(conn.local_ip), str(conn.local_port), str(conn.family)]
     try:
-        command = sh.Command(scontrol_path)
-        # Pipes, not sh's default pty: cheaper, and nothing here is interactive.
-        running = command(
-            *argv, _bg=True, _bg_exc=False, _ok_code=[0, 1], _tty_out=False, _return_cmd=True
-        )
-    except (sh.CommandNotFound, OSError) as exc:
-        logger().debug("callerid: cannot run %s: %s", scontrol_path, exc)
+        done = run.run(argv, timeout=budget.left(), as_user=request.requester,
+                       max_output=64 * 1024)
+    except run.ToolTimeout:
+        return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "scontrol", budget.spent())
+    except run.ToolError as exc:
+        logger().debug("callerid: %s", exc)
         return None
-
-    def kill() -> None:
-        if running.is_alive():
-            killed.set()
-            with contextlib.suppress(OSError):
-                running.kill()
-
-    timer = threading.Timer(max(0.0, budget.left()), kill)
-    timer.daemon = True
-    timer.start()
-    try:
-        running.wait()
-    except sh.ErrorReturnCode as exc:  # includes SignalException_SIGKILL
-        if killed.is_set():
-            return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "scontrol", budget.spent())
-        logger().debug("callerid: %s failed: %s", scontrol_path, exc)
-        return None
-    finally:
-        timer.cancel()
-    return _scontrol_answer(running.exit_code, running.stdout, running.stderr, budget)
+    return _scontrol_answer(done.returncode, done.text(), done.stderr.decode(errors="replace"),
+                            budget)
 
 
 def _scontrol_answer(
-    exit_code: int | None, stdout: object, stderr: object, budget: _Budget
+    exit_code: int | None, stdout: str, stderr: str, budget: _Budget
 ) -> CallerIdAnswer | None:
     """Map scontrol's output to an answer (its messages are fixed strings in libslurm)."""
-    out = _text(stdout)
-    text = (out + "\n" + _text(stderr)).lower()
+    text = (stdout + "\n" + stderr).lower()
     if exit_code == 0:
-        fields = out.split()
+        fields = stdout.split()
         if fields and fields[0].isdigit() and int(fields[0]) not in (0, NO_VAL, 0xFFFFFFFF):
             return CallerIdAnswer(
                 CallerIdOutcome.MEMBER, int(fields[0]), "scontrol", budget.spent()
@@ -510,91 +511,88 @@ def _scontrol_answer(
     return None
 
 
-def _text(data: object) -> str:
-    """sh hands back bytes or str depending on options; we want str."""
-    if isinstance(data, bytes):
-        return data.decode(errors="replace")
-    return str(data or "")
-
-
 # --- public entry point ----------------------------------------------------------------------
 
 
-def query_callerid(
-    conn: Connection,
-    *,
-    slurmd_port: int,
-    protocol_version: int,
-    deadline: float = 1.0,
-    method: Method = "auto",
-    scontrol_path: str = "scontrol",
-    munge_socket: str | None = None,
-) -> CallerIdAnswer:
+def slurmd_port(conn: Connection, slurmds: Mapping[IPAddress, int]) -> int | None:
+    """The port of the slurmd at the connection's source, or None: not a Slurm node there.
+
+    Only configured nodes' addresses count, in the families slurmd listens on
+    (the caller's map holds IPv6 addresses only with ``EnableIPv6``).
+    """
+    return slurmds.get(conn.remote_ip)
+
+
+def query_callerid(conn: Connection, request: CallerIdRequest) -> CallerIdAnswer:
     """Which job does the source host's slurmd say owns ``conn``'s client end?
 
     Never raises for network, munge or protocol trouble: the broker needs an
-    outcome to decide on, and every such failure is one of UNREACHABLE (no
-    usable answer) or INDETERMINATE (the slurmd knows no job). The whole call
-    returns within ``deadline`` seconds plus a few milliseconds.
+    outcome to decide on, and every such failure is one of NOT_A_NODE (nothing
+    was sent), UNREACHABLE (no usable answer) or INDETERMINATE (the slurmd
+    knows no job of the requester for it). The whole call returns within
+    ``request.deadline`` seconds plus a few milliseconds.
 
     ``method`` in the answer is the method whose result the outcome is (a
-    refusal seen by the native path is "native"); it is empty only when no
-    method could even be tried. ``munge_socket`` is Slurm's
-    ``AuthInfo=socket=`` when set; ``None`` means munged's default socket.
+    refusal seen by the native path is "native"); it is empty when nothing was
+    tried.
     """
-    budget = _Budget(deadline)
+    budget = _Budget(request.deadline)
     if conn.remote_ip.version != conn.local_ip.version:
         # Slurm's request has one family for both ends; the kernel never
         # reports a mixed pair, so this is a caller bug, not worth a query.
         logger().debug("callerid: mixed address families in %s", conn)
         return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "", budget.spent())
-    if method in ("auto", "native"):
+    port = slurmd_port(conn, request.slurmds)
+    if port is None:
+        return CallerIdAnswer(CallerIdOutcome.NOT_A_NODE, None, "", budget.spent())
+    if request.method in ("auto", "native"):
         try:
-            return _native(conn, slurmd_port, protocol_version, budget, munge_socket)
-        except ProtocolFailure as exc:
+            reply = _native(conn, port, request, budget)
+        except Rejected as exc:
+            logger().debug("callerid native to %s: %s", conn.remote_ip, exc)
+            if request.method == "native":
+                return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "native", budget.spent())
+        except (ProtocolFailure, munge.MungeError) as exc:
             logger().debug("callerid native to %s failed: %s", conn.remote_ip, exc)
-            if method == "native":
-                return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "", budget.spent())
-    answer = _scontrol(conn, scontrol_path, budget)
+            return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "native", budget.spent())
+        except _Unreachable as exc:
+            logger().debug("callerid native to %s: unreachable: %s", conn.remote_ip, exc.why)
+            return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "native", budget.spent())
+        else:
+            outcome, job_id = _outcome(reply)
+            return CallerIdAnswer(outcome, job_id, "native", budget.spent())
+    answer = _scontrol(conn, request, budget)
     if answer is None:
         return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "", budget.spent())
     return answer
 
 
-#: How long an answer for one TCP connection is reused. sshd runs the
-#: AuthorizedKeysCommand (the gate) twice per login and the wrapper asks again
-#: right after: without this, a silent source host would cost each login three
-#: deadlines instead of one. A 4-tuple names one connection only while it is
-#: open, and a connection's source job cannot change, so a short reuse is safe.
-ANSWER_TTL = 30.0
-_MAX_CACHED = 4096
+#: How long an answer for one TCP connection is reused. The early adoption,
+#: the wrapper's request and the sweeper may all ask about one connection:
+#: without this, a silent source host would cost each of them a deadline. A
+#: 4-tuple names one connection only while it is open, and a connection's
+#: source job cannot change, so a short reuse is safe.
+ANSWER_TTL: Final = 30.0
+_MAX_CACHED: Final = 4096
 
 
 class AnswerCache:
-    """Callerid answers per connection 4-tuple, shared by the gate and adoption."""
+    """Callerid answers per (connection 4-tuple, requester uid), asked once at a time."""
 
     def __init__(self, ttl: float = ANSWER_TTL) -> None:
         self._ttl = ttl
         self._lock = threading.Lock()
-        self._answers: dict[tuple[str, int, str, int], tuple[float, CallerIdAnswer]] = {}
-        self._pending: dict[tuple[str, int, str, int], threading.Event] = {}
+        self._answers: dict[tuple[str, int, str, int, int], tuple[float, CallerIdAnswer]] = {}
+        self._pending: dict[tuple[str, int, str, int, int], threading.Event] = {}
 
-    def query(
-        self,
-        conn: Connection,
-        *,
-        slurmd_port: int,
-        protocol_version: int,
-        deadline: float = 1.0,
-        method: Method = "auto",
-        scontrol_path: str = "scontrol",
-    ) -> CallerIdAnswer:
-        """:func:`query_callerid`, asked at most once per connection within the TTL.
+    def query(self, conn: Connection, request: CallerIdRequest) -> CallerIdAnswer:
+        """:func:`query_callerid`, asked at most once per connection and user within the TTL.
 
         Concurrent requests for the same connection wait for the first one
         instead of each sending the RPC.
         """
-        key = (str(conn.remote_ip), conn.remote_port, str(conn.local_ip), conn.local_port)
+        key = (str(conn.remote_ip), conn.remote_port, str(conn.local_ip), conn.local_port,
+               request.requester.uid)
         while True:
             now = time.monotonic()
             with self._lock:
@@ -605,12 +603,9 @@ class AnswerCache:
                 if waiting is None:
                     done = self._pending[key] = threading.Event()
                     break
-            waiting.wait(timeout=deadline + 1.0)
+            waiting.wait(timeout=request.deadline + 1.0)
         try:
-            answer = query_callerid(
-                conn, slurmd_port=slurmd_port, protocol_version=protocol_version,
-                deadline=deadline, method=method, scontrol_path=scontrol_path,
-            )
+            answer = query_callerid(conn, request)
             with self._lock:
                 if len(self._answers) >= _MAX_CACHED:
                     self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
@@ -624,5 +619,5 @@ class AnswerCache:
             done.set()
 
 
-#: The broker's one cache (module level: the gate and adoption share it).
+#: The broker's one cache (module level: every path that asks shares it).
 ANSWERS = AnswerCache()

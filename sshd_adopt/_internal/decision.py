@@ -38,6 +38,7 @@ class CallerIdOutcome(enum.StrEnum):
     MEMBER = "member"  # the source slurmd named a job
     INDETERMINATE = "indeterminate"  # it answered, but knows no job for the connection
     UNREACHABLE = "unreachable"  # no answer within the deadline (no slurmd, firewall, hung)
+    NOT_A_NODE = "not-a-node"  # the source is no Slurm node's slurmd address: nothing was sent
     NO_SOCKET = "no-socket"  # we could not find the connection's TCP socket
 
 
@@ -162,9 +163,13 @@ def decide(facts: LoginFacts, options: Options) -> Decision:
         if options.action_no_jobs is NoJobsAction.IGNORE:
             return _fall_through(options, Message.NO_JOBS, "user has no jobs on this node")
         return Deny(Message.NO_JOBS, "user has no jobs on this node; action_no_jobs=deny")
-    if len(facts.jobs) == 1 and options.single_job_skip_rpc:
+    newest = options.action_unknown is UnknownAction.NEWEST
+    if len(facts.jobs) == 1 and (options.single_job_skip_rpc or newest):
+        # With newest, whatever the source says this job is adopted: the RPC
+        # (which sends a credential to another host) could not change the outcome.
         job = facts.jobs[0]
-        return Adopt(job.job_id, f"user has only one job {job.job_id}")
+        why = "" if options.single_job_skip_rpc else " (action_unknown=newest)"
+        return Adopt(job.job_id, f"user has only one job {job.job_id}{why}")
     answer = facts.callerid
     if answer is None:
         return AskCallerId(f"user has {len(facts.jobs)} jobs on this node")
@@ -177,6 +182,7 @@ def decide(facts: LoginFacts, options: Options) -> Decision:
         CallerIdOutcome.MEMBER: "job indeterminate",
         CallerIdOutcome.INDETERMINATE: "job indeterminate",
         CallerIdOutcome.UNREACHABLE: "source unreachable",
+        CallerIdOutcome.NOT_A_NODE: "source is not a Slurm node",
         CallerIdOutcome.NO_SOCKET: "connection socket not found",
     }
     return _unknown_source(facts, options, labels[answer.outcome])

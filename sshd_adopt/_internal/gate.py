@@ -23,8 +23,10 @@ while the command runs)::
   can share one kernel, as in the lab: a node answers only for itself);
 * the user named in the request is the monitor's user.
 
-Then the same decision as for an adoption (no jobs → deny, several jobs →
-callerid on the monitor's own 4-tuple, …), but nothing is adopted: anyone can
+Then the same decision as for an adoption (no jobs → deny, …), without the
+callerid RPC: the client has proved nothing yet, and that RPC sends a
+credential to another host, so a user with several jobs may enter and the
+source job is asked after authentication. Nothing is adopted either: anyone can
 start an authentication as any user, so adopting here would let anyone charge
 (or kill processes into) someone else's job. Adoption happens after
 authentication, by the wrapper or the sweeper.
@@ -218,15 +220,18 @@ class GateService:
         if state.config.exempt.covers(pwd.getpwnam(ctx.user)):
             return True, "exempt user"
         options = state.config.options
+        # Before authentication nothing leaves the node: no callerid. A user
+        # with several jobs here may enter; which job (or a per-connection
+        # refusal) is decided after authentication.
         _, decision = decide_connection(
             state, options, Where.of(state, options), user=ctx.user, uid=ctx.uid,
-            connection=ctx.connection,
+            connection=ctx.connection, ask_source=False,
         )
         if isinstance(decision, dec.Deny):
             return False, decision.reason
-        if isinstance(decision, dec.Adopt | dec.Allow):
-            return True, decision.reason
-        return False, "no decision"
+        if isinstance(decision, dec.AskCallerId):
+            return True, f"{decision.reason}; the source job is asked after authentication"
+        return True, decision.reason
 
 
 # --------------------------------------------------------------------------- key sources

@@ -24,7 +24,10 @@ import os
 import pwd
 import re
 import socket
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -60,6 +63,10 @@ VERSION_COMMANDS: Final = (
     "/usr/local/bin/scontrol",
 )
 _TOOL_ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+#: How long resolving every node's address may take in all, at start and on
+#: SIGHUP (names in /etc/hosts resolve in microseconds; a dead DNS server must
+#: not stall the broker's start).
+RESOLVE_TIMEOUT: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,33 @@ class SlurmFacts:
     task_plugins: tuple[str, ...]
     version: str | None  # e.g. "22.05.8"; None if no Slurm tool answered
     protocol_version: int  # SLURM_PROTOCOL_VERSION of ``version``; NEWEST if unknown
+    #: SlurmdUser's uid (root by default): the only uid a callerid credential may decode as.
+    slurmd_user_uid: int = 0
+    #: ``AuthInfo`` ``socket=`` and ``ttl=`` (None: munged's defaults, as in libslurm).
+    auth_socket: str | None = None
+    auth_ttl: int | None = None
+    #: ``CommunicationParameters``, lower-case names (``enableipv6``, ...), values dropped.
+    comm_params: frozenset[str] = frozenset()
+    #: Every configured node's slurmd: its addresses (NodeAddr, NodeHostname, resolved in the
+    #: families slurmd listens on) and the port it listens on. The only places a callerid
+    #: request may go.
+    slurmds: Mapping[IPAddress, int] = field(default_factory=dict)
+    #: Node addresses that did not resolve (logged; connections from there are "not a node").
+    unresolved: tuple[str, ...] = ()
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether slurmd listens on IPv6 (``CommunicationParameters=EnableIPv6``).
+
+        Without it slurmd binds 0.0.0.0 only (``slurm_init_msg_engine_port``), so
+        ``[v6 address]:SlurmdPort`` is free for any user on every host.
+        """
+        return "enableipv6" in self.comm_params
+
+    @property
+    def ipv4(self) -> bool:
+        """Whether slurmd listens on IPv4 (not ``DisableIPv4``)."""
+        return "disableipv4" not in self.comm_params
 
 
 # -- hostlists ----------------------------------------------------------------
@@ -403,6 +437,106 @@ def expand_spool_dir(
     return template.replace("%n", nodename).replace("%h", node_hostname or nodename)
 
 
+# -- what callerid needs: credentials, families, the slurmds ---------------------
+
+
+def parse_auth_info(value: str | None) -> tuple[str | None, int | None]:
+    """``AuthInfo``'s munge ``socket=`` and ``ttl=``, as libslurm reads them.
+
+    ``slurm_auth_opts_to_socket`` and ``slurm_get_auth_ttl`` in
+    ``src/common/slurm_protocol_api.c``: options are comma-separated
+    ``key=value``; a value without any ``=`` is the socket path (the old
+    format); a ttl that is not a positive number means munged's default.
+    """
+    if not value:
+        return None, None
+    if "=" not in value:
+        return value.strip() or None, None
+    options: dict[str, str] = {}
+    for item in value.split(","):
+        key, sep, text = item.partition("=")
+        if sep:
+            options.setdefault(key.strip().lower(), text.strip())
+    ttl: int | None = None
+    with contextlib.suppress(ValueError):
+        ttl = int(options.get("ttl", "")) or None
+    if ttl is not None and ttl < 0:
+        ttl = None
+    return options.get("socket") or None, ttl
+
+
+def parse_comm_params(value: str | None) -> frozenset[str]:
+    """``CommunicationParameters`` as lower-case names (``keepaliveinterval=30`` → name only)."""
+    return frozenset(
+        item.split("=", 1)[0].strip().lower() for item in (value or "").split(",") if item.strip()
+    )
+
+
+Resolver = Callable[[str, int], list[IPAddress]]
+
+
+def resolve_name(name: str, family: int) -> list[IPAddress]:
+    """Every address ``name`` resolves to in ``family`` (AF_INET, AF_INET6 or AF_UNSPEC)."""
+    literal = _literal_ip(name)
+    if literal is not None:
+        return [literal]
+    try:
+        infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    found: list[IPAddress] = []
+    for info in infos:
+        with contextlib.suppress(ValueError):
+            found.append(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]))
+    return found
+
+
+def slurmd_addresses(
+    nodes: Iterable[tuple[str, Iterable[str], int]],
+    *,
+    ipv4: bool,
+    ipv6: bool,
+    resolve: Resolver = resolve_name,
+    timeout: float = RESOLVE_TIMEOUT,
+) -> tuple[Mapping[IPAddress, int], tuple[str, ...]]:
+    """Map every address of the given nodes' slurmds to the port it listens on.
+
+    ``nodes`` gives, per node, its NodeName, the names to resolve (NodeAddr
+    and NodeHostname) and its port. Only the families slurmd listens on
+    count. Names are resolved in parallel under one ``timeout`` (seconds); the
+    NodeNames of nodes that got no address at all are returned second. The
+    first node of an address keeps it (several slurmds on one host need
+    per-node ``Port=`` values; any of them answers).
+    """
+    family = socket.AF_UNSPEC if ipv4 and ipv6 else socket.AF_INET6 if ipv6 else socket.AF_INET
+    table = [(label, list(dict.fromkeys(names)), port) for label, names, port in nodes]
+    unique = list(dict.fromkeys(name for _, names, _ in table for name in names))
+    results = {name: resolve(name, family) for name in unique if _literal_ip(name) is not None}
+    pending = [name for name in unique if name not in results]
+    if pending:
+        deadline = time.monotonic() + timeout
+        pool = ThreadPoolExecutor(max_workers=min(8, len(pending)),
+                                  thread_name_prefix="resolve")
+        try:
+            futures = {pool.submit(resolve, name, family): name for name in pending}
+            wait_futures(futures, timeout=max(0.0, deadline - time.monotonic()))
+            for future, name in futures.items():
+                if future.done() and future.exception() is None:
+                    results[name] = future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    addresses: dict[IPAddress, int] = {}
+    unresolved: list[str] = []
+    for label, names, port in table:
+        found = [a for name in names for a in results.get(name, [])
+                 if (a.version == 4 and ipv4) or (a.version == 6 and ipv6)]
+        if not found:
+            unresolved.append(label)
+        for address in found:
+            addresses.setdefault(address, port)
+    return addresses, tuple(unresolved)
+
+
 # -- Slurm version ------------------------------------------------------------
 
 
@@ -452,11 +586,11 @@ def _find_conf(conf_path: str) -> str:
     )
 
 
-def _slurm_user(name: str, path: str) -> tuple[str, int]:
+def _slurm_user(name: str, path: str, key: str = "SlurmUser") -> tuple[str, int]:
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except (KeyError, ValueError) as err:
-        raise SlurmConfigError(f"{path}: SlurmUser {name!r} is not a known user") from err
+        raise SlurmConfigError(f"{path}: {key} {name!r} is not a known user") from err
     return entry.pw_name, entry.pw_uid
 
 
@@ -478,13 +612,15 @@ def load_slurm_facts(
     hostname: str | None = None,
     addresses: frozenset[IPAddress] | None = None,
     version: str | None = None,
+    resolve: Resolver | None = None,
 ) -> SlurmFacts:
     """Read slurm.conf (and its includes) and the Slurm version into :class:`SlurmFacts`.
 
     ``nodename`` is the site's explicit node name (the ``nodename=`` option)
     and wins over any guess; ``hostname`` replaces ``socket.gethostname()``
     (for tests and the doctor), ``addresses`` this host's IP addresses.
-    ``version`` skips running ``slurmd -V``.
+    ``version`` skips running ``slurmd -V``; ``resolve`` replaces the
+    resolver of node addresses (tests).
     Raises :class:`SlurmConfigError` if no slurm.conf can be read or a value
     we need is malformed. An unknown node is not an error here: the facts say
     ``nodename=None`` and the decision applies ``action_generic_failure``.
@@ -498,10 +634,19 @@ def load_slurm_facts(
     node = _resolve_node(
         _nodes(parsed), nodename=nodename, hostname=hostname, addresses=addresses
     )
-    port = _int(glob_.get("slurmdport", str(DEFAULT_SLURMD_PORT)), "SlurmdPort", path)
-    if node is not None and node.port is not None:
-        port = node.port
+    slurmd_port = _int(glob_.get("slurmdport", str(DEFAULT_SLURMD_PORT)), "SlurmdPort", path)
+    port = node.port if node is not None and node.port is not None else slurmd_port
     user, uid = _slurm_user(glob_.get("slurmuser", "root"), path)
+    _, slurmd_uid = _slurm_user(glob_.get("slurmduser", "root"), path, key="SlurmdUser")
+    auth_socket, auth_ttl = parse_auth_info(glob_.get("authinfo"))
+    comm_params = parse_comm_params(glob_.get("communicationparameters"))
+    ipv4, ipv6 = "disableipv4" not in comm_params, "enableipv6" in comm_params
+    all_nodes = _nodes(parsed)
+    slurmds, unresolved = slurmd_addresses(
+        ((n.name, (n.addr, n.hostname), n.port if n.port is not None else slurmd_port)
+         for n in all_nodes),
+        ipv4=ipv4, ipv6=ipv6, resolve=resolve or resolve_name,
+    )
     if version is None:
         version = slurm_version()
     return SlurmFacts(
@@ -525,6 +670,12 @@ def load_slurm_facts(
         task_plugins=_plugins(glob_.get("taskplugin", "")) or DEFAULT_TASK_PLUGINS,
         version=version,
         protocol_version=protocol_for(version),
+        slurmd_user_uid=slurmd_uid,
+        auth_socket=auth_socket,
+        auth_ttl=auth_ttl,
+        comm_params=comm_params,
+        slurmds=slurmds,
+        unresolved=unresolved,
     )
 
 

@@ -238,10 +238,14 @@ def test_several_jobs_deny_refuses_with_the_message(
     _three_jobs(cluster)
     log = cluster.broker_log("n1")
     mark = log.mark()
-    result = cluster.ssh("login", "n1", "true", user="alice")
+    result = cluster.ssh("login", "n1", "echo IN", user="alice")
+    # A per-connection refusal needs the source job, which is asked only after sshd has
+    # authenticated the connection: the wrapper refuses, with the message, before the command.
     assert result.returncode == 255
-    assert DENIED in result.stderr
-    assert "action_unknown=deny" in log.wait_for("gate: user=alice", mark=mark)
+    assert "Access denied by sshd-adopt: unable to determine source job" in result.stderr
+    assert "IN" not in result.stdout
+    decision = log.wait_for("outcome=deny", mark=mark)
+    assert "source is not a Slurm node" in decision and "action_unknown=deny" in decision
 
 
 def test_broker_down_follows_action_generic_failure(

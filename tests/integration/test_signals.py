@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 
-from tests.harness import Cluster, process_running, remote_cgroup_job
+from tests.harness import Cluster, process_running, remote_cgroup_job, wait_until
 
 
 @contextlib.contextmanager
@@ -64,6 +65,13 @@ def test_sighup_reloads_without_dropping_logins(
         assert found is not None and found.job == job, out
 
 
+def wrapper_running(user: str) -> bool:
+    """Is a ``sshd-adopt`` wrapper of ``user`` running (the lab hosts share one pid space)?"""
+    found = subprocess.run(["pgrep", "-u", user, "-f", "bin/sshd-adopt( |$)"],
+                           capture_output=True, text=True, check=False)
+    return bool(found.stdout.split())
+
+
 def test_sigterm_answers_the_request_in_flight_then_exits(
     cluster: Cluster, broker_restart: None
 ) -> None:
@@ -77,7 +85,9 @@ def test_sigterm_answers_the_request_in_flight_then_exits(
     cluster.exec("n1", "iptables", "-I", *rule)
     try:
         client = cluster.spawn("n1", "ssh", "-o", "LogLevel=INFO", "n2", "true", user="alice")
-        time.sleep(0.4)  # the gate's callerid RPC now waits for its 1 s deadline
+        # The wrapper's request waits for its callerid RPC's 1 s deadline once it runs.
+        wait_until(lambda: wrapper_running("alice"), 20, "alice's wrapper on n2")
+        time.sleep(0.2)
         pid = cluster.broker_pid("n2")
         os.kill(pid, signal.SIGTERM)
         client.communicate(timeout=60)
@@ -87,8 +97,8 @@ def test_sigterm_answers_the_request_in_flight_then_exits(
     assert "finishing 1 request(s) in flight" in text, text[-2000:]
     # The request in flight got its answer after the stop began, before the exit ...
     after = text.split("finishing 1 request(s) in flight", 1)[1]
-    assert "gate: user=alice" in after, after
-    assert after.index("gate: user=alice") < after.index("sshd-adoptd stopped")
+    assert "user=alice uid=" in after, after
+    assert after.index("user=alice uid=") < after.index("sshd-adoptd stopped")
     # ... and the broker really exited.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and process_running(pid):

@@ -59,14 +59,16 @@ def test_from_the_login_host_action_unknown_decides(
     jobs = [*two_jobs_on(cluster, "alice", "n2"), cluster.submit("alice", ["n2"])]
     newest = cluster.ssh("login", "n2", "cat /proc/self/cgroup", user="alice", check=True)
     assert job_of(newest.stdout) == jobs[-1]
-    assert "source unreachable" in cluster.broker_log("n2").text().splitlines()[-1]
+    # The login host runs no slurmd: nothing is sent there, action_unknown decides at once.
+    assert "source is not a Slurm node" in cluster.broker_log("n2").text().splitlines()[-1]
     broker_policy("n2", policy={"action_unknown": "deny"})
     log = cluster.broker_log("n2")
     mark = log.mark()
     denied = cluster.ssh("login", "n2", "true", user="alice")
     assert denied.returncode == 255
-    assert "Permission denied (publickey)" in denied.stderr  # refused by the gate
-    assert "action_unknown=deny" in log.wait_for("gate: user=alice", mark=mark)
+    # Decided after authentication (the source is asked only then): the wrapper says why.
+    assert "unable to determine source job" in denied.stderr
+    assert "action_unknown=deny" in log.wait_for("outcome=deny", mark=mark)
 
 
 def test_from_a_compute_node_outside_any_job_is_indeterminate(cluster: Cluster) -> None:
@@ -137,8 +139,8 @@ def test_a_silent_or_hung_source_costs_at_most_the_deadline(cluster: Cluster) ->
 
 
 def test_over_ipv6_the_fall_through_is_clean(cluster: Cluster) -> None:
-    """Slurm 22.05's slurmd listens on IPv4 only (no CommunicationParameters=EnableIPv6),
-    so the callerid RPC to an IPv6 source is refused at once and action_unknown decides.
+    """slurmd listens on IPv4 only (no CommunicationParameters=EnableIPv6), so an IPv6
+    source is no slurmd's address: nothing is sent and action_unknown decides at once.
     """
     jobs = two_jobs_on(cluster, "alice", "n2")
     log = cluster.broker_log("n2")
@@ -147,7 +149,7 @@ def test_over_ipv6_the_fall_through_is_clean(cluster: Cluster) -> None:
     assert batch.returncode == 0, batch.output
     line = log.wait_for("user=alice", mark=mark)
     assert "fd5a:" in line  # the client's IPv6 ULA address
-    assert "source unreachable" in line
+    assert "source is not a Slurm node" in line
     # The spanning job started last on n2, so "newest" picks it here; the log
     # line shows it was chosen by action_unknown, not by callerid.
     assert f"action_unknown=newest picked job {batch.job_id}" in line

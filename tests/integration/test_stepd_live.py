@@ -35,6 +35,8 @@ import dataclasses, json
 from sshd_adopt._internal.slurmconf import load_slurm_facts
 facts = dataclasses.asdict(load_slurm_facts())
 facts["prolog_flags"] = sorted(facts["prolog_flags"])
+facts["comm_params"] = sorted(facts["comm_params"])
+facts["slurmds"] = {str(address): port for address, port in facts["slurmds"].items()}
 print(json.dumps(facts))
 """
 
@@ -53,6 +55,10 @@ def test_load_slurm_facts_on_n1(cluster: Cluster) -> None:
     assert facts["prolog_flags"] == ["contain", "x11"]
     assert facts["version"].startswith("22.05.")
     assert facts["protocol_version"] == PROTOCOL_VERSIONS["22.05"]
+    # Where a callerid request may go: the three compute nodes' slurmds, nothing else.
+    assert facts["slurmds"] == {f"10.213.0.{n}": 6818 for n in (11, 12, 13)}
+    assert facts["slurmd_user_uid"] == 0
+    assert facts["comm_params"] == ["block_zero_hash"]
 
 
 def test_stepd_client_against_a_real_extern_step(cluster: Cluster) -> None:

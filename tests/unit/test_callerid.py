@@ -3,13 +3,16 @@
 The framing tests are pure. The deadline tests run real TCP listeners on
 127.0.0.1 that refuse, hang, drip, reset or answer garbage, with munge
 replaced by a stub (the host running unit tests has no munged; the live
-tests in tests/integration/test_callerid_live.py use the real one).
+tests in tests/integration/test_callerid_live.py use the real one). Every
+query names 127.0.0.1 as a Slurm node's slurmd address: an address that is
+not one is never sent anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import struct
 import threading
@@ -18,8 +21,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from Crypto.Hash import KangarooTwelve
 
-from sshd_adopt._internal import callerid, munge
+from sshd_adopt._internal import callerid, munge, run
 from sshd_adopt._internal.callerid import (
     NO_VAL,
     PROTOCOL_22_05,
@@ -29,7 +33,9 @@ from sshd_adopt._internal.callerid import (
     REQUEST_NETWORK_CALLERID,
     RESPONSE_NETWORK_CALLERID,
     RESPONSE_SLURM_RC,
+    CallerIdRequest,
     ProtocolFailure,
+    Rejected,
     Reply,
     pack_request,
     pack_request_body,
@@ -55,6 +61,21 @@ V6 = Connection(
     remote_ip=ipaddress.ip_address("fd5a:213::11"),
     remote_port=50001,
 )
+
+
+ME = run.Identity(os.getuid(), os.getgid())
+
+
+def req(port: int = 6818, *, address: str = "127.0.0.1", **changes: object) -> CallerIdRequest:
+    """A request whose only Slurm node is ``address`` (slurmd on ``port``), asked as us."""
+    fields: dict[str, object] = {
+        "requester": ME,
+        "credential": munge.CredentialOptions(restrict_uid=0),
+        "slurmds": {ipaddress.ip_address(address): port},
+        "protocol_version": PROTOCOL_22_05,
+    }
+    fields.update(changes)
+    return CallerIdRequest(**fields)  # type: ignore[arg-type]
 
 
 def loopback(port_src: int = 40000) -> Connection:
@@ -126,13 +147,20 @@ def test_request_body_ipv6_layout() -> None:
     assert struct.unpack(">III", body[40:52]) == (50001, 2222, 10)
 
 
-def test_hash_payload_is_hash_none_and_be_msg_type() -> None:
-    assert callerid.hash_payload() == b"\x01\x13\xab"
+def test_hash_payload_is_libslurms_k12_binding() -> None:
+    # Slurm's own KangarooTwelve.c (22.05.8, compiled) gives this digest for 52 zero bytes
+    # with the customisation htons(5035) = 13 ab; the payload is the K12 plugin id, then it.
+    digest = "85822b47af51e6b2142e36890551da403fef0426b030107ac0f09b51c95cbb6a"
+    assert callerid.hash_payload(bytes(52)) == b"\x02" + bytes.fromhex(digest)
+    body = pack_request_body(V4)
+    assert callerid.hash_payload(body) == b"\x02" + KangarooTwelve.new(
+        data=body, custom=b"\x13\xab").read(32)
+    assert callerid.hash_payload(body) != callerid.hash_payload(pack_request_body(V6))
 
 
 @pytest.mark.parametrize("version", [PROTOCOL_22_05, PROTOCOL_24_11, PROTOCOL_26_05])
 def test_request_frame(version: int) -> None:
-    frame = pack_request(V4, CRED, version)
+    frame = pack_request(pack_request_body(V4), CRED, version)
     (length,) = struct.unpack(">I", frame[:4])
     assert length == len(frame) - 4
     ver, flags, msg_type, body_len, fwd, ret, fam = struct.unpack(">HHHIHHH", frame[4:20])
@@ -147,8 +175,8 @@ def test_request_frame(version: int) -> None:
 
 @pytest.mark.parametrize("version", [0, 0x2400, 0x2500, 0x25FF, 0x2601, 0x2E00, 0xFFFF])
 def test_unknown_protocol_versions_are_refused(version: int) -> None:
-    with pytest.raises(ProtocolFailure):
-        pack_request(V4, CRED, version)
+    with pytest.raises(Rejected):
+        pack_request(pack_request_body(V4), CRED, version)
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -324,8 +352,10 @@ def fake_munge(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Replace munge.encode; records each payload it was asked to sign."""
     calls: list[bytes] = []
 
-    def encode(payload: bytes, *, timeout: float, socket_path: str | None = None) -> bytes:
+    def encode(payload: bytes, *, requester: run.Identity, options: munge.CredentialOptions,
+               timeout: float, munge: str = "") -> bytes:
         assert timeout > 0
+        assert requester == ME
         calls.append(payload)
         return CRED
 
@@ -354,13 +384,11 @@ def timed(fn: Callable[[], CallerIdAnswer]) -> tuple[CallerIdAnswer, float]:
 
 def test_member_over_tcp(fake_munge: list[bytes]) -> None:
     with listener(answering(response(callerid_body(42)))) as (port, _):
-        answer = query_callerid(
-            loopback(), slurmd_port=port, protocol_version=PROTOCOL_22_05, method="native"
-        )
+        answer = query_callerid(loopback(), req(port, method="native"))
     assert answer.outcome is CallerIdOutcome.MEMBER
     assert answer.job_id == 42
     assert answer.method == "native"
-    assert fake_munge == [b"\x01\x13\xab"]
+    assert fake_munge == [callerid.hash_payload(pack_request_body(loopback()))]
 
 
 def test_request_on_the_wire(fake_munge: list[bytes]) -> None:
@@ -372,15 +400,44 @@ def test_request_on_the_wire(fake_munge: list[bytes]) -> None:
 
     conn = loopback(port_src=43210)
     with listener(handler) as (port, _):
-        answer = query_callerid(conn, slurmd_port=port, protocol_version=PROTOCOL_24_11)
+        answer = query_callerid(conn, req(port, protocol_version=PROTOCOL_24_11))
     assert answer.outcome is CallerIdOutcome.INDETERMINATE
-    assert seen[0] == pack_request(conn, CRED, PROTOCOL_24_11)[4:]
+    body = pack_request_body(conn)
+    assert seen[0] == pack_request(body, CRED, PROTOCOL_24_11)[4:]
+    # The credential was asked to carry the K12 binding of exactly that body.
+    assert fake_munge == [callerid.hash_payload(body)]
+
+
+def test_a_source_that_is_not_a_slurm_node_is_sent_nothing(fake_munge: list[bytes]) -> None:
+    """A login host (no NodeAddr of slurm.conf) gets no connection and no credential."""
+    with listener(answering(response(callerid_body(42)))) as (port, accepted):
+        answer, elapsed = timed(lambda: query_callerid(
+            loopback(), req(port, address="10.213.0.11")))
+    assert (answer.outcome, answer.method) == (CallerIdOutcome.NOT_A_NODE, "")
+    assert accepted == []
+    assert fake_munge == []
+    assert elapsed < 0.05
+
+
+def test_an_ipv6_source_is_sent_nothing_unless_slurmd_listens_on_ipv6(
+        fake_munge: list[bytes]) -> None:
+    # The map holds IPv6 addresses only with EnableIPv6 (slurmconf.slurmd_addresses).
+    answer = query_callerid(V6, req(6818, address="10.213.0.11"))
+    assert answer.outcome is CallerIdOutcome.NOT_A_NODE
+    assert fake_munge == []
+
+
+def test_the_port_is_the_source_slurmds(fake_munge: list[bytes]) -> None:
+    with listener(answering(response(callerid_body(7)))) as (port, accepted):
+        slurmds = {ipaddress.ip_address("127.0.0.1"): port,
+                   ipaddress.ip_address("127.0.0.2"): free_port()}
+        answer = query_callerid(loopback(), req(slurmds=slurmds))
+    assert (answer.outcome, answer.job_id) == (CallerIdOutcome.MEMBER, 7)
+    assert len(accepted) == 1
 
 
 def test_refused_is_unreachable_at_once(fake_munge: list[bytes]) -> None:
-    answer, elapsed = timed(
-        lambda: query_callerid(loopback(), slurmd_port=free_port(), protocol_version=0x2600)
-    )
+    answer, elapsed = timed(lambda: query_callerid(loopback(), req(free_port())))
     assert answer.outcome is CallerIdOutcome.UNREACHABLE
     assert answer.method == "native"
     assert elapsed < 0.1
@@ -393,12 +450,8 @@ def test_silent_slurmd_costs_the_deadline_not_more(
 ) -> None:
     scontrol = fake_scontrol("echo 99 n1")  # must NOT be used: a timeout is final
     with listener(None) as (port, _):
-        answer, elapsed = timed(
-            lambda: query_callerid(
-                loopback(), slurmd_port=port, protocol_version=0x2600, deadline=0.5,
-                method=method, scontrol_path=scontrol,
-            )
-        )
+        answer, elapsed = timed(lambda: query_callerid(
+            loopback(), req(port, deadline=0.5, method=method, scontrol=scontrol)))
     assert answer.outcome is CallerIdOutcome.UNREACHABLE
     assert answer.method == "native"
     assert 0.45 <= elapsed <= 0.5 + SLACK
@@ -407,11 +460,7 @@ def test_silent_slurmd_costs_the_deadline_not_more(
 def test_backlog_only_listener_times_out(fake_munge: list[bytes]) -> None:
     # Kernel completes the handshake, nobody ever calls accept(): a SIGSTOPped slurmd.
     with listener(None, accept=False) as (port, _):
-        answer, elapsed = timed(
-            lambda: query_callerid(
-                loopback(), slurmd_port=port, protocol_version=0x2600, deadline=0.3
-            )
-        )
+        answer, elapsed = timed(lambda: query_callerid(loopback(), req(port, deadline=0.3)))
     assert answer.outcome is CallerIdOutcome.UNREACHABLE
     assert elapsed <= 0.3 + SLACK
 
@@ -426,53 +475,29 @@ def test_dripping_answer_is_cut_at_the_deadline(fake_munge: list[bytes]) -> None
             time.sleep(0.05)
 
     with listener(drip) as (port, _):
-        answer, elapsed = timed(
-            lambda: query_callerid(
-                loopback(), slurmd_port=port, protocol_version=0x2600, deadline=0.4,
-                method="native",
-            )
-        )
+        answer, elapsed = timed(lambda: query_callerid(
+            loopback(), req(port, deadline=0.4, method="native")))
     assert answer.outcome is CallerIdOutcome.UNREACHABLE
     assert elapsed <= 0.4 + SLACK
 
 
-def test_garbage_native_only_is_unreachable_fast(fake_munge: list[bytes]) -> None:
-    def garbage(client: socket.socket) -> None:
-        client.recv(4096)
-        client.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-    with listener(garbage) as (port, accepted):
-        answer, elapsed = timed(
-            lambda: query_callerid(
-                loopback(), slurmd_port=port, protocol_version=0x2600, deadline=0.5,
-                method="native",
-            )
-        )
-    assert answer.outcome is CallerIdOutcome.UNREACHABLE
-    assert answer.method == ""  # nothing we understood answered
-    assert len(accepted) == 1  # garbage is not retried
-    assert elapsed <= 0.5 + SLACK
-
-
-def test_garbage_then_scontrol_in_auto(
-    fake_munge: list[bytes], fake_scontrol: Callable[[str], str]
+@pytest.mark.parametrize("method", ["native", "auto"])
+def test_garbage_is_final_not_retried_nor_passed_to_scontrol(
+    fake_munge: list[bytes], fake_scontrol: Callable[[str], str], method: callerid.Method,
 ) -> None:
+    """A listener answering garbage gets one credential, not a retry or an scontrol one."""
     def garbage(client: socket.socket) -> None:
         client.recv(4096)
         client.sendall(struct.pack(">I", 20) + bytes(20))
 
-    scontrol = fake_scontrol('[ "$1" = callerid ] && echo "$2 $3 $4 $5 $6" >&2; echo 77 n1')
-    with listener(garbage) as (port, _):
-        answer, elapsed = timed(
-            lambda: query_callerid(
-                loopback(), slurmd_port=port, protocol_version=0x2600, deadline=1.0,
-                scontrol_path=scontrol,
-            )
-        )
-    assert answer.outcome is CallerIdOutcome.MEMBER
-    assert answer.job_id == 77
-    assert answer.method == "scontrol"
-    assert elapsed <= 1.0 + SLACK
+    ran = fake_scontrol("echo 77 n1")
+    with listener(garbage) as (port, accepted):
+        answer, elapsed = timed(lambda: query_callerid(
+            loopback(), req(port, deadline=0.5, method=method, scontrol=ran)))
+    assert (answer.outcome, answer.method) == (CallerIdOutcome.UNREACHABLE, "native")
+    assert len(accepted) == 1
+    assert len(fake_munge) == 1
+    assert elapsed <= 0.5 + SLACK
 
 
 def test_reset_is_retried_then_answered(fake_munge: list[bytes]) -> None:
@@ -487,9 +512,7 @@ def test_reset_is_retried_then_answered(fake_munge: list[bytes]) -> None:
         client.sendall(framed(response(callerid_body(42))))
 
     with listener(flaky) as (port, accepted):
-        answer = query_callerid(
-            loopback(), slurmd_port=port, protocol_version=0x2600, method="native"
-        )
+        answer = query_callerid(loopback(), req(port, method="native"))
     assert answer.outcome is CallerIdOutcome.MEMBER
     assert len(accepted) == 2
     assert len(fake_munge) == 2  # a fresh credential each time (munge rejects replays)
@@ -501,15 +524,16 @@ def rst(client: socket.socket) -> None:
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def test_resets_are_retried_a_bounded_number_of_times(fake_munge: list[bytes]) -> None:
+@pytest.mark.parametrize("method", ["native", "auto"])
+def test_resets_are_retried_a_bounded_number_of_times(
+    fake_munge: list[bytes], fake_scontrol: Callable[[str], str], method: callerid.Method,
+) -> None:
     with listener(rst) as (port, accepted):
-        answer, elapsed = timed(
-            lambda: query_callerid(
-                loopback(), slurmd_port=port, protocol_version=0x2600, method="native"
-            )
-        )
-    assert answer.outcome is CallerIdOutcome.UNREACHABLE
+        answer, elapsed = timed(lambda: query_callerid(
+            loopback(), req(port, method=method, scontrol=fake_scontrol("echo 5 n1"))))
+    assert (answer.outcome, answer.method) == (CallerIdOutcome.UNREACHABLE, "native")
     assert len(accepted) == callerid.MAX_ATTEMPTS
+    assert len(fake_munge) == callerid.MAX_ATTEMPTS  # and no scontrol credential after them
     assert elapsed < 0.5
 
 
@@ -521,10 +545,8 @@ def test_silent_close_is_a_rejection_not_retried(
         read_request(client)
 
     with listener(close_at_once) as (port, accepted):
-        answer = query_callerid(
-            loopback(), slurmd_port=port, protocol_version=PROTOCOL_26_05,
-            scontrol_path=fake_scontrol("echo 12 n1"),
-        )
+        answer = query_callerid(loopback(), req(
+            port, protocol_version=PROTOCOL_26_05, scontrol=fake_scontrol("echo 12 n1")))
     assert (answer.outcome, answer.job_id, answer.method) == (
         CallerIdOutcome.MEMBER, 12, "scontrol",
     )
@@ -537,34 +559,26 @@ def test_retries_respect_the_deadline(
     monkeypatch.setattr(callerid, "RETRY_WAIT", 0.2)
     monkeypatch.setattr(callerid, "MAX_ATTEMPTS", 100)
     with listener(rst) as (port, accepted):
-        answer, elapsed = timed(
-            lambda: query_callerid(
-                loopback(), slurmd_port=port, protocol_version=0x2600, deadline=0.5,
-                method="native",
-            )
-        )
+        answer, elapsed = timed(lambda: query_callerid(
+            loopback(), req(port, deadline=0.5, method="native")))
     assert answer.outcome is CallerIdOutcome.UNREACHABLE
     assert 2 <= len(accepted) <= 3
     assert elapsed <= 0.5 + SLACK
 
 
-def test_munge_failure_falls_back_to_scontrol(
-    monkeypatch: pytest.MonkeyPatch, fake_scontrol: Callable[[str], str]
+def test_munge_failure_is_final(
+    monkeypatch: pytest.MonkeyPatch, fake_scontrol: Callable[[str], str], tmp_path: Path
 ) -> None:
-    def broken(payload: bytes, *, timeout: float, socket_path: str | None = None) -> bytes:
+    def broken(payload: bytes, **_: object) -> bytes:
         raise munge.MungeError("munged is down")
 
     monkeypatch.setattr(munge, "encode", broken)
-    scontrol = fake_scontrol("echo 'slurm_network_callerid: remote job id indeterminate' >&2\n"
-                             "exit 1")
+    ran = tmp_path / "ran"
+    scontrol = fake_scontrol(f"touch {ran}; echo 5 n1")
     with listener(None) as (port, _):
-        answer, elapsed = timed(
-            lambda: query_callerid(
-                loopback(), slurmd_port=port, protocol_version=0x2600, scontrol_path=scontrol
-            )
-        )
-    assert answer.outcome is CallerIdOutcome.INDETERMINATE
-    assert answer.method == "scontrol"
+        answer, elapsed = timed(lambda: query_callerid(loopback(), req(port, scontrol=scontrol)))
+    assert (answer.outcome, answer.method) == (CallerIdOutcome.UNREACHABLE, "native")
+    assert not ran.exists()  # scontrol would need the same munged
     assert elapsed <= 1.0 + SLACK
 
 
@@ -575,8 +589,10 @@ def test_unspoken_version_goes_to_scontrol(
     fake_munge: list[bytes], fake_scontrol: Callable[[str], str], tmp_path: Path
 ) -> None:
     argv_file = tmp_path / "argv"
-    scontrol = fake_scontrol(f'echo "$@" > {argv_file}; echo 1234 n2')
-    answer = query_callerid(V6, slurmd_port=1, protocol_version=0x2400, scontrol_path=scontrol)
+    env_file = tmp_path / "env"
+    scontrol = fake_scontrol(f'echo "$@" > {argv_file}; env > {env_file}; echo 1234 n2')
+    answer = query_callerid(V6, req(1, address="fd5a:213::11", protocol_version=0x2400,
+                                    scontrol=scontrol))
     assert answer.outcome is CallerIdOutcome.MEMBER
     assert answer.job_id == 1234
     assert answer.method == "scontrol"
@@ -584,6 +600,10 @@ def test_unspoken_version_goes_to_scontrol(
         "callerid", "fd5a:213::11", "50001", "fd5a:213::12", "2222", "6",
     ]
     assert fake_munge == []
+    # The fixed tool environment, not the broker's.
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    assert env.get("PATH") == run.TOOL_ENV["PATH"]
+    assert "SLURM_CONF" not in env and "HOME" not in env
 
 
 @pytest.mark.parametrize(
@@ -603,119 +623,102 @@ def test_unspoken_version_goes_to_scontrol(
 def test_scontrol_outputs(
     fake_scontrol: Callable[[str], str], script: str, outcome: CallerIdOutcome, method: str
 ) -> None:
-    answer = query_callerid(
-        V4, slurmd_port=6818, protocol_version=0x2600, method="scontrol",
-        scontrol_path=fake_scontrol(script),
-    )
+    answer = query_callerid(V4, req(address="10.213.0.11", method="scontrol",
+                                    scontrol=fake_scontrol(script)))
     assert (answer.outcome, answer.method) == (outcome, method)
 
 
 def test_hung_scontrol_is_killed_at_the_deadline(fake_scontrol: Callable[[str], str]) -> None:
     scontrol = fake_scontrol("exec sleep 30")
-    answer, elapsed = timed(
-        lambda: query_callerid(
-            V4, slurmd_port=6818, protocol_version=0x2600, deadline=0.5, method="scontrol",
-            scontrol_path=scontrol,
-        )
-    )
+    answer, elapsed = timed(lambda: query_callerid(V4, req(
+        address="10.213.0.11", deadline=0.5, method="scontrol", scontrol=scontrol)))
     assert answer.outcome is CallerIdOutcome.UNREACHABLE
     assert elapsed <= 0.5 + SLACK
 
 
 def test_missing_scontrol(tmp_path: Path) -> None:
-    answer = query_callerid(
-        V4, slurmd_port=6818, protocol_version=0x2600, method="scontrol",
-        scontrol_path=str(tmp_path / "nope"),
-    )
+    answer = query_callerid(V4, req(address="10.213.0.11", method="scontrol",
+                                    scontrol=str(tmp_path / "nope")))
     assert (answer.outcome, answer.method) == (CallerIdOutcome.UNREACHABLE, "")
 
 
 def test_native_only_with_unspoken_version_does_not_run_scontrol(
     fake_scontrol: Callable[[str], str],
 ) -> None:
-    answer = query_callerid(
-        V4, slurmd_port=6818, protocol_version=0x2E00, method="native",
-        scontrol_path=fake_scontrol("echo 5 n1"),
-    )
-    assert (answer.outcome, answer.method) == (CallerIdOutcome.UNREACHABLE, "")
+    answer = query_callerid(V4, req(address="10.213.0.11", protocol_version=0x2E00,
+                                    method="native", scontrol=fake_scontrol("echo 5 n1")))
+    assert (answer.outcome, answer.method) == (CallerIdOutcome.UNREACHABLE, "native")
 
 
 def test_mixed_families_are_not_queried() -> None:
     conn = Connection(V4.local_ip, 22, V6.remote_ip, 1)
-    answer = query_callerid(conn, slurmd_port=6818, protocol_version=0x2600)
+    answer = query_callerid(conn, req(address="fd5a:213::11"))
     assert answer.outcome is CallerIdOutcome.UNREACHABLE
 
 
 # --- munge -----------------------------------------------------------------------------------
 
 
-def test_munge_cli_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    fake = tmp_path / "munge"
-    fake.write_text('#!/bin/sh\n[ "$(od -An -tx1 | tr -d " \\n")" = 0113ab ] || exit 3\n'
-                    "echo 'MUNGE:abc:'\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(munge, "MUNGE_CLI", str(fake))
-    monkeypatch.setattr(munge, "_lib", None)
-    monkeypatch.setattr(munge, "_lib_missing", True)
-    assert munge.encode(b"\x01\x13\xab", timeout=2) == b"MUNGE:abc:"
+def fake_munge_cli(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "munge"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
 
 
-def test_munge_cli_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    fake = tmp_path / "munge"
-    fake.write_text("#!/bin/sh\nexec sleep 30\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(munge, "MUNGE_CLI", str(fake))
+def test_munge_cli_gets_the_restriction_ttl_socket_and_payload(tmp_path: Path) -> None:
+    argv = tmp_path / "argv"
+    cli = fake_munge_cli(tmp_path, f'echo "$@" > {argv}\n'
+                         '[ "$(od -An -tx1 | tr -d " \\n")" = 02aabb ] || exit 3\n'
+                         "echo 'MUNGE:abc:'")
+    options = munge.CredentialOptions(restrict_uid=0, ttl=30, socket="/run/munge/alt.socket")
+    assert munge.encode(b"\x02\xaa\xbb", requester=ME, options=options, timeout=2,
+                        munge=cli) == b"MUNGE:abc:"
+    assert argv.read_text().split() == [
+        "--restrict-uid", "0", "--ttl", "30", "--socket", "/run/munge/alt.socket"]
+
+
+def test_munge_defaults_leave_ttl_and_socket_to_munged() -> None:
+    assert munge.CredentialOptions(restrict_uid=64030).argv("/usr/bin/munge") == [
+        "/usr/bin/munge", "--restrict-uid", "64030"]
+
+
+def test_munge_cli_timeout(tmp_path: Path) -> None:
+    cli = fake_munge_cli(tmp_path, "exec sleep 30")
     start = time.monotonic()
-    with pytest.raises(munge.MungeError, match="did not finish"):
-        munge.encode_cli(b"x", timeout=0.3)
+    with pytest.raises(munge.MungeError, match="killed after"):
+        munge.encode(b"x", requester=ME, options=munge.CredentialOptions(0), timeout=0.3,
+                     munge=cli)
     assert time.monotonic() - start < 0.3 + SLACK
 
 
-def test_munge_cli_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(munge, "MUNGE_CLI", str(tmp_path / "nope"))
-    with pytest.raises(munge.MungeError, match="is not installed"):
-        munge.encode_cli(b"x", timeout=1)
+def test_munge_cli_missing(tmp_path: Path) -> None:
+    with pytest.raises(munge.MungeError, match="not installed"):
+        munge.encode(b"x", requester=ME, options=munge.CredentialOptions(0), timeout=1,
+                     munge=str(tmp_path / "nope"))
 
 
-def test_libmunge_hang_is_abandoned_at_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not munge.libmunge_available():
-        pytest.skip("libmunge.so.2 not installed")
-    release = threading.Event()
-
-    def hang(lib: object, payload: bytes, socket_path: str | None) -> bytes:
-        release.wait(5)
-        return b"MUNGE:late:"
-
-    monkeypatch.setattr(munge, "_encode_blocking", hang)
-    start = time.monotonic()
-    try:
-        with pytest.raises(munge.MungeError, match="did not answer"):
-            munge.encode_libmunge(b"x", timeout=0.2)
-        assert time.monotonic() - start < 0.2 + SLACK
-    finally:
-        release.set()
+def test_munge_cli_refusal_is_an_error(tmp_path: Path) -> None:
+    cli = fake_munge_cli(tmp_path, "echo 'munge: Error: Failed to access socket' >&2; exit 6")
+    with pytest.raises(munge.MungeError, match="Failed to access"):
+        munge.encode(b"x", requester=ME, options=munge.CredentialOptions(0), timeout=1,
+                     munge=cli)
 
 
-def test_libmunge_without_munged_fails_cleanly(tmp_path: Path) -> None:
-    if not munge.libmunge_available():
-        pytest.skip("libmunge.so.2 not installed")
-    with pytest.raises(munge.MungeError, match="munge_encode"):
-        munge.encode_libmunge(b"x", timeout=5, socket_path=str(tmp_path / "no-socket"))
+def test_answer_cache_asks_once_per_connection_and_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Early adoption, the wrapper and the sweeper ask about one connection: one RPC."""
+    calls: list[tuple[Connection, int]] = []
 
-
-def test_answer_cache_asks_once_per_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gate (twice) and the wrapper ask about one connection: one RPC."""
-    calls: list[Connection] = []
-
-    def fake(conn: Connection, **_: object) -> CallerIdAnswer:
-        calls.append(conn)
+    def fake(conn: Connection, request: CallerIdRequest) -> CallerIdAnswer:
+        calls.append((conn, request.requester.uid))
         return CallerIdAnswer(CallerIdOutcome.UNREACHABLE)
 
     monkeypatch.setattr(callerid, "query_callerid", fake)
     cache = callerid.AnswerCache(ttl=60)
     one = Connection(ipaddress.ip_address("10.0.0.2"), 22, ipaddress.ip_address("10.0.0.1"), 5000)
     other = Connection(ipaddress.ip_address("10.0.0.2"), 22, ipaddress.ip_address("10.0.0.1"), 5001)
-    for conn in (one, one, one, other):
-        assert cache.query(conn, slurmd_port=6818, protocol_version=0x2600).outcome is (
-            CallerIdOutcome.UNREACHABLE)
-    assert calls == [one, other]
+    someone = req(requester=run.Identity(ME.uid + 1, ME.gid))
+    for conn, request in ((one, req()), (one, req()), (one, req()), (other, req()),
+                          (one, someone)):
+        assert cache.query(conn, request).outcome is CallerIdOutcome.UNREACHABLE
+    assert calls == [(one, ME.uid), (other, ME.uid), (one, ME.uid + 1)]

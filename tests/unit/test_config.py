@@ -84,7 +84,8 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (broker.workers, broker.max_connections, broker.max_per_uid) == (16, 512, 64)
     assert Exemptions().users == frozenset({"root"})
     assert Exemptions().groups == frozenset()
-    assert CallerIdSettings() == CallerIdSettings(1.0, "auto", "scontrol")
+    assert CallerIdSettings() == CallerIdSettings(1.0, "auto", "/usr/bin/scontrol",
+                                                  "/usr/bin/munge")
     assert SlurmSettings().conf_path == "/etc/slurm/slurm.conf"
     assert "/usr/sbin/sshd" in SlurmSettings().sshd_executables
     assert "/usr/lib/openssh/sshd-session" in SlurmSettings().sshd_executables
@@ -324,7 +325,8 @@ ERRORS: list[tuple[str, str, str]] = [
     ("[callerid]\ndeadline = 0", "callerid.deadline", "positive"),
     ("[callerid]\ndeadline = 5", "callerid.deadline", "shorter than broker.decision_deadline"),
     ('[callerid]\nmethod = "slurmd"', "callerid.method", "auto, native, scontrol"),
-    ('[callerid]\nscontrol_path = ""', "callerid.scontrol_path", "not a command"),
+    ('[callerid]\nscontrol_path = "scontrol"', "callerid.scontrol_path", "not an absolute path"),
+    ('[callerid]\nmunge_path = ""', "callerid.munge_path", "not an absolute path"),
     ('[messages]\nno_jobs = "hi {usr}"', "messages.no_jobs", "uses the field {usr}"),
     ('[messages]\nno_jobs = "{}"', "messages.no_jobs", "allowed fields: {job}, {jobs}"),
     ('[messages]\nno_jobs = "{0}"', "messages.no_jobs", "uses the field {0}"),

@@ -64,9 +64,17 @@ def test_one_job_is_adopted_without_asking_callerid() -> None:
     assert result == dec.Adopt(7, "user has only one job 7")
 
 
-def test_one_job_without_skip_rpc_asks_callerid() -> None:
-    options = Options(single_job_skip_rpc=False)
+@pytest.mark.parametrize("unknown", [UnknownAction.ALLOW, UnknownAction.DENY])
+def test_one_job_without_skip_rpc_asks_callerid(unknown: UnknownAction) -> None:
+    options = Options(single_job_skip_rpc=False, action_unknown=unknown)
     assert isinstance(dec.decide(facts(OLD), options), dec.AskCallerId)
+
+
+def test_one_job_with_newest_never_asks_the_source() -> None:
+    """The answer could not change the job: no credential needs to leave the node."""
+    result = dec.decide(facts(OLD), Options(single_job_skip_rpc=False))
+    assert isinstance(result, dec.Adopt)
+    assert result.job_id == OLD.job_id and not result.via_callerid
 
 
 def test_several_jobs_ask_callerid_first() -> None:
@@ -158,8 +166,9 @@ def test_failed_final_adoption_applies_action_adopt_failure() -> None:
 
 def test_failed_callerid_adoption_of_the_only_job_applies_adopt_failure() -> None:
     f = facts(OLD, callerid=member(7))
-    first = dec.decide(f, Options(single_job_skip_rpc=False))
+    options = Options(single_job_skip_rpc=False, action_unknown=UnknownAction.DENY)
+    first = dec.decide(f, options)
     assert isinstance(first, dec.Adopt)
     assert first.via_callerid
-    result = dec.after_adopt_failure(f, Options(single_job_skip_rpc=False), first)
+    result = dec.after_adopt_failure(f, options, first)
     assert isinstance(result, dec.Deny)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import ipaddress
 import pwd
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from sshd_adopt._internal import slurmconf
+from sshd_adopt._internal.connection import IPAddress
 from sshd_adopt._internal.slurmconf import (
     SlurmFacts,
     expand_hostlist,
     expand_spool_dir,
     load_slurm_facts,
+    parse_auth_info,
+    parse_comm_params,
     protocol_for,
     slurm_version,
+    slurmd_addresses,
 )
 from sshd_adopt._internal.stepd import NEWEST_PROTOCOL, PROTOCOL_VERSIONS
 from sshd_adopt.errors import SlurmConfigError
@@ -117,11 +123,29 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+#: The names test configurations resolve (no real DNS in unit tests).
+DNS = {"g-a": ["10.9.0.1", "fd00::1"], "g-b": ["10.9.0.2"]}
+
+
+def fake_resolve(name: str, family: int) -> list[IPAddress]:
+    found = [ipaddress.ip_address(a) for a in DNS.get(name, [name] if _is_ip(name) else [])]
+    wanted = {4} if family == socket.AF_INET else {6} if family == socket.AF_INET6 else {4, 6}
+    return [a for a in found if a.version in wanted]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def load(conf: Path, *, nodename: str | None = None, hostname: str | None = None,
          addresses: tuple[str, ...] = ()) -> SlurmFacts:
     return load_slurm_facts(str(conf), nodename=nodename, hostname=hostname,
                             addresses=frozenset(ipaddress.ip_address(a) for a in addresses),
-                            version="22.05.8")
+                            version="22.05.8", resolve=fake_resolve)
 
 
 LAB = """\
@@ -158,6 +182,10 @@ def test_lab_conf_explicit_nodename(tmp_path: Path) -> None:
         task_plugins=("task/cgroup", "task/affinity"),
         version="22.05.8",
         protocol_version=PROTOCOL_VERSIONS["22.05"],
+        slurmds=({
+            ipaddress.ip_address("10.213.0.11"): 7000, ipaddress.ip_address("10.213.0.12"): 7000,
+            ipaddress.ip_address("10.213.0.13"): 7000, ipaddress.ip_address("10.9.0.1"): 7100,
+            ipaddress.ip_address("10.9.0.2"): 7100}),
     )
 
 
@@ -307,3 +335,85 @@ def test_environment_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("SLURMD_NODENAME", "a")
     facts = load(write(tmp_path / "slurm.conf", LAB), hostname="n1")
     assert (facts.cluster_name, facts.nodename) == ("lab", "n1")
+
+
+# -- what callerid needs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, (None, None)),
+        ("", (None, None)),
+        ("/var/run/munge/alt.socket.2", ("/var/run/munge/alt.socket.2", None)),  # old format
+        ("socket=/run/m.sock,ttl=30", ("/run/m.sock", 30)),
+        ("ttl=60", (None, 60)),
+        ("cred_expire=120,socket=/s", ("/s", None)),
+        ("ttl=-5", (None, None)),
+        ("ttl=abc,socket=/s", ("/s", None)),
+    ],
+)
+def test_auth_info_is_read_as_libslurm_reads_it(
+        value: str | None, expected: tuple[str | None, int | None]) -> None:
+    assert parse_auth_info(value) == expected
+
+
+def test_comm_params_are_names() -> None:
+    assert parse_comm_params("EnableIPv6,keepaliveinterval=30, block_zero_hash") == frozenset(
+        {"enableipv6", "keepaliveinterval", "block_zero_hash"})
+
+
+CALLERID_CONF = """\
+ClusterName=c
+SlurmdUser=nobody
+SlurmdPort=6818
+AuthInfo=socket=/run/munge/slurm.socket,ttl=20
+NodeName=a[1-2] NodeAddr=10.0.0.[1-2]
+NodeName=b1 NodeHostname=g-a
+NodeName=c1 NodeAddr=10.0.0.9 Port=7001
+NodeName=lost NodeHostname=nowhere
+"""
+
+
+def test_slurmds_are_every_node_address_with_its_port(tmp_path: Path) -> None:
+    facts = load(write(tmp_path / "slurm.conf", CALLERID_CONF), nodename="a1")
+    assert dict(facts.slurmds) == {
+        ipaddress.ip_address("10.0.0.1"): 6818, ipaddress.ip_address("10.0.0.2"): 6818,
+        ipaddress.ip_address("10.9.0.1"): 6818,  # g-a's IPv4 address only: no EnableIPv6
+        ipaddress.ip_address("10.0.0.9"): 7001,
+    }
+    assert facts.unresolved == ("lost",)
+    assert (facts.slurmd_user_uid, facts.auth_socket, facts.auth_ttl) == (
+        pwd.getpwnam("nobody").pw_uid, "/run/munge/slurm.socket", 20)
+    assert (facts.ipv4, facts.ipv6) == (True, False)
+
+
+def test_ipv6_addresses_count_only_with_enable_ipv6(tmp_path: Path) -> None:
+    text = CALLERID_CONF + "CommunicationParameters=EnableIPv6\n"
+    facts = load(write(tmp_path / "slurm.conf", text), nodename="a1")
+    assert facts.slurmds[ipaddress.ip_address("fd00::1")] == 6818
+    only6 = load(write(tmp_path / "slurm.conf", text.replace("EnableIPv6", "EnableIPv6,"
+                                                              "DisableIPv4")), nodename="a1")
+    assert set(only6.slurmds) == {ipaddress.ip_address("fd00::1")}
+
+
+def test_slurmd_user_defaults_to_root(tmp_path: Path) -> None:
+    facts = load(write(tmp_path / "slurm.conf", LAB), nodename="n1")
+    assert facts.slurmd_user_uid == 0
+    assert (facts.auth_socket, facts.auth_ttl, facts.comm_params) == (None, None, frozenset())
+
+
+def test_a_hung_resolver_costs_the_timeout_not_more() -> None:
+    def hang(name: str, family: int) -> list[IPAddress]:
+        if name == "slow":
+            time.sleep(5)
+            return [ipaddress.ip_address("10.1.1.1")]
+        return [ipaddress.ip_address(name)]
+
+    started = time.monotonic()
+    slurmds, unresolved = slurmd_addresses(
+        [("fast", ["10.0.0.1"], 1), ("slow", ["slow"], 2)], ipv4=True, ipv6=False,
+        resolve=hang, timeout=0.3)
+    assert time.monotonic() - started < 1.0
+    assert dict(slurmds) == {ipaddress.ip_address("10.0.0.1"): 1}
+    assert unresolved == ("slow",)
