@@ -12,7 +12,7 @@ import logging.handlers
 import os
 import sys
 
-from sshd_adopt._internal.options import LogLevel
+from sshd_adopt._internal.core.options import LogLevel
 
 LOGGER_NAME = "sshd-adopt"
 

@@ -29,10 +29,10 @@ import sshd_adopt
 from sshd_adopt import __version__
 from sshd_adopt._internal import doctor
 from sshd_adopt._internal.config import DEFAULT_CONFIG_PATH, Config, load_config
-from sshd_adopt._internal.decision import LocalJob
+from sshd_adopt._internal.core.decision import LocalJob
 from sshd_adopt._internal.doctor import Check, DryRun, ForcedCommand, SshdView, Status
-from sshd_adopt._internal.localjobs import user_jobs
-from sshd_adopt._internal.slurmconf import SlurmFacts, load_slurm_facts
+from sshd_adopt._internal.slurm.conf import SlurmFacts, load_slurm_facts
+from sshd_adopt._internal.slurm.localjobs import user_jobs
 from sshd_adopt.errors import Error
 
 #: sshd -T reads host keys and the whole config; it answers in milliseconds,

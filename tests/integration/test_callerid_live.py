@@ -47,9 +47,10 @@ SLACK = 0.2
 #: its source address instead of the configured slurmds (the capture test).
 PROBE = """
 import ipaddress, json, pwd, sys, time
-from sshd_adopt._internal import callerid, munge, run
-from sshd_adopt._internal.connection import Connection
-from sshd_adopt._internal.slurmconf import load_slurm_facts
+from sshd_adopt._internal.slurm import callerid, munge
+from sshd_adopt._internal import run
+from sshd_adopt._internal.core.connection import Connection
+from sshd_adopt._internal.slurm.conf import load_slurm_facts
 facts = load_slurm_facts()
 out = []
 for q in json.loads(sys.argv[1]):
@@ -130,7 +131,7 @@ while True:
 #: message type and job id (or "closed").
 REPLAY = """
 import socket, struct, sys
-from sshd_adopt._internal import callerid
+from sshd_adopt._internal.slurm import callerid
 frame = open(sys.argv[1], "rb").read()
 with socket.create_connection((sys.argv[2], 6818), timeout=5) as s:
     s.sendall(frame)
@@ -421,7 +422,8 @@ def test_the_credential_is_the_users_bound_to_the_body_and_only_slurmd_can_read_
     assert "UID:             alice (2001)" in as_root.stderr, as_root.stderr
     payload = bytes.fromhex("".join(as_root.stdout.split()))
     digest = cluster.exec("n2", str(cluster.venv / "bin" / "python"), "-c",
-                          "import sys; from sshd_adopt._internal.callerid import hash_payload; "
+                          "import sys\n"
+                          "from sshd_adopt._internal.slurm.callerid import hash_payload\n"
                           "print(hash_payload(bytes.fromhex(sys.argv[1])).hex())",
                           body.hex()).stdout.strip()
     assert payload.hex() == digest

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from sshd_adopt._internal.stepd import StepdConnection
+from sshd_adopt._internal.slurm.stepd import StepdConnection
 from sshd_adopt.errors import Error
 from tests.conformance.matrix import BY_KEY
 from tests.conformance.model import PROBE, Observation, Row, parse_probe

@@ -17,8 +17,8 @@ import time
 import psutil
 import pytest
 
-from sshd_adopt._internal.localjobs import all_extern_steps, user_jobs
-from sshd_adopt._internal.stepd import (
+from sshd_adopt._internal.slurm.localjobs import all_extern_steps, user_jobs
+from sshd_adopt._internal.slurm.stepd import (
     EXTERN_STEP,
     NEWEST_PROTOCOL,
     PROTOCOL_VERSIONS,
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.cluster
 TIMEOUT = 3.0
 FACTS_SCRIPT = """
 import dataclasses, json
-from sshd_adopt._internal.slurmconf import load_slurm_facts
+from sshd_adopt._internal.slurm.conf import load_slurm_facts
 facts = dataclasses.asdict(load_slurm_facts())
 facts["prolog_flags"] = sorted(facts["prolog_flags"])
 facts["comm_params"] = sorted(facts["comm_params"])

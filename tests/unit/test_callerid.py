@@ -23,8 +23,11 @@ from pathlib import Path
 import pytest
 from Crypto.Hash import KangarooTwelve
 
-from sshd_adopt._internal import callerid, munge, run
-from sshd_adopt._internal.callerid import (
+from sshd_adopt._internal import run
+from sshd_adopt._internal.core.connection import Connection
+from sshd_adopt._internal.core.decision import CallerIdAnswer, CallerIdOutcome
+from sshd_adopt._internal.slurm import callerid, munge
+from sshd_adopt._internal.slurm.callerid import (
     NO_VAL,
     PROTOCOL_22_05,
     PROTOCOL_24_11,
@@ -43,8 +46,6 @@ from sshd_adopt._internal.callerid import (
     query_callerid,
     response_length,
 )
-from sshd_adopt._internal.connection import Connection
-from sshd_adopt._internal.decision import CallerIdAnswer, CallerIdOutcome
 
 SLACK = 0.2  # the brief's bound: elapsed <= deadline + 0.2 s
 CRED = b"MUNGE:AwQFAAD-fake-credential:"

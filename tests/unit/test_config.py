@@ -27,8 +27,8 @@ from sshd_adopt._internal.config import (
     load_config,
     parse_option,
 )
-from sshd_adopt._internal.decision import Message
-from sshd_adopt._internal.options import (
+from sshd_adopt._internal.core.decision import Message
+from sshd_adopt._internal.core.options import (
     FREE_OVERRIDES,
     STRICTNESS,
     AdoptFailureAction,

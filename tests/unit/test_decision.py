@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sshd_adopt._internal import decision as dec
-from sshd_adopt._internal.options import (
+from sshd_adopt._internal.core import decision as dec
+from sshd_adopt._internal.core.options import (
     AdoptFailureAction,
     FallThrough,
     GenericFailureAction,

@@ -17,9 +17,10 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sshd_adopt._internal import procfs, protocol
-from sshd_adopt._internal.stepd import StepdConnection
-from sshd_adopt._internal.sweeper import parse_proc_events
+from sshd_adopt._internal import protocol
+from sshd_adopt._internal.node import procfs
+from sshd_adopt._internal.services.sweeper import parse_proc_events
+from sshd_adopt._internal.slurm.stepd import StepdConnection
 from sshd_adopt.errors import BrokerProtocolError, ProcError, StepdError
 
 FUZZ = settings(max_examples=400, deadline=500, suppress_health_check=[HealthCheck.too_slow])

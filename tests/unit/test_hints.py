@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sshd_adopt._internal import hints
+from sshd_adopt._internal.slurm import hints
 
 
 def fake_squeue(tmp_path: Path, body: str) -> str:

@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator
 import psutil
 import pytest
 
-from sshd_adopt._internal.decision import LocalJob
-from sshd_adopt._internal.localjobs import (
+from sshd_adopt._internal.core.decision import LocalJob
+from sshd_adopt._internal.slurm.localjobs import (
     StepProblem,
     all_extern_steps,
     scan_extern_steps,
     user_jobs,
 )
-from sshd_adopt._internal.stepd import EXTERN_STEP
+from sshd_adopt._internal.slurm.stepd import EXTERN_STEP
 from tests.unit.test_stepd import FakeStepd, Handler, read_int, sockdir, stepd_22_05
 
 __all__ = ["sockdir"]  # re-exported fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sshd_adopt._internal import procfs
+from sshd_adopt._internal.node import procfs
 from sshd_adopt.errors import AccessDenied, NoSuchProcess, ProcError
 
 HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"

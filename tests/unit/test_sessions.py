@@ -13,9 +13,9 @@ import types
 
 import pytest
 
-from sshd_adopt._internal import procfs, sessions
-from sshd_adopt._internal.connection import Connection
-from sshd_adopt._internal.procfs import ProcInfo
+from sshd_adopt._internal.core.connection import Connection
+from sshd_adopt._internal.node import procfs, sessions
+from sshd_adopt._internal.node.procfs import ProcInfo
 from sshd_adopt.errors import NoSuchProcess, NotAnSshSession
 
 UID = 1234

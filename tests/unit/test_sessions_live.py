@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from sshd_adopt._internal import procfs, sessions
+from sshd_adopt._internal.node import procfs, sessions
 from sshd_adopt.errors import NotAnSshSession, ProcError
 
 SSHD = "/usr/sbin/sshd"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sshd_adopt._internal import slurmconf
-from sshd_adopt._internal.connection import IPAddress
-from sshd_adopt._internal.slurmconf import (
+from sshd_adopt._internal.core.connection import IPAddress
+from sshd_adopt._internal.slurm import conf as slurmconf
+from sshd_adopt._internal.slurm.conf import (
     SlurmFacts,
     expand_hostlist,
     expand_spool_dir,
@@ -23,7 +23,7 @@ from sshd_adopt._internal.slurmconf import (
     slurm_version,
     slurmd_addresses,
 )
-from sshd_adopt._internal.stepd import NEWEST_PROTOCOL, PROTOCOL_VERSIONS
+from sshd_adopt._internal.slurm.stepd import NEWEST_PROTOCOL, PROTOCOL_VERSIONS
 from sshd_adopt.errors import SlurmConfigError
 
 # -- hostlists ----------------------------------------------------------------

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from sshd_adopt._internal import procfs, sockpeek
-from sshd_adopt._internal.connection import Connection
+from sshd_adopt._internal.core.connection import Connection
+from sshd_adopt._internal.node import procfs, sockpeek
 from sshd_adopt.errors import NoSuchProcess
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from sshd_adopt._internal import stepd
-from sshd_adopt._internal.stepd import (
+from sshd_adopt._internal.slurm import stepd
+from sshd_adopt._internal.slurm.stepd import (
     EXTERN_STEP,
     NEWEST_PROTOCOL,
     PROTOCOL_VERSIONS,

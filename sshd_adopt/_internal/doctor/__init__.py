@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.config import Config
-from sshd_adopt._internal.decision import (
+from sshd_adopt._internal.core.decision import (
     Adopt,
     Allow,
     AskCallerId,
@@ -46,7 +46,7 @@ from sshd_adopt._internal.decision import (
     Message,
     decide,
 )
-from sshd_adopt._internal.slurmconf import SlurmFacts
+from sshd_adopt._internal.slurm.conf import SlurmFacts
 from sshd_adopt.errors import BrokerProtocolError
 
 __all__ = [
@@ -572,7 +572,7 @@ def dry_run(
     user: str, uid: int, *, exempt: bool, node_known: bool, jobs: tuple[LocalJob, ...],
     config: Config,
 ) -> DryRun:
-    """Run :func:`~sshd_adopt._internal.decision.decide` on gathered facts without callerid.
+    """Run :func:`~sshd_adopt._internal.core.decision.decide` on gathered facts without callerid.
 
     When the decision is "ask the source host", the source is unknown here
     (there is no connection), so we also show what ``action_unknown`` gives

@@ -48,8 +48,8 @@ from logging.handlers import SysLogHandler
 from typing import Any, Final, Literal, get_args
 
 from sshd_adopt._internal import protocol
-from sshd_adopt._internal.decision import Message
-from sshd_adopt._internal.options import (
+from sshd_adopt._internal.core.decision import Message
+from sshd_adopt._internal.core.options import (
     FREE_OVERRIDES,
     STRICTNESS,
     AdoptFailureAction,

@@ -26,10 +26,10 @@ from typing import Any
 
 from sshd_adopt import __version__
 from sshd_adopt._internal import protocol
-from sshd_adopt._internal.adoption import AdoptionService, BrokerState, Peer
-from sshd_adopt._internal.gate import GateService
 from sshd_adopt._internal.logs import logger
-from sshd_adopt._internal.sweeper import Sweeper
+from sshd_adopt._internal.services.admission import GateService
+from sshd_adopt._internal.services.adoption import AdoptionService, BrokerState, Peer
+from sshd_adopt._internal.services.sweeper import Sweeper
 from sshd_adopt.errors import BrokerProtocolError, Error
 
 _PEERCRED = struct.Struct("3i")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from sshd_adopt._internal.options import (
+from sshd_adopt._internal.core.options import (
     AdoptFailureAction,
     FallThrough,
     GenericFailureAction,

@@ -11,7 +11,7 @@ node's slurmd listens on. A source that is not a Slurm node (a login host, any
 IPv6 source without EnableIPv6) is "not a node" at once: no credential, no
 deadline to wait out. The credential itself is minted as the connecting user,
 decodable only by SlurmdUser and bound to the request body with libslurm's
-K12 hash (:mod:`sshd_adopt._internal.munge`, :func:`hash_payload`), so whoever
+K12 hash (:mod:`sshd_adopt._internal.slurm.munge`, :func:`hash_payload`), so whoever
 receives it cannot use it for anything else. It is asked only after sshd has
 authenticated the connection, and only when the answer can change the outcome.
 
@@ -60,10 +60,11 @@ from typing import Final, Literal
 import tenacity
 from Crypto.Hash import KangarooTwelve
 
-from sshd_adopt._internal import munge, run
-from sshd_adopt._internal.connection import Connection, IPAddress
-from sshd_adopt._internal.decision import CallerIdAnswer, CallerIdOutcome
+from sshd_adopt._internal import run
+from sshd_adopt._internal.core.connection import Connection, IPAddress
+from sshd_adopt._internal.core.decision import CallerIdAnswer, CallerIdOutcome
 from sshd_adopt._internal.logs import logger
+from sshd_adopt._internal.slurm import munge
 from sshd_adopt.errors import CallerIdError
 
 Method = Literal["auto", "native", "scontrol"]
@@ -442,7 +443,7 @@ def _native(conn: Connection, port: int, request: CallerIdRequest, budget: _Budg
     """The native RPC with bounded retries of transient failures.
 
     Raises :class:`Rejected` (scontrol may help), :class:`ProtocolFailure`
-    or :class:`~sshd_adopt._internal.munge.MungeError` (final), or
+    or :class:`~sshd_adopt._internal.slurm.munge.MungeError` (final), or
     :class:`_Unreachable`.
     """
     if request.protocol_version not in SPOKEN_VERSIONS:

@@ -22,7 +22,7 @@ import ipaddress
 import os
 import socket
 
-from sshd_adopt._internal.connection import Connection, normalise
+from sshd_adopt._internal.core.connection import Connection, normalise
 from sshd_adopt.errors import AccessDenied, NoSuchProcess
 
 # The same number on every architecture with the unified syscall table

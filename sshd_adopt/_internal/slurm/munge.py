@@ -13,7 +13,7 @@ it is meant for (munge(1), ``munge_ctx_set``; Slurm's ``auth_p_create`` in
 * **restricted to the uid slurmd decodes as** (``SlurmdUser``, root by
   default: ``MUNGE_OPT_UID_RESTRICTION``), so no other user can decode it;
 * **bound to the message body** by its payload (the caller passes the K12
-  hash, :mod:`sshd_adopt._internal.callerid`), with the site's ``AuthInfo``
+  hash, :mod:`sshd_adopt._internal.slurm.callerid`), with the site's ``AuthInfo``
   ``ttl=`` and ``socket=``.
 
 The ``munge`` CLI is run through :mod:`sshd_adopt._internal.run` with the

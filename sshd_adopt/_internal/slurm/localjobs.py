@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from sshd_adopt._internal.decision import LocalJob
-from sshd_adopt._internal.stepd import StepdConnection, StepSocket, list_extern_steps
+from sshd_adopt._internal.core.decision import LocalJob
+from sshd_adopt._internal.slurm.stepd import StepdConnection, StepSocket, list_extern_steps
 from sshd_adopt.errors import StepdError, StepdUnavailable
 
 

@@ -51,9 +51,9 @@ import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sshd_adopt._internal import procfs
-from sshd_adopt._internal.connection import Connection
-from sshd_adopt._internal.procfs import ProcInfo
+from sshd_adopt._internal.core.connection import Connection
+from sshd_adopt._internal.node import procfs
+from sshd_adopt._internal.node.procfs import ProcInfo
 from sshd_adopt.errors import NoSuchProcess, NotAnSshSession
 
 DEFAULT_SSHD_EXECUTABLES = frozenset(

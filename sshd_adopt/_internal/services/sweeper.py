@@ -55,12 +55,13 @@ from dataclasses import dataclass
 
 import psutil
 
-from sshd_adopt._internal import procfs, protocol
-from sshd_adopt._internal.adoption import AdoptionService, BrokerState
-from sshd_adopt._internal.gate import netns_of, own_netns
+from sshd_adopt._internal import protocol
 from sshd_adopt._internal.logs import logger
-from sshd_adopt._internal.sessions import SshSession
-from sshd_adopt._internal.stepd import EXTERN_STEP, StepdConnection
+from sshd_adopt._internal.node import procfs
+from sshd_adopt._internal.node.sessions import SshSession
+from sshd_adopt._internal.services.admission import netns_of, own_netns
+from sshd_adopt._internal.services.adoption import AdoptionService, BrokerState
+from sshd_adopt._internal.slurm.stepd import EXTERN_STEP, StepdConnection
 from sshd_adopt.errors import Error, ProcError, StepdError
 
 _MONITOR_TITLE = re.compile(r"(?:sshd|sshd-session): (\S+) \[priv\]")

@@ -34,8 +34,8 @@ from typing import Final
 import psutil
 import sh
 
-from sshd_adopt._internal.connection import IPAddress
-from sshd_adopt._internal.stepd import NEWEST_PROTOCOL, PROTOCOL_VERSIONS
+from sshd_adopt._internal.core.connection import IPAddress
+from sshd_adopt._internal.slurm.stepd import NEWEST_PROTOCOL, PROTOCOL_VERSIONS
 from sshd_adopt.errors import SlurmConfigError
 
 DEFAULT_CONF: Final = "/etc/slurm/slurm.conf"

@@ -15,22 +15,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from sshd_adopt._internal import decision as dec
-from sshd_adopt._internal import hints, munge, protocol, run
-from sshd_adopt._internal.callerid import ANSWERS, CallerIdRequest
+from sshd_adopt._internal import protocol, run
 from sshd_adopt._internal.config import Config, apply_overrides
-from sshd_adopt._internal.connection import Connection
-from sshd_adopt._internal.localjobs import user_jobs
+from sshd_adopt._internal.core import decision as dec
+from sshd_adopt._internal.core.connection import Connection
+from sshd_adopt._internal.core.options import Options
 from sshd_adopt._internal.logs import logger
-from sshd_adopt._internal.options import Options
-from sshd_adopt._internal.sessions import (
+from sshd_adopt._internal.node.sessions import (
     SshSession,
     find_session,
     sessions_of_monitor,
     still_alive,
 )
-from sshd_adopt._internal.slurmconf import SlurmFacts
-from sshd_adopt._internal.stepd import EXTERN_STEP, StepdConnection
+from sshd_adopt._internal.slurm import hints, munge
+from sshd_adopt._internal.slurm.callerid import ANSWERS, CallerIdRequest
+from sshd_adopt._internal.slurm.conf import SlurmFacts
+from sshd_adopt._internal.slurm.localjobs import user_jobs
+from sshd_adopt._internal.slurm.stepd import EXTERN_STEP, StepdConnection
 from sshd_adopt.errors import Error, NoSuchProcess, NotAnSshSession, StepdError
 
 #: How often a decision may be revised after failed adoptions (callerid job,

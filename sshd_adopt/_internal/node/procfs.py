@@ -39,8 +39,8 @@ from typing import TypeVar
 
 import psutil
 
-from sshd_adopt._internal import sockpeek
-from sshd_adopt._internal.connection import Connection, IPAddress, normalise
+from sshd_adopt._internal.core.connection import Connection, IPAddress, normalise
+from sshd_adopt._internal.node import sockpeek
 from sshd_adopt.errors import AccessDenied, NoSuchProcess, ProcError
 
 PROCFS: str = "/proc"

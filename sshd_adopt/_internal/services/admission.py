@@ -50,13 +50,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sshd_adopt._internal import decision as dec
-from sshd_adopt._internal import procfs, protocol
-from sshd_adopt._internal.adoption import BrokerState, Peer, Where, decide_connection
+from sshd_adopt._internal import protocol
 from sshd_adopt._internal.config import GateSettings
-from sshd_adopt._internal.connection import Connection
+from sshd_adopt._internal.core import decision as dec
+from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.logs import logger
-from sshd_adopt._internal.procfs import ProcInfo
+from sshd_adopt._internal.node import procfs
+from sshd_adopt._internal.node.procfs import ProcInfo
+from sshd_adopt._internal.services.adoption import BrokerState, Peer, Where, decide_connection
 from sshd_adopt.errors import Error, NotAnSshSession, ProcError
 
 #: How many gate-user processes may sit between the monitor and the peer
