@@ -25,12 +25,13 @@ from sshd_adopt._internal.config import (
     SlurmSettings,
     apply_overrides,
     load_config,
+    loader,
     parse_option,
+    values,
 )
+from sshd_adopt._internal.config.overrides import FREE_OVERRIDES, STRICTNESS
 from sshd_adopt._internal.core.decision import Message
 from sshd_adopt._internal.core.options import (
-    FREE_OVERRIDES,
-    STRICTNESS,
     AdoptFailureAction,
     FallThrough,
     GenericFailureAction,
@@ -104,7 +105,7 @@ def test_missing_default_file_means_defaults_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     absent = str(tmp_path / "absent.toml")
-    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATH", absent)
+    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", absent)
     config = load_config()
     assert config.path == absent
     assert dataclasses.replace(config, warnings=()) == Config(path=absent)
@@ -115,7 +116,7 @@ def test_missing_default_file_means_defaults_with_a_warning(
 
 def test_existing_default_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, '[policy]\naction_unknown = "deny"\n')
-    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATH", path)
+    monkeypatch.setattr(loader, "DEFAULT_CONFIG_PATH", path)
     assert load_config().options.action_unknown is UnknownAction.DENY
 
 
@@ -565,7 +566,7 @@ def test_strictness_covers_every_enum_value() -> None:
 
 def test_policy_keys_are_the_options_fields() -> None:
     fields = {f.name for f in dataclasses.fields(Options)}
-    assert set(cfg._POLICY) == fields
+    assert set(values.POLICY) == fields
     assert set(STRICTNESS) <= fields
     assert fields >= FREE_OVERRIDES
 
@@ -669,7 +670,7 @@ def test_example_file_loads_to_the_defaults(tmp_path: Path) -> None:
 def test_example_file_and_reference_doc_cover_every_key() -> None:
     enabled = _uncommented_example()
     docs = (REPO / "docs" / "configuration.md").read_text()
-    for section, schema in cfg._SECTIONS.items():
+    for section, schema in loader.SECTIONS.items():
         assert f"[{section}]" in enabled
         for key in schema:
             dotted = f"{section}.{key}"

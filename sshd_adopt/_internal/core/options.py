@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -87,23 +86,6 @@ class Options:
     disable_x11: bool = False
     nodename: str | None = None
     log_level: LogLevel = LogLevel.INFO
-
-
-#: For each overridable option, its values from most permissive to strictest.
-#: A per-``Match`` override arrives from the wrapper, i.e. from a process the
-#: user controls, so the broker accepts it only when it is at least as strict
-#: as the file's value: a forged override can only hurt its forger.
-STRICTNESS: Mapping[str, tuple[str, ...]] = {
-    "action_no_jobs": ("ignore", "deny"),
-    "action_unknown": ("allow", "newest", "deny"),
-    "action_adopt_failure": ("allow", "deny"),
-    "action_generic_failure": ("allow", "ignore", "deny"),
-    "fallthrough": ("allow", "deny"),
-}
-
-#: Options an override may set freely: they choose among the user's own jobs
-#: or only change what is logged or exported, never who gets in.
-FREE_OVERRIDES: frozenset[str] = frozenset({"single_job_skip_rpc", "disable_x11", "log_level"})
 
 
 def replace(options: Options, **changes: object) -> Options:
