@@ -18,7 +18,7 @@ from sshd_adopt._internal import logs
 from sshd_adopt._internal.broker.server import Broker
 from sshd_adopt._internal.config import DEFAULT_CONFIG_PATH, Config, load_config
 from sshd_adopt._internal.services.adoption import BrokerState
-from sshd_adopt._internal.slurm.conf import load_slurm_facts
+from sshd_adopt._internal.slurm.facts import load_slurm_facts
 from sshd_adopt.errors import Error
 
 EPILOG = """\

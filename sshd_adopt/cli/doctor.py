@@ -31,7 +31,7 @@ from sshd_adopt._internal import doctor
 from sshd_adopt._internal.config import DEFAULT_CONFIG_PATH, Config, load_config
 from sshd_adopt._internal.core.decision import LocalJob
 from sshd_adopt._internal.doctor import Check, DryRun, ForcedCommand, SshdView, Status
-from sshd_adopt._internal.slurm.conf import SlurmFacts, load_slurm_facts
+from sshd_adopt._internal.slurm.facts import SlurmFacts, load_slurm_facts
 from sshd_adopt._internal.slurm.localjobs import user_jobs
 from sshd_adopt.errors import Error
 

@@ -50,7 +50,7 @@ import ipaddress, json, pwd, sys, time
 from sshd_adopt._internal.slurm import callerid, munge
 from sshd_adopt._internal import run
 from sshd_adopt._internal.core.connection import Connection
-from sshd_adopt._internal.slurm.conf import load_slurm_facts
+from sshd_adopt._internal.slurm.facts import load_slurm_facts
 facts = load_slurm_facts()
 out = []
 for q in json.loads(sys.argv[1]):

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.cluster
 TIMEOUT = 3.0
 FACTS_SCRIPT = """
 import dataclasses, json
-from sshd_adopt._internal.slurm.conf import load_slurm_facts
+from sshd_adopt._internal.slurm.facts import load_slurm_facts
 facts = dataclasses.asdict(load_slurm_facts())
 facts["prolog_flags"] = sorted(facts["prolog_flags"])
 facts["comm_params"] = sorted(facts["comm_params"])

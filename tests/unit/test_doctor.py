@@ -16,7 +16,7 @@ from sshd_adopt._internal.config import Config, Exemptions
 from sshd_adopt._internal.core.decision import Adopt, AskCallerId, Deny, LocalJob, Message
 from sshd_adopt._internal.core.options import Options, UnknownAction
 from sshd_adopt._internal.doctor import Check, PathStat, PingResult, SshdView, Status
-from sshd_adopt._internal.slurm.conf import SlurmFacts
+from sshd_adopt._internal.slurm.facts import SlurmFacts
 from sshd_adopt.cli import doctor as doctor_cli
 
 DIR = stat.S_IFDIR

@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 
 from sshd_adopt._internal.core.connection import IPAddress
-from sshd_adopt._internal.slurm import conf as slurmconf
-from sshd_adopt._internal.slurm.conf import (
+from sshd_adopt._internal.slurm import facts as slurmconf
+from sshd_adopt._internal.slurm.conf import expand_hostlist, parse_auth_info, parse_comm_params
+from sshd_adopt._internal.slurm.facts import (
     SlurmFacts,
-    expand_hostlist,
     expand_spool_dir,
     load_slurm_facts,
-    parse_auth_info,
-    parse_comm_params,
     protocol_for,
     slurm_version,
     slurmd_addresses,

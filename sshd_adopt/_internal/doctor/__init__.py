@@ -46,7 +46,7 @@ from sshd_adopt._internal.core.decision import (
     Message,
     decide,
 )
-from sshd_adopt._internal.slurm.conf import SlurmFacts
+from sshd_adopt._internal.slurm.facts import SlurmFacts
 from sshd_adopt.errors import BrokerProtocolError
 
 __all__ = [

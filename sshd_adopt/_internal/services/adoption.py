@@ -29,7 +29,7 @@ from sshd_adopt._internal.node.sessions import (
 )
 from sshd_adopt._internal.slurm import hints, munge
 from sshd_adopt._internal.slurm.callerid import ANSWERS, CallerIdRequest
-from sshd_adopt._internal.slurm.conf import SlurmFacts
+from sshd_adopt._internal.slurm.facts import SlurmFacts
 from sshd_adopt._internal.slurm.localjobs import user_jobs
 from sshd_adopt._internal.slurm.stepd import EXTERN_STEP, StepdConnection
 from sshd_adopt.errors import Error, NoSuchProcess, NotAnSshSession, StepdError
