@@ -7,8 +7,6 @@ exactly one ``except Error`` to turn it into a log line, a user message and an
 exit status. Anything else escaping is a bug.
 """
 
-from __future__ import annotations
-
 
 class Error(Exception):
     """Base class of all errors raised deliberately by sshd-adopt."""

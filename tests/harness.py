@@ -33,6 +33,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sshd_adopt._internal.slurm.stepd import StepdConnection
+from sshd_adopt.errors import Error
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "cluster"
 RUN = Path("/run/sshd-adopt-lab")
@@ -351,6 +354,16 @@ class Cluster:
 
     def stepd_socket(self, host: str, job: int, step: int = EXTERN_STEP) -> Path:
         return self.spool(host) / f"{self.node(host)}_{job}.{step}"
+
+    def extern_stepd_pid(self, host: str, job: int) -> int:
+        """The extern slurmstepd of ``job`` on ``host``, asked through its own socket (job
+        ids repeat across lab generations, so a process-name search could find the other
+        lab's)."""
+        try:
+            with StepdConnection.open(str(self.stepd_socket(host, job)), timeout=5) as stepd:
+                return stepd.daemon_pid()
+        except Error as err:
+            raise HarnessError(f"no extern slurmstepd for job {job} on {host}: {err}") from err
 
     @staticmethod
     def stepd_answers(path: Path) -> bool:

@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 
 from sshd_adopt._internal.core.options import LogLevel
 
@@ -81,3 +82,19 @@ def _stderr_is_useful() -> bool:
     except OSError:
         return False
     return (stat.st_dev, stat.st_ino) != (null.st_dev, null.st_ino)
+
+
+class Phases:
+    """Wall time per phase of one request, in milliseconds, for its log line."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.spent: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.spent.append((name, (now - self._last) * 1000))
+        self._last = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={ms:.0f}" for name, ms in self.spent)

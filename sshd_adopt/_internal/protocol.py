@@ -15,13 +15,13 @@ when they are stricter than its own); everything else the broker derives
 itself from SO_PEERCRED and /proc.
 """
 
-from __future__ import annotations
-
 import _socket
 
 from sshd_adopt.errors import BrokerProtocolError
 
 PROTOCOL_VERSION = "1"
+#: Where the broker listens unless configured otherwise (``broker.socket_path``).
+DEFAULT_SOCKET = "/run/sshd-adopt/broker.sock"
 MAX_FRAME = 8192
 #: Replies to the auth-time gate carry a user's public keys, which can exceed
 #: a request frame; only the broker sends frames this large, and only the
@@ -133,6 +133,24 @@ def parse_request(body: bytes) -> tuple[str, dict[str, str]]:
             raise BrokerProtocolError(f"unexpected request item {key[:40]!r}")
         overrides[key.removeprefix(OVERRIDE_PREFIX)] = value
     return op, overrides
+
+
+def adopt_request(overrides: dict[str, str]) -> dict[str, str]:
+    """The wrapper's request: adopt my session (with its ForceCommand-line options)."""
+    request = {"v": PROTOCOL_VERSION, "op": "adopt"}
+    for key, value in overrides.items():
+        request[OVERRIDE_PREFIX + key] = value
+    return request
+
+
+def keys_request(user: str) -> dict[str, str]:
+    """The AuthorizedKeysCommand's request: the keys of ``user`` (sshd's ``%u``), if any."""
+    return {"v": PROTOCOL_VERSION, "op": "keys", KEYS_USER: user}
+
+
+def ping_request() -> dict[str, str]:
+    """Doctor's and readiness checks' request: who are you, which configuration."""
+    return {"v": PROTOCOL_VERSION, "op": "ping"}
 
 
 def reply(result: str, *, message: str = "", job: int | None = None,

@@ -17,7 +17,7 @@ from sshd_adopt import __version__
 from sshd_adopt._internal import logs
 from sshd_adopt._internal.broker.server import Broker
 from sshd_adopt._internal.config import DEFAULT_CONFIG_PATH, Config, load_config
-from sshd_adopt._internal.services.adoption import BrokerState
+from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.slurm.facts import load_slurm_facts
 from sshd_adopt.errors import Error
 

@@ -15,8 +15,6 @@ locks managed users out, never lets them in unchecked (root and admins use
 ``AuthorizedKeysFile`` through sshd's ``Match`` and never reach us).
 """
 
-from __future__ import annotations
-
 import sys
 
 from sshd_adopt._internal import protocol
@@ -30,22 +28,19 @@ USER's authorized keys if sshd-adoptd lets USER onto this node, else nothing.
   sshd_config:  AuthorizedKeysCommand /opt/sshd-adopt/bin/sshd-adopt-keys %u
 """
 
-DEFAULT_SOCKET = "/run/sshd-adopt/broker.sock"
 DEFAULT_TIMEOUT = 6.0
 
 
 def ask(socket_path: str, user: str, timeout: float) -> dict[str, str]:
     """One "keys" request; the whole exchange is bounded by ``timeout``."""
-    return protocol.exchange(
-        socket_path, {"v": protocol.PROTOCOL_VERSION, "op": "keys", protocol.KEYS_USER: user},
-        timeout=timeout, limit=protocol.MAX_REPLY_FRAME,
-    )
+    return protocol.exchange(socket_path, protocol.keys_request(user), timeout=timeout,
+                             limit=protocol.MAX_REPLY_FRAME)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: exit 0 with keys on stdout, or non-zero with nothing on stdout."""
     args = sys.argv[1:] if argv is None else argv
-    socket_path, timeout, users = DEFAULT_SOCKET, DEFAULT_TIMEOUT, []
+    socket_path, timeout, users = protocol.DEFAULT_SOCKET, DEFAULT_TIMEOUT, []
     for arg in args:
         if arg in ("-h", "--help"):
             sys.stdout.write(USAGE)
@@ -53,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         if arg.startswith("--socket="):
             socket_path = arg.partition("=")[2]
         elif arg.startswith("--timeout="):
-            timeout = float(arg.partition("=")[2])
+            try:
+                timeout = float(arg.partition("=")[2])
+            except ValueError:
+                raise SystemExit(f"sshd-adopt-keys: {arg!r} is not a number of seconds") from None
         elif arg.startswith("-"):
             raise SystemExit(f"sshd-adopt-keys: unknown option {arg!r}")
         else:

@@ -1,24 +1,23 @@
-"""``sshd-adopt``: the ForceCommand that puts an ssh session into the user's job.
+"""``sshd-adopt``: the ForceCommand, the barrier between an ssh session and the user's command.
 
-sshd runs this as the user for every session of a managed user. It asks the
-root broker to adopt the connection, exports what the job provides
-(``SLURM_JOB_ID``, and ``DISPLAY``/``XAUTHORITY`` for X11 steps), then execs
-exactly what sshd would have run: the login shell as a login shell, or
-``$SHELL -c "$SSH_ORIGINAL_COMMAND"``. Denials go to stderr only, since
-anything on stdout would corrupt scp, sftp and rsync.
+sshd runs this as the user for every session of a managed user. By then the broker
+has usually adopted the connection already (right after authentication); this asks it
+to make sure (and to adopt now if it could not), exports what the job provides
+(``SLURM_JOB_ID``, and ``DISPLAY``/``XAUTHORITY`` for X11 jobs), then execs exactly
+what sshd would have run: the login shell as a login shell, or
+``$SHELL -c "$SSH_ORIGINAL_COMMAND"``, with ``SHLVL`` removed so that the command's
+shell reads its startup files as it would under a plain sshd (the drop-in's
+``SetEnv SHLVL=1`` keeps Debian's bash from reading ``~/.bashrc`` for this command's
+own shell). Refusals go to stderr only, since anything on stdout would corrupt scp,
+sftp and rsync.
 
-It is on the critical path of every login, so it imports nothing beyond the
-interpreter's builtins and the tiny protocol module (no ``socket``, ``json``
-or ``argparse``: each would add milliseconds).
-
-This wrapper is a convenience, not the containment boundary: it runs after
-the user's shell rc files and can be bypassed. The broker treats everything
-it sends as untrusted.
+It is on the critical path of every login, so it imports only the interpreter's
+builtins (``posix``, not ``os``: ``os`` alone costs ~2 ms) and the small wire module.
+It is a convenience and a barrier, not the containment boundary: the broker treats
+everything it sends as untrusted.
 """
 
-from __future__ import annotations
-
-import os
+import posix
 import pwd
 import sys
 
@@ -29,7 +28,7 @@ USAGE = """\
 usage: sshd-adopt [--socket=PATH] [--timeout=SECONDS] [--sftp-server=PATH] [OPTION=VALUE ...]
        sshd-adopt doctor [--config PATH] [--user NAME] [--json]
 
-ForceCommand for sshd: asks sshd-adoptd to adopt this ssh session into the
+ForceCommand for sshd: makes sure sshd-adoptd adopted this ssh session into the
 user's Slurm job, then runs the login shell or $SSH_ORIGINAL_COMMAND.
 
   --socket=PATH        broker socket (default /run/sshd-adopt/broker.sock)
@@ -48,7 +47,6 @@ example sshd_config line:
   ForceCommand /opt/sshd-adopt/bin/sshd-adopt action_unknown=deny
 """
 
-DEFAULT_SOCKET = "/run/sshd-adopt/broker.sock"
 DEFAULT_SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 DENIED_STATUS = 255  # what an ssh client reports when pam_slurm_adopt refuses
 EXPORTED = frozenset({"SLURM_JOB_ID", "DISPLAY", "XAUTHORITY"})
@@ -58,7 +56,7 @@ class Settings:
     """The wrapper's arguments, parsed by hand (argparse costs ~5 ms to import)."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.socket_path = DEFAULT_SOCKET
+        self.socket_path = protocol.DEFAULT_SOCKET
         self.timeout = protocol.DEFAULT_WRAPPER_TIMEOUT
         self.sftp_server = DEFAULT_SFTP_SERVER
         self.overrides: dict[str, str] = {}
@@ -72,7 +70,11 @@ class Settings:
             if name == "--socket":
                 self.socket_path = value
             elif name == "--timeout":
-                self.timeout = float(value)
+                try:
+                    self.timeout = float(value)
+                except ValueError:
+                    raise SystemExit(f"sshd-adopt: --timeout={value!r} is not a number of "
+                                     "seconds (see --help)") from None
             elif name == "--sftp-server":
                 self.sftp_server = value
             elif name.startswith("-"):
@@ -88,17 +90,9 @@ class Settings:
         return action == "allow"
 
 
-def ask_broker(settings: Settings) -> dict[str, str]:
-    """Send one adopt request and return the reply's items; raise OSError or protocol errors."""
-    request = {"v": protocol.PROTOCOL_VERSION, "op": "adopt"}
-    for key, value in settings.overrides.items():
-        request[protocol.OVERRIDE_PREFIX + key] = value
-    return protocol.exchange(settings.socket_path, request, timeout=settings.timeout)
-
-
 def session_argv(shell: str, command: str | None, sftp_server: str) -> list[str]:
     """What sshd itself would run: a login shell, or ``shell -c command``."""
-    name = os.path.basename(shell)
+    name = shell.rsplit("/", 1)[-1]
     if command is None:
         return ["-" + name]
     if command == "internal-sftp" or command.startswith("internal-sftp "):
@@ -108,15 +102,25 @@ def session_argv(shell: str, command: str | None, sftp_server: str) -> list[str]
     return [name, "-c", command]
 
 
-def run_session(settings: Settings) -> None:
+def session_environment(exported: dict[str, str]) -> dict[str, str]:
+    """The session's environment: ours, plus what the job exports, minus our own traces."""
+    env = {key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
+           for key, value in posix.environ.items()}
+    env.pop("SSH_ORIGINAL_COMMAND", None)
+    env.pop("SHLVL", None)
+    env.update(exported)
+    return env
+
+
+def run_session(settings: Settings, exported: dict[str, str] | None = None) -> None:
     """Replace this process with the user's shell or command."""
-    entry = pwd.getpwuid(os.getuid())
-    shell = entry.pw_shell or "/bin/sh"
-    command = os.environ.pop("SSH_ORIGINAL_COMMAND", None)
+    shell = pwd.getpwuid(posix.getuid()).pw_shell or "/bin/sh"
+    raw = posix.environ.get(b"SSH_ORIGINAL_COMMAND")
+    command = raw.decode("utf-8", "surrogateescape") if raw is not None else None
     argv = session_argv(shell, command, settings.sftp_server)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(shell, argv)  # noqa: S606  (exec'ing the user's own shell is the point)
+    posix.execve(shell, argv, session_environment(exported or {}))
 
 
 def deny(message: str) -> None:
@@ -134,10 +138,11 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(doctor.main(args[1:]))
     settings = Settings(args)
-    if os.getuid() == 0:
+    if posix.getuid() == 0:
         run_session(settings)  # root is never adopted, and never waits for the broker
     try:
-        reply = ask_broker(settings)
+        reply = protocol.exchange(settings.socket_path, protocol.adopt_request(settings.overrides),
+                                  timeout=settings.timeout)
     except (OSError, BrokerProtocolError) as err:
         if settings.broker_failure_allows():
             sys.stderr.write(f"sshd-adopt: broker unavailable ({err}); continuing unadopted\n")
@@ -146,11 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = reply.get("result")
     if result == protocol.ADOPTED:
-        for key, value in reply.items():
-            name = key.removeprefix(protocol.ENV_PREFIX)
-            if key.startswith(protocol.ENV_PREFIX) and name in EXPORTED:
-                os.environ[name] = value
-        run_session(settings)
+        run_session(settings, {
+            key[len(protocol.ENV_PREFIX):]: value for key, value in reply.items()
+            if key.startswith(protocol.ENV_PREFIX) and key[len(protocol.ENV_PREFIX):] in EXPORTED})
     elif result == protocol.ALLOWED:
         run_session(settings)
     elif result == protocol.DENIED:

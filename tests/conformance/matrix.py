@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 from tests.conformance.model import Row, Verdict
 
-GATE = ("with the shipped auth-time gate (gate.on_deny=refuse) sshd-adopt refuses during "
-        "publickey authentication, before any user code runs (a ForceCommand runs only after "
-        "the user's shell rc files), so the client sees sshd's \"Permission denied "
-        "(publickey)\" and the reason is in the broker log; with gate.on_deny=restrict the "
-        "wrapper's message is shown, with hint lines on where the user's jobs run")
+GATE = ("sshd-adopt tells the refused user why in its own words (with hint lines on where "
+        "their jobs run), and nothing of theirs runs on the node: their key is accepted "
+        "`restrict`-ed, the drop-in's SetEnv SHLVL=1 keeps bash from reading ~/.bashrc, "
+        "and the wrapper prints the reason; users whose shell would read a startup file "
+        "anyway (zsh, fish...), and every user with admission.on_deny=\"refuse\", are refused "
+        "during publickey authentication with sshd's \"Permission denied (publickey)\" and "
+        "the reason in the broker log")
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,11 @@ SCENARIOS: tuple[Scenario, ...] = (
        "without SLURM_JOB_ID): a side effect, not a policy"),
     _s("stepd_hung", "the extern slurmstepd does not answer",
        "one job; its extern slurmstepd is SIGSTOPped for 6 s", "differs on purpose",
-       ("outcome", "exit", "stderr", "cgroup", "job_env", "listpids"),
+       ("cgroup", "job_env", "listpids"),
        "design choice (bounded): sshd-adopt gives up on the stepd after "
-       "broker.stepd_timeout (2 s) and, not knowing the job, refuses; pam_slurm_adopt waits "
-       "for as long as the stepd is stopped (no bound) and adopts once it resumes"),
+       "broker.stepd_timeout (2 s) and applies action_adopt_failure (allow on both sides "
+       "in this row: the session runs outside the job); pam_slurm_adopt waits for as long "
+       "as the stepd is stopped (no bound) and adopts once it resumes"),
     _s("job_starting", "job still starting (extern step not up)",
        "sbatch done and the job allocated to n1, but n1's slurmd is stopped so the "
        "extern step does not exist yet", "differs on purpose", ("stderr",),

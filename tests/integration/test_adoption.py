@@ -32,32 +32,31 @@ def cgroup_job(text: str) -> int | None:
     return found.job if found is not None else None
 
 
-def test_user_without_job_is_refused_at_authentication(cluster: Cluster) -> None:
-    """With the shipped gate (on_deny=refuse) a denial happens before any session."""
-    log = cluster.broker_log("n1")
-    mark = log.mark()
-    result = cluster.ssh("login", "n1", "echo SHOULD-NOT-RUN", user="bob")
-    assert result.returncode == 255
-    assert DENIED in result.stderr
-    assert "SHOULD-NOT-RUN" not in result.stdout
-    line = log.wait_for("gate: user=bob", mark=mark)
-    assert "outcome=deny" in line
-    assert "user has no jobs on this node" in line
-
-
-def test_user_without_job_sees_the_message_when_the_gate_restricts(
-    cluster: Cluster, broker_policy: Callable[..., None]
-) -> None:
-    """gate.on_deny=restrict: the wrapper runs and the broker's message reaches the client."""
-    broker_policy("n1", gate={"on_deny": "restrict"})
+def test_user_without_job_is_told_why_and_nothing_of_theirs_runs(cluster: Cluster) -> None:
+    """bob (bash), no job here: refused with the message, his command never runs."""
     log = cluster.broker_log("n1")
     mark = log.mark()
     result = cluster.ssh("login", "n1", "echo SHOULD-NOT-RUN", user="bob")
     assert result.returncode == 255
     assert NO_JOBS in result.stderr
     assert "SHOULD-NOT-RUN" not in result.stdout
-    line = log.wait_for("user=bob uid=", mark=mark)
-    assert "outcome=deny" in line
+    line = log.wait_for("gate: user=bob", mark=mark)
+    assert "outcome=restricted-keys" in line
+    assert "user has no jobs on this node" in line
+
+
+def test_on_deny_refuse_refuses_at_authentication(
+    cluster: Cluster, broker_policy: Callable[..., None]
+) -> None:
+    """admission.on_deny=refuse: no key at all, refused before any session exists."""
+    broker_policy("n1", admission={"on_deny": "refuse"})
+    log = cluster.broker_log("n1")
+    mark = log.mark()
+    result = cluster.ssh("login", "n1", "echo SHOULD-NOT-RUN", user="bob")
+    assert result.returncode == 255
+    assert DENIED in result.stderr
+    assert "SHOULD-NOT-RUN" not in result.stdout
+    assert "outcome=refuse" in log.wait_for("gate: user=bob", mark=mark)
 
 
 def test_one_job_session_lands_in_the_extern_step(cluster: Cluster) -> None:
@@ -139,11 +138,12 @@ def test_root_and_exempt_get_in_when_slurm_conf_is_broken(
     for user in ("root", "carol"):
         result = cluster.ssh("login", "n3", "true", user=user)
         assert result.returncode == 0, result.stderr
-    # A managed user meets action_generic_failure (ignore -> fallthrough=deny),
-    # at the gate already.
-    alice = cluster.ssh("login", "n3", "true", user="alice")
+    # A managed user meets action_generic_failure (ignore -> fallthrough=deny), and is
+    # told why (the key entries need the node's jobs, so the command gate decides).
+    alice = cluster.ssh("login", "n3", "echo SHOULD-NOT-RUN", user="alice")
     assert alice.returncode == 255
-    assert DENIED in alice.stderr
+    assert "this host is not a Slurm compute node" in alice.stderr
+    assert "SHOULD-NOT-RUN" not in alice.stdout
     assert "NodeName is unknown" in cluster.broker_log("n3").text().splitlines()[-1]
 
 
@@ -258,8 +258,9 @@ def test_broker_down_follows_action_generic_failure(
     wait_until(lambda: not cluster.broker_socket("n2").exists(), 10, "broker to stop")
     result = cluster.ssh("login", "n2", "echo IN", user="alice")
     assert result.returncode == 255
-    # The auth-time gate asks the same broker: with it gone, managed users are
-    # refused before a session exists (fail closed), root is not.
+    # The broker wiped the key entries when it stopped, and the command gate asks the
+    # same broker: with it gone, managed users are refused before a session exists
+    # (fail closed), root is not.
     assert DENIED in result.stderr
     assert "IN" not in result.stdout
     root = cluster.ssh("login", "n2", "echo IN", user="root")

@@ -32,6 +32,7 @@ from tests.harness import VENV, Cluster, HarnessError, remote_cgroup_job, wait_u
 BYPASS_BOUND = 3.0
 PYTHON = str(VENV / "bin" / "python3")
 DENIED = "Permission denied (publickey)"
+NO_JOBS = "Access denied by sshd-adopt: you have no active jobs on this node"
 
 
 def _job_of(pid: int) -> int | None:
@@ -103,19 +104,32 @@ def _in_job_within(pids: list[int], job: int, bound: float) -> float:
 GUARD = '[ -n "$SSH_CONNECTION" ] && [ -z "$ATTACK_DONE" ] && [ -e ~/.lab/attack ]'
 
 
-def test_bashrc_exec_bash_is_adopted_and_dies_with_the_job(cluster: Cluster) -> None:
-    job = cluster.submit("alice", ["n1"])
-    marker = cluster.home("alice") / ".lab" / "attack"
-    snippet = f"if {GUARD}; then export ATTACK_DONE=1; exec bash -c 'sleep 321'; fi"
-    with bashrc("alice", snippet):
+@contextlib.contextmanager
+def zshenv(snippet: str) -> Iterator[None]:
+    """zoe's ~/.zshenv (read by every zsh, `zsh -c` included) for the block."""
+    path = Cluster.home("zoe") / ".zshenv"
+    path.write_text(snippet + "\n")
+    os.chown(path, Cluster.uid("zoe"), Cluster.uid("zoe"))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _bypass(cluster: Cluster, job: int) -> tuple[int, str, float]:
+    """zoe's ~/.zshenv execs past the wrapper: (the bypassing pid, the client's output, the
+    seconds it was seen outside the job)."""
+    marker = cluster.home("zoe") / ".lab" / "attack"
+    cluster.exec("login", "mkdir", "-p", str(marker.parent), user="zoe")
+    with zshenv(f"if {GUARD}; then export ATTACK_DONE=1; exec zsh -c 'sleep 321'; fi"):
         marker.touch()
         try:
-            client = cluster.spawn("login", "ssh", "n1", "echo WRAPPER-RAN", user="alice")
+            client = cluster.spawn("login", "ssh", "n1", "echo WRAPPER-RAN", user="zoe")
             with spawned(client):
-                wait_until(lambda: bool(_pids("alice", "^sleep 321")), 15, "bypassing shell",
+                wait_until(lambda: bool(_pids("zoe", "^sleep 321")), 15, "bypassing shell",
                            interval=0.01)
                 seen = time.monotonic()
-                pid = _pids("alice", "^sleep 321")[0]
+                pid = _pids("zoe", "^sleep 321")[0]
                 _in_job_within([pid], job, BYPASS_BOUND)
                 outside = time.monotonic() - seen
                 cluster.cancel(job)
@@ -124,9 +138,33 @@ def test_bashrc_exec_bash_is_adopted_and_dies_with_the_job(cluster: Cluster) -> 
         finally:
             marker.unlink(missing_ok=True)
     assert "WRAPPER-RAN" not in stdout  # the wrapper really was bypassed
+    return pid, stdout, outside
+
+
+def test_a_startup_file_that_execs_past_the_wrapper_is_in_the_job_from_the_start(
+        cluster: Cluster) -> None:
+    """zsh reads ~/.zshenv before the ForceCommand; exec'ing past the wrapper from there
+    gets nowhere: the connection was adopted when sshd authenticated it, before the
+    session forked the shell, so the shell is born in the job."""
+    job = cluster.submit("zoe", ["n1"])
+    log = cluster.broker_log("n1")
+    mark = log.mark()
+    _pid, _out, outside = _bypass(cluster, job)
+    print(f"bypassing shell seen outside its job for {outside * 1000:.0f} ms")
+    assert outside < 0.1  # in the job the first time it is seen (one poll)
+    assert f"outcome=adopt job={job}" in log.wait_for("early: user=zoe", mark=mark)
+    assert "sweeper: user=zoe" not in log.since(mark)
+
+
+def test_without_early_adoption_the_sweeper_adopts_a_bypass(
+        cluster: Cluster, broker_policy: Callable[..., None]) -> None:
+    """The safety net: with early adoption off, the sweeper finds the bypassing session
+    outside any job and adopts it (bound: sweeper.grace plus one scan)."""
+    broker_policy("n1", adoption={"early": False})
+    job = cluster.submit("zoe", ["n1"])
+    _pid, _out, outside = _bypass(cluster, job)
     print(f"bypassing session lived {outside * 1000:.0f} ms outside its job")
-    line = cluster.broker_log("n1").text()
-    assert re.search(r"sweeper: user=alice .*outside any job", line)
+    assert re.search(r"sweeper: user=zoe .*outside any job", cluster.broker_log("n1").text())
 
 
 def test_setsid_daemon_is_adopted_and_dies_with_the_job(cluster: Cluster) -> None:
@@ -166,30 +204,35 @@ def _bob(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
                         user="bob", check=False, timeout=30)
 
 
-def test_user_without_job_gets_the_message_and_no_forwarding(
-    cluster: Cluster, broker_policy: Callable[..., None]
-) -> None:
-    """gate.on_deny=restrict: keys that allow nothing but the forced command."""
-    broker_policy("n1", gate={"on_deny": "restrict"})
+def test_user_without_job_gets_the_message_and_no_forwarding(cluster: Cluster) -> None:
+    """The default (admission.on_deny=message) for a bash user: keys that allow nothing but
+    the forced command, the message, no code of his run on the node, nothing forwarded."""
+    marker = cluster.home("bob") / ".lab" / "bashrc-ran"
+    marker.unlink(missing_ok=True)
     log = cluster.broker_log("n1")
     mark = log.mark()
-    result = _bob(cluster, "n1", "true")
-    assert result.returncode == 255, result
-    assert NO_JOBS in result.stderr
-    assert "outcome=restricted-keys" in log.wait_for("gate: user=bob", mark=mark)
-    for flag, how in FORWARDS.items():
-        started = time.monotonic()
-        forward = _bob(cluster, *how, "n1")
-        elapsed = time.monotonic() - started
-        # The sweeper ends the connection (no job here); timeout(1) would say 124.
-        assert forward.returncode == 255, (flag, forward)
-        assert elapsed < BYPASS_BOUND + 5, (flag, elapsed)
+    with bashrc("bob", f"echo ran >> {marker}\n"):
+        result = _bob(cluster, "n1", "true")
+        assert result.returncode == 255, result
+        assert NO_JOBS in result.stderr
+        assert "outcome=restricted-keys" in log.wait_for("gate: user=bob", mark=mark)
+        for flag, how in FORWARDS.items():
+            started = time.monotonic()
+            forward = _bob(cluster, *how, "-o", "ExitOnForwardFailure=yes", "n1")
+            elapsed = time.monotonic() - started
+            # The forwarding is refused ('restrict'); the sweeper would end it otherwise.
+            assert forward.returncode == 255, (flag, forward)
+            assert elapsed < BYPASS_BOUND + 5, (flag, elapsed)
+    assert not marker.exists(), "bob's ~/.bashrc ran on the node"
 
 
 @pytest.mark.parametrize("how", [FORWARDS["-L"], FORWARDS["-D"], ["true"]],
                          ids=["-N-L", "-N-D", "command"])
-def test_user_without_job_is_refused_at_authentication(cluster: Cluster, how: list[str]) -> None:
-    """The shipped gate (on_deny=refuse): no key at all, refused before any session exists."""
+def test_on_deny_refuse_refuses_at_authentication(
+    cluster: Cluster, broker_policy: Callable[..., None], how: list[str]
+) -> None:
+    """admission.on_deny=refuse: no key at all, refused before any session exists."""
+    broker_policy("n1", admission={"on_deny": "refuse"})
     log = cluster.broker_log("n1")
     mark = log.mark()
     sshd = cluster.sshd_log("n1")
@@ -198,8 +241,35 @@ def test_user_without_job_is_refused_at_authentication(cluster: Cluster, how: li
     result = _bob(cluster, *args)
     assert result.returncode == 255, result
     assert DENIED in result.stderr
-    assert "outcome=deny" in log.wait_for("gate: user=bob", mark=mark)
+    assert "outcome=refuse" in log.wait_for("gate: user=bob", mark=mark)
     assert "Accepted publickey for bob" not in sshd.since(smark)
+
+
+def test_a_zsh_user_without_job_is_refused_at_authentication_and_no_rc_file_runs(
+    cluster: Cluster,
+) -> None:
+    """zsh reads ~/.zshenv for every `zsh -c`: such users cannot be told why without running
+    their code, so they are refused at authentication."""
+    marker = cluster.home("zoe") / ".lab" / "zshenv-ran"
+    cluster.exec("login", "mkdir", "-p", str(marker.parent), user="zoe")
+    marker.unlink(missing_ok=True)
+    zshenv = cluster.home("zoe") / ".zshenv"
+    zshenv.write_text(f"echo ran >> {marker}\n")
+    os.chown(zshenv, cluster.uid("zoe"), cluster.uid("zoe"))
+    sshd = cluster.sshd_log("n1")
+    smark = sshd.mark()
+    log = cluster.broker_log("n1")
+    mark = log.mark()
+    try:
+        result = cluster.ssh("login", "n1", "echo SHOULD-NOT-RUN", user="zoe")
+    finally:
+        zshenv.unlink()
+    assert result.returncode == 255
+    assert DENIED in result.stderr
+    assert "SHOULD-NOT-RUN" not in result.stdout
+    assert "outcome=refuse" in log.wait_for("gate: user=zoe", mark=mark)
+    assert "Accepted publickey for zoe" not in sshd.since(smark)
+    assert not marker.exists(), "zoe's ~/.zshenv ran on the node"
 
 
 # --------------------------------------------------------------------------- 3. forwarding
@@ -259,25 +329,27 @@ def test_spoofed_environment_changes_no_decision(cluster: Cluster) -> None:
     # decision: either the wrapper failed (login refused by the failure action) or the
     # session is in the real job - never in a job the user named.
     found = remote_cgroup_job(result.stdout)
-    assert found is None or found.job == job
+    assert found is not None and found.job == job
     assert "999999" not in log.since(mark)
-    gate = log.wait_for("gate: user=alice", mark=mark)
+    decision = log.wait_for("user=alice uid=", mark=mark)
     # the real source, not SSH_CONNECTION's
-    assert f"from={cluster.address('login')} port" in gate
+    assert f"from={cluster.address('login')} port" in decision
 
-    # Without the PYTHONPATH trick the wrapper runs; the spoofed variables change nothing.
+    # The rc file no longer runs before the wrapper (the drop-in's SetEnv SHLVL=1): the
+    # spoofed SSH_ORIGINAL_COMMAND never reaches it; the rc file runs once, in the
+    # user's own command shell, inside the real job.
     with bashrc("alice", SPOOF.replace("PYTHONPATH", "UNUSED")):
-        result = cluster.ssh("login", "n1", 'grep memory /proc/self/cgroup; echo "J=$SLURM_JOB_ID"',
-                             user="alice", check=True)
-    # A spoofed SSH_ORIGINAL_COMMAND only changes what the user's own session runs
-    # (the user could run it anyway); it still runs inside the real job.
-    assert "SPOOFED-CMD" in result.stdout
+        result = cluster.ssh("login", "n1", "grep memory /proc/self/cgroup", user="alice",
+                             check=True)
+    # (What the rc file then exports, SLURM_JOB_ID included, is the user's own business, as
+    # under any sshd: the cgroup is what counts.)
+    assert "SPOOFED-CMD" not in result.stdout
     found = remote_cgroup_job(result.stdout)
     assert found is not None and found.job == job
-    # bob with the same rc file is still refused at the gate (rc files never run for him)
+    # bob with the same rc file is refused, and his rc file never runs
     with bashrc("bob", SPOOF):
         refused = cluster.ssh("login", "n1", "true", user="bob")
-    assert refused.returncode == 255 and DENIED in refused.stderr
+    assert refused.returncode == 255 and NO_JOBS in refused.stderr
 
 
 # --------------------------------------------------------------------------- 5. the socket

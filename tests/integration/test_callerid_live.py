@@ -445,7 +445,9 @@ def test_the_lab_slurmds_refuse_a_credential_bound_to_the_type_only(
     version = probe(cluster, query(n2, 22, n1, 40000, "native", slurmd=1))[0]["version"]
     frame = lab_tmp / "zero-hash-frame"
     script = (
-        "import sys; from sshd_adopt._internal import callerid, munge, run\n"
+        "import sys\n"
+        "from sshd_adopt._internal import run\n"
+        "from sshd_adopt._internal.slurm import callerid, munge\n"
         "cred = munge.encode(b'\\x01\\x13\\xab', requester=run.Identity(2001, 2001),"
         " options=munge.CredentialOptions(0), timeout=5)\n"
         "open(sys.argv[1], 'wb').write(callerid.pack_request(bytes.fromhex(sys.argv[2]), cred,"

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from sshd_adopt._internal.slurm.stepd import StepdConnection
-from sshd_adopt.errors import Error
 from tests.conformance.matrix import BY_KEY
 from tests.conformance.model import PROBE, Observation, Row, parse_probe
 from tests.conformance.report import save
@@ -222,16 +220,6 @@ def test_users_without_a_job(cluster: Cluster, broker_policy: Callable[..., None
            "no_jobs_ignore_fallthrough_allow")
 
 
-def _extern_stepd(cluster: Cluster, job: int, node: str = "n1") -> int:
-    """The extern slurmstepd of ``job`` on ``node``, asked through its own socket (job ids
-    repeat across lab generations, so a process-name search could find the other lab's)."""
-    try:
-        with StepdConnection.open(str(cluster.stepd_socket(node, job)), timeout=5) as stepd:
-            return stepd.daemon_pid()
-    except Error as err:
-        raise HarnessError(f"no extern slurmstepd for job {job} on {node}: {err}") from err
-
-
 @contextlib.contextmanager
 def refusing_extern_step(cluster: Cluster, job: int, node: str = "n1") -> Iterator[None]:
     """Make slurmstepd's ADD_EXTERN_PID fail for real, for both front ends.
@@ -269,7 +257,7 @@ def refusing_extern_step(cluster: Cluster, job: int, node: str = "n1") -> Iterat
 
 def _hung_stepd_row(cluster: Cluster, job: int, labels: dict[int, str]) -> None:
     """Both logins start while the extern stepd is stopped; it resumes after 6 s."""
-    stepd = _extern_stepd(cluster, job)
+    stepd = cluster.extern_stepd_pid("n1", job)
     clients: dict[int, subprocess.Popen[str]] = {}
     ends: dict[int, float] = {}
     os.kill(stepd, signal.SIGSTOP)

@@ -46,6 +46,7 @@ from sshd_adopt._internal.slurm.callerid import (
     query_callerid,
     response_length,
 )
+from tests.unit.fakes import ALICE, BOB, broker_state, slurm_facts
 
 SLACK = 0.2  # the brief's bound: elapsed <= deadline + 0.2 s
 CRED = b"MUNGE:AwQFAAD-fake-credential:"
@@ -706,7 +707,7 @@ def test_munge_cli_refusal_is_an_error(tmp_path: Path) -> None:
                      munge=cli)
 
 
-def test_answer_cache_asks_once_per_connection_and_user(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_source_jobs_ask_once_per_connection_and_user(monkeypatch: pytest.MonkeyPatch) -> None:
     """Early adoption, the wrapper and the sweeper ask about one connection: one RPC."""
     calls: list[tuple[Connection, int]] = []
 
@@ -715,11 +716,30 @@ def test_answer_cache_asks_once_per_connection_and_user(monkeypatch: pytest.Monk
         return CallerIdAnswer(CallerIdOutcome.UNREACHABLE)
 
     monkeypatch.setattr(callerid, "query_callerid", fake)
-    cache = callerid.AnswerCache(ttl=60)
+    state = broker_state()
+    source = callerid.SourceJobs(lambda: state, ttl=60)
     one = Connection(ipaddress.ip_address("10.0.0.2"), 22, ipaddress.ip_address("10.0.0.1"), 5000)
     other = Connection(ipaddress.ip_address("10.0.0.2"), 22, ipaddress.ip_address("10.0.0.1"), 5001)
-    someone = req(requester=run.Identity(ME.uid + 1, ME.gid))
-    for conn, request in ((one, req()), (one, req()), (one, req()), (other, req()),
-                          (one, someone)):
-        assert cache.query(conn, request).outcome is CallerIdOutcome.UNREACHABLE
-    assert calls == [(one, ME.uid), (other, ME.uid), (one, ME.uid + 1)]
+    for conn, account in ((one, ALICE), (one, ALICE), (one, ALICE), (other, ALICE), (one, BOB)):
+        assert source.ask(account, conn).outcome is CallerIdOutcome.UNREACHABLE
+    assert calls == [(one, ALICE.uid), (other, ALICE.uid), (one, BOB.uid)]
+    assert source.ask(ALICE, None).outcome is CallerIdOutcome.NO_SOCKET
+
+
+def test_source_jobs_build_the_request_from_slurm_conf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Destinations, SlurmdUser, AuthInfo and the requester come from the broker's state."""
+    seen: list[CallerIdRequest] = []
+    def fake(conn: Connection, request: CallerIdRequest) -> CallerIdAnswer:
+        seen.append(request)
+        return CallerIdAnswer(CallerIdOutcome.INDETERMINATE)
+
+    monkeypatch.setattr(callerid, "query_callerid", fake)
+    slurmds = {ipaddress.ip_address("10.0.0.12"): 7001}
+    state = broker_state(slurm=slurm_facts(slurmd_user_uid=64030, auth_ttl=20,
+                                           auth_socket="/run/m.sock", slurmds=slurmds))
+    callerid.SourceJobs(lambda: state).ask(ALICE, V4)
+    (request,) = seen
+    assert request.requester == run.Identity(ALICE.uid, ALICE.gid)
+    assert request.credential == munge.CredentialOptions(64030, 20, "/run/m.sock")
+    assert request.slurmds == slurmds
+    assert (request.scontrol, request.munge) == ("/usr/bin/scontrol", "/usr/bin/munge")

@@ -15,6 +15,8 @@ from sshd_adopt._internal import config as cfg
 from sshd_adopt._internal.config import (
     DEFAULT_CONFIG_PATH,
     MAX_MESSAGE_CHARS,
+    AdmissionSettings,
+    AdoptionSettings,
     BrokerSettings,
     CallerIdSettings,
     Config,
@@ -23,6 +25,7 @@ from sshd_adopt._internal.config import (
     LogSettings,
     Messages,
     SlurmSettings,
+    SshdSettings,
     apply_overrides,
     load_config,
     loader,
@@ -88,8 +91,14 @@ def test_defaults_are_the_documented_ones() -> None:
     assert CallerIdSettings() == CallerIdSettings(1.0, "auto", "/usr/bin/scontrol",
                                                   "/usr/bin/munge")
     assert SlurmSettings().conf_path == "/etc/slurm/slurm.conf"
-    assert "/usr/sbin/sshd" in SlurmSettings().sshd_executables
-    assert "/usr/lib/openssh/sshd-session" in SlurmSettings().sshd_executables
+    assert "/usr/sbin/sshd" in SshdSettings().executables
+    assert "/usr/lib/openssh/sshd-session" in SshdSettings().executables
+    admission = AdmissionSettings()
+    assert (admission.keys_dir, admission.principals_dir) == (
+        "/run/sshd-adopt/keys", "/run/sshd-adopt/principals")
+    assert (admission.keys_file, admission.principals_file) == (".ssh/authorized_keys", "")
+    assert (admission.on_deny, admission.message_shells) == ("message", ("bash", "sh", "dash"))
+    assert AdoptionSettings().early
     assert LogSettings() == LogSettings("auto", "authpriv", "sshd-adopt")
     assert DEFAULT_CONFIG_PATH == "/etc/sshd-adopt/sshd-adopt.toml"
 
@@ -214,7 +223,17 @@ no_node = "not a node"
 
 [slurm]
 conf_path = "/etc/slurm-llnl/slurm.conf"
-sshd_executables = ["/opt/ssh/sbin/sshd"]
+
+[sshd]
+executables = ["/opt/ssh/sbin/sshd"]
+
+[admission]
+keys_dir = "/run/k"
+principals_dir = "/run/p"
+keys_file = "%h/.ssh/keys"
+principals_file = ".ssh/principals"
+on_deny = "refuse"
+message_shells = ["bash"]
 
 [log]
 target = "stderr"
@@ -242,10 +261,14 @@ ident = "adopt"
     )
     assert isinstance(config.broker.request_timeout, float)
     assert config.exempt.users == frozenset({"admin", "svc"})
-    assert config.exempt.gids == frozenset({SOME_GROUP.gr_gid})
+    assert config.exempt.groups == frozenset({SOME_GROUP.gr_name})
     assert config.callerid == CallerIdSettings(0.25, "scontrol", "/usr/bin/scontrol")
     assert config.messages.render(Message.NO_JOBS, user="bob", node="n1") == "bob has no job on n1"
-    assert config.slurm == SlurmSettings("/etc/slurm-llnl/slurm.conf", ("/opt/ssh/sbin/sshd",))
+    assert config.slurm == SlurmSettings("/etc/slurm-llnl/slurm.conf")
+    assert config.sshd == SshdSettings(("/opt/ssh/sbin/sshd",))
+    assert config.admission == AdmissionSettings(
+        keys_dir="/run/k", principals_dir="/run/p", keys_file="%h/.ssh/keys",
+        principals_file=".ssh/principals", on_deny="refuse", message_shells=("bash",))
     assert config.log == LogSettings("stderr", "local3", "adopt")
 
 
@@ -340,8 +363,12 @@ ERRORS: list[tuple[str, str, str]] = [
      f"at most {MAX_MESSAGE_CHARS}"),
     ('[messages]\nnojobs = "x"', "messages.nojobs", "did you mean 'no_jobs'?"),
     ('[slurm]\nconf_path = "slurm.conf"', "slurm.conf_path", "not an absolute path"),
-    ("[slurm]\nsshd_executables = []", "slurm.sshd_executables", "is empty"),
-    ('[slurm]\nsshd_executables = ["sshd"]', "slurm.sshd_executables", "item 0"),
+    ("[sshd]\nexecutables = []", "sshd.executables", "is empty"),
+    ('[sshd]\nexecutables = ["sshd"]', "sshd.executables", "item 0"),
+    ('[admission]\non_deny = "restrict"', "admission.on_deny", "message, refuse"),
+    ('[admission]\nkeys_dir = "run/k"', "admission.keys_dir", "absolute path"),
+    ('[admission]\nkeys_file = "../x"', "admission.keys_file", "no '..'"),
+    ("[adoption]\nearly = 1", "adoption.early", "true or false"),
     ('[log]\ntarget = "file"', "log.target", "syslog, stderr, auto"),
     ('[log]\nfacility = "authpirv"', "log.facility", "did you mean 'authpriv'?"),
     ('[log]\nident = ""', "log.ident", "not a name"),
@@ -399,7 +426,7 @@ WARNINGS: list[tuple[str, str, str]] = [
      "broker.socket_mode", "lets no user connect"),
     ("[broker]\nmax_per_uid = 600", "broker.max_per_uid", "never applies"),
     ("[broker]\ndecision_deadline = 9", "broker.decision_deadline", "--timeout"),
-    (f'[exempt]\ngroups = ["{NO_SUCH_GROUP}"]', "exempt.groups", "SIGHUP"),
+    (f'[exempt]\ngroups = ["{NO_SUCH_GROUP}"]', "exempt.groups", "no reload needed"),
 ]
 
 
@@ -423,19 +450,16 @@ def test_ignore_with_deny_fallthrough_is_quiet(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- exemptions
 
 
-def test_exempt_users_and_groups() -> None:
-    exempt = Exemptions(users=frozenset({"admin"}),
-                        groups=frozenset({SOME_GROUP.gr_name, NO_SUCH_GROUP}))
-    assert exempt.gids == frozenset({SOME_GROUP.gr_gid})
-    assert exempt.unknown_groups == frozenset({NO_SUCH_GROUP})
-    assert exempt.is_exempt("admin", [])
-    assert exempt.is_exempt("bob", [12345, SOME_GROUP.gr_gid])
-    assert not exempt.is_exempt("bob", iter([12345]))
+def test_an_exempt_group_that_does_not_exist_yet_is_a_warning_not_an_error(
+        tmp_path: Path) -> None:
+    config = load_text(tmp_path, f'[exempt]\ngroups = ["{NO_SUCH_GROUP}"]\n')
+    assert config.exempt.groups == frozenset({NO_SUCH_GROUP})
+    assert any(NO_SUCH_GROUP in w and "no reload needed" in w for w in config.warnings)
 
 
-def test_default_exemption_is_root_only() -> None:
-    assert Exemptions().is_exempt("root", [])
-    assert not Exemptions().is_exempt("bob", [0])
+def test_entry_directories_must_differ(tmp_path: Path) -> None:
+    with pytest.raises(InvalidConfig, match=r"admission\.principals_dir"):
+        load_text(tmp_path, '[admission]\nkeys_dir = "/run/x"\nprincipals_dir = "/run/x"\n')
 
 
 def test_empty_exempt_users_is_allowed(tmp_path: Path) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from sshd_adopt._internal import doctor, protocol
-from sshd_adopt._internal.config import Config, Exemptions
+from sshd_adopt._internal import protocol
+from sshd_adopt._internal.config import AdmissionSettings, Config, Exemptions
 from sshd_adopt._internal.core.decision import Adopt, AskCallerId, Deny, LocalJob, Message
 from sshd_adopt._internal.core.options import Options, UnknownAction
-from sshd_adopt._internal.doctor import Check, PathStat, PingResult, SshdView, Status
+from sshd_adopt._internal.doctor import checks as doctor
+from sshd_adopt._internal.doctor.checks import Check, PathStat, PingResult, SshdView, Status
 from sshd_adopt._internal.slurm.facts import SlurmFacts
 from sshd_adopt.cli import doctor as doctor_cli
 
@@ -148,16 +149,22 @@ SSHD_T = """port 22
 usepam no
 forcecommand /opt/sshd-adopt/bin/sshd-adopt action_unknown=deny
 permituserenvironment no
-authorizedkeyscommand none
-authorizedkeysfile .ssh/authorized_keys .ssh/authorized_keys2
+authorizedkeyscommand /opt/sshd-adopt/bin/sshd-adopt-keys %u
+authorizedkeyscommanduser sshd-adopt-gate
+authorizedkeysfile /run/sshd-adopt/keys/%u
+authorizedprincipalsfile /run/sshd-adopt/principals/%u
+trustedusercakeys none
+setenv SHLVL=1
 listenaddress 0.0.0.0:22
 listenaddress [::]:22
 """
 
+ADMISSION = AdmissionSettings()
+
 
 def test_parse_sshd_t() -> None:
     values = doctor.parse_sshd_t(SSHD_T)
-    assert values["authorizedkeysfile"] == ".ssh/authorized_keys .ssh/authorized_keys2"
+    assert values["authorizedkeysfile"] == "/run/sshd-adopt/keys/%u"
     assert values["listenaddress"] == "0.0.0.0:22\n[::]:22"
     assert doctor.forced_wrapper(values["forcecommand"]) == "/opt/sshd-adopt/bin/sshd-adopt"
 
@@ -173,27 +180,60 @@ def view(text: str = SSHD_T, **changes: str) -> SshdView:
     return SshdView("alice", settings)
 
 
-def test_managed_user_with_wrapper_is_ok() -> None:
-    checks = doctor.check_sshd_managed(view())
-    assert [c.status for c in checks] == [Status.OK]
+def managed(v: SshdView, admission: AdmissionSettings = ADMISSION) -> list[Check]:
+    return doctor.check_sshd_managed(v, admission)
+
+
+def failures(checks: list[Check]) -> list[str]:
+    return [c.detail for c in checks if c.status is not Status.OK]
+
+
+def test_the_shipped_drop_in_is_ok() -> None:
+    checks = managed(view())
+    assert checks and failures(checks) == []
 
 
 def test_managed_user_without_wrapper_fails() -> None:
-    (check,) = doctor.check_sshd_managed(view(forcecommand="none"))
+    (check,) = managed(view(forcecommand="none"))
     assert check.status is Status.FAIL and "not adopted" in check.detail
 
 
 def test_managed_user_with_user_environment_warns() -> None:
-    checks = doctor.check_sshd_managed(view(permituserenvironment="yes"))
-    assert [c.status for c in checks] == [Status.OK, Status.WARN]
+    checks = managed(view(permituserenvironment="yes"))
+    assert [c.status for c in checks if c.status is not Status.OK] == [Status.WARN]
 
 
-def test_keys_command_needs_authorized_keys_file_none() -> None:
-    bad = doctor.check_sshd_managed(view(authorizedkeyscommand="/opt/x/bin/gate %u"))
-    assert bad[-1].status is Status.FAIL and "AuthorizedKeysFile none" in bad[-1].fix
-    good = doctor.check_sshd_managed(view(authorizedkeyscommand="/opt/x/bin/gate %u",
-                                          authorizedkeysfile="none"))
-    assert all(c.status is Status.OK for c in good)
+@pytest.mark.parametrize("files", [".ssh/authorized_keys",
+                                   "/run/sshd-adopt/keys/%u .ssh/authorized_keys", "none"])
+def test_a_key_file_of_the_users_own_fails(files: str) -> None:
+    (detail,) = failures(managed(view(authorizedkeysfile=files)))
+    assert "whether or not the user has a job" in detail
+
+
+def test_a_site_keys_command_wants_authorized_keys_file_none() -> None:
+    site = AdmissionSettings(keys_command="/usr/bin/sss_ssh_authorizedkeys %u")
+    assert failures(managed(view(authorizedkeysfile="none"), site)) == []
+    (detail,) = failures(managed(view(), site))
+    assert "AuthorizedKeysFile" in detail
+
+
+def test_a_user_ca_without_our_principals_file_fails() -> None:
+    checks = managed(view(trustedusercakeys="/etc/ssh/user_ca.pub",
+                          authorizedprincipalsfile="none"))
+    (detail,) = failures(checks)
+    assert "certificate logs in without a job" in detail
+    assert failures(managed(view(trustedusercakeys="/etc/ssh/user_ca.pub"))) == []
+
+
+def test_the_keys_command_must_run_as_the_gate_user() -> None:
+    (detail,) = failures(managed(view(authorizedkeyscommanduser="nobody")))
+    assert "'nobody'" in detail
+
+
+def test_without_shlvl_refused_bash_users_read_their_bashrc() -> None:
+    (detail,) = failures(managed(view(setenv="none")))
+    assert "SHLVL=1" in detail
+    assert failures(managed(view(setenv="none"), AdmissionSettings(on_deny="refuse"))) == []
 
 
 def test_exempt_user_must_not_get_the_wrapper() -> None:
@@ -206,7 +246,7 @@ def test_exempt_user_must_not_get_the_wrapper() -> None:
 def test_sshd_error_is_a_fail() -> None:
     broken = SshdView("root", error="Missing privilege separation directory: /run/sshd")
     assert doctor.check_sshd_exempt(broken)[0].status is Status.FAIL
-    assert doctor.check_sshd_managed(broken)[0].status is Status.FAIL
+    assert managed(broken)[0].status is Status.FAIL
 
 
 # --------------------------------------------------------------------------- paths
@@ -327,3 +367,26 @@ def test_main_runs_without_a_node(tmp_path: Path, capsys: pytest.CaptureFixture[
     names = {c["name"]: c["status"] for c in document["checks"]}
     assert names["slurm.conf"] == "FAIL" and names["broker"] == "FAIL"
     assert names["sshd (root)"] == "FAIL"
+
+
+# --------------------------------------------------------------------------- entries, limits
+
+
+def test_entries_owned_by_someone_else_fail_naming_the_directory() -> None:
+    check = doctor.check_entries(["/run/sshd-adopt/keys is writable by group 100"], [],
+                                 "/run/sshd-adopt/keys")
+    assert check.status is Status.FAIL and "/run/sshd-adopt/keys" in check.detail
+
+
+def test_entries_list_who_may_enter() -> None:
+    check = doctor.check_entries([], ["bob", "alice"], "/run/sshd-adopt/keys")
+    assert check.status is Status.OK and "2 user(s) may enter (alice, bob)" in check.detail
+
+
+def test_limits_conf_without_pam_warns_with_an_example() -> None:
+    lines = ["@slurmusers hard nofile 4096"]
+    check = doctor.check_limits("no", lines)
+    assert check is not None and check.status is Status.WARN
+    assert "@slurmusers hard nofile 4096" in check.detail
+    assert doctor.check_limits("yes", lines) is None
+    assert doctor.check_limits("no", []) is None

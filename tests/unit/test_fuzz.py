@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.node import procfs
-from sshd_adopt._internal.services.sweeper import parse_proc_events
+from sshd_adopt._internal.node.procevents import parse_proc_events
 from sshd_adopt._internal.slurm.stepd import StepdConnection
 from sshd_adopt.errors import BrokerProtocolError, ProcError, StepdError
 

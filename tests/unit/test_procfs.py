@@ -310,8 +310,8 @@ def test_descendants_and_children(tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         grandchild = int(marker.read_text())
-        assert shell.pid in procfs.children(os.getpid())
-        assert grandchild not in procfs.children(os.getpid())
+        assert shell.pid in procfs.children_of(os.getpid())
+        assert grandchild not in procfs.children_of(os.getpid())
         assert procfs.descendants(shell.pid) == [grandchild]
         assert grandchild in procfs.descendants(os.getpid())
     finally:
@@ -366,7 +366,7 @@ def test_process_tree_matches_psutil_for_this_process() -> None:
     child = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
     try:
         deadline = time.monotonic() + 5
-        while not procfs.children(child.pid):
+        while not procfs.children_of(child.pid):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         links = [(p.pid, p.info["ppid"], p.info["create_time"])

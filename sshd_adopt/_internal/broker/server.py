@@ -1,11 +1,16 @@
-"""The broker's server loop: a unix socket, SO_PEERCRED, bounded everything.
+"""The broker's server: a unix socket, SO_PEERCRED, one dispatch table, bounded everything.
 
-asyncio owns the socket so that a thousand idle or slow clients cost a
-thousand small coroutines, not a thousand threads; the blocking work of a
-request (/proc, stepd sockets, the callerid RPC) runs in a bounded thread
-pool. Every read has a deadline and a size bound, every client is counted
-against a global and a per-uid limit, and one hung stepd or slow client can
-only ever hold its own request.
+The server alone speaks the wire format (:mod:`sshd_adopt._internal.protocol`): it
+reads one bounded request, looks its kind up in :data:`REQUESTS` (what may be asked,
+how long the answer may take, how large it may be), runs the service on a worker
+thread, and turns the service's typed outcome into the reply -- rendering a denial's
+text from the site's templates only here, where somebody will read it. As in
+OpenSSH's monitor, a kind of request that is not in the table is refused.
+
+asyncio owns the socket so that a thousand idle or slow clients cost a thousand small
+coroutines, not a thousand threads; every read has a deadline and a size bound, every
+client counts against a global and a per-uid limit, and one hung stepd or slow client
+can only ever hold its own request.
 """
 
 from __future__ import annotations
@@ -22,32 +27,102 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from sshd_adopt import __version__
 from sshd_adopt._internal import protocol
+from sshd_adopt._internal.broker.node import Node
+from sshd_adopt._internal.core.decision import Message
+from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Outcome
+from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
-from sshd_adopt._internal.services.admission import GateService
-from sshd_adopt._internal.services.adoption import AdoptionService, BrokerState, Peer
-from sshd_adopt._internal.services.sweeper import Sweeper
+from sshd_adopt._internal.services.admission import Keys, KeysOutcome
+from sshd_adopt._internal.services.adoption import Peer
+from sshd_adopt._internal.slurm import hints
 from sshd_adopt.errors import BrokerProtocolError, Error
 
 _PEERCRED = struct.Struct("3i")
 
 
+@dataclass(frozen=True)
+class Request:
+    """One kind of request: who serves it, within how long, and how large its reply may be."""
+
+    serve: Callable[[Node, Peer, dict[str, str]], dict[str, str]]
+    deadline: Callable[[BrokerState], float]
+    reply_limit: int = protocol.MAX_FRAME
+
+
+def _adopt(node: Node, peer: Peer, arguments: dict[str, str]) -> dict[str, str]:
+    return render_adoption(node.state(), node.adoption.request(peer, arguments))
+
+
+def _keys(node: Node, peer: Peer, arguments: dict[str, str]) -> dict[str, str]:
+    return render_keys(node.admission.keys(peer.pid, peer.uid, arguments[protocol.KEYS_USER]))
+
+
+def _ping(node: Node, _peer: Peer, _arguments: dict[str, str]) -> dict[str, str]:
+    state = node.state()
+    return protocol.reply("pong", version=__version__, node=state.nodename or "",
+                          config=state.config.path)
+
+
+#: Every request the broker serves. "adopt": the wrapper asks for its session;
+#: "keys": sshd's AuthorizedKeysCommand asks whether a user may enter; "ping": doctor
+#: and readiness checks.
+REQUESTS: dict[str, Request] = {
+    "adopt": Request(_adopt, lambda s: s.config.broker.decision_deadline),
+    # The key source has its own bound (admission.timeout) on top of the decision's.
+    "keys": Request(_keys, lambda s: s.config.broker.decision_deadline
+                    + s.config.admission.timeout, protocol.MAX_REPLY_FRAME),
+    "ping": Request(_ping, lambda s: s.config.broker.request_timeout),
+}
+
+
+def render_adoption(state: BrokerState, outcome: Outcome) -> dict[str, str]:
+    """The wrapper's reply; a denial's text is rendered here, with where the jobs run."""
+    if isinstance(outcome, Adopted):
+        return protocol.reply(protocol.ADOPTED, job=outcome.job, env=dict(outcome.env))
+    if isinstance(outcome, Allowed):
+        return protocol.reply(protocol.ALLOWED)
+    if isinstance(outcome, Denied):
+        text = state.config.messages.render(
+            outcome.message, user=outcome.user, node=outcome.node,
+            job=str(outcome.failed_job) if outcome.failed_job is not None else "-",
+            jobs=",".join(str(job) for job in outcome.jobs) or "none")
+        if outcome.message in (Message.NO_JOBS, Message.UNKNOWN_SOURCE):
+            text += _hint(outcome.user)
+        return protocol.reply(protocol.DENIED, message=text)
+    return protocol.reply(protocol.FAILED, message=f"sshd-adopt: {outcome.reason}")
+
+
+def render_keys(outcome: KeysOutcome) -> dict[str, str]:
+    """The AuthorizedKeysCommand's reply: keys to print, or a refusal (nothing printed)."""
+    if isinstance(outcome, Keys):
+        return protocol.reply(protocol.KEYS, keys=outcome.text)
+    return protocol.reply(protocol.DENIED, message=outcome.reason)
+
+
+def _hint(user: str) -> str:
+    """Where the user's running jobs are and how to get a shell in one ("" if unknown).
+
+    Asked of slurmctld with a short bound: a slow controller must not slow the
+    denial down, so the hint is simply left out then.
+    """
+    jobs = hints.running_jobs_elsewhere(user, timeout=0.5)
+    return "" if jobs is None else "\n" + hints.format_hint(jobs)
+
+
 class Broker:
-    """The running broker: owns the listening socket, the worker pool and the state."""
+    """The running broker: owns the socket, the worker pool and the node's parts."""
 
     def __init__(self, load_state: Callable[[], BrokerState]) -> None:
         self._load_state = load_state
         self._state = load_state()
-        settings = self._state.config.broker
-        self._pool = ThreadPoolExecutor(
-            max_workers=settings.workers, thread_name_prefix="adopt"
-        )
-        self._service = AdoptionService(lambda: self._state)
-        self._gate = GateService(lambda: self._state)
-        self._sweeper = Sweeper(lambda: self._state, self._service)
+        self._pool = ThreadPoolExecutor(max_workers=self._state.config.broker.workers,
+                                        thread_name_prefix="worker")
+        self.node = Node(lambda: self._state, self._pool)
         self._clients: Counter[int] = Counter()
         self._total = 0
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -65,18 +140,29 @@ class Broker:
         except Error as err:
             logger().error("reload failed, keeping the previous configuration: %s", err)
             return
+        old = self._state
         self._state = new
+        self.node.reloaded(old)
         if new.slurm_problem:
             logger().error("configuration reloaded; Slurm problem: %s", new.slurm_problem)
         else:
             logger().info("configuration and Slurm facts reloaded")
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
-        """Listen until SIGTERM/SIGINT, then finish the requests in flight and return."""
+        """Listen until SIGTERM/SIGINT, then finish the requests in flight and return.
+
+        The key entries are rebuilt from the node's jobs before the socket accepts
+        anything, and wiped when the broker stops.
+        """
         settings = self._state.config.broker
         path = settings.socket_path
         _prepare_socket_path(path)
-        server = await asyncio.start_unix_server(self._on_client, path=path)
+        self.node.start()
+        try:
+            server = await asyncio.start_unix_server(self._on_client, path=path)
+        except BaseException:
+            self.node.stop()
+            raise
         os.chmod(path, settings.socket_mode)
         if settings.socket_group is not None:
             import grp  # noqa: PLC0415  (rarely used; keep start-up lean)
@@ -89,22 +175,18 @@ class Broker:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         slurm = self._state.slurm
         logger().info(
-            "sshd-adoptd %s listening on %s (node %s, slurm %s)%s",
-            __version__,
-            path,
-            slurm.nodename if slurm else "?",
-            slurm.version if slurm else "?",
+            "sshd-adoptd %s listening on %s (node %s, slurm %s, config %s)%s",
+            __version__, path, slurm.nodename if slurm else "?",
+            slurm.version if slurm else "?", self._state.config.path,
             f"; slurm problem: {self._state.slurm_problem}" if self._state.slurm_problem else "",
         )
-        if self._state.config.sweeper.enabled:
-            self._sweeper.start()
         if ready is not None:
             ready()
         try:
             await self._stopping.wait()
         finally:
             # Stop accepting first, then answer what is in flight, and only then stop the
-            # sweeper: its thread may be mid-decision, and joining it must not block the
+            # node's threads: they may be mid-decision, and joining them must not block the
             # event loop that is answering those requests.
             server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -112,7 +194,7 @@ class Broker:
             if self._in_flight:
                 logger().info("finishing %d request(s) in flight", len(self._in_flight))
                 await asyncio.wait(self._in_flight, timeout=settings.decision_deadline + 1)
-            await asyncio.to_thread(self._sweeper.stop)
+            await asyncio.to_thread(self.node.stop)
             self._pool.shutdown(wait=False, cancel_futures=True)
             logger().info("sshd-adoptd stopped")
 
@@ -139,10 +221,9 @@ class Broker:
             admitted = True
             self._total += 1
             self._clients[uid] += 1
-            reply = await self._answer(reader, peer)
-            if reply is not None:
-                writer.write(protocol.encode(reply, limit=protocol.MAX_REPLY_FRAME))
-                await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
+            reply, limit = await self._answer(reader, peer)
+            writer.write(protocol.encode(reply, limit=limit))
+            await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
         except (TimeoutError, ConnectionError, BrokerProtocolError) as err:
             logger().warning("dropped client pid %d uid %d: %s", pid, uid, err or "timeout")
         finally:
@@ -156,51 +237,33 @@ class Broker:
                 await writer.wait_closed()
             self._in_flight.discard(task)
 
-    async def _answer(self, reader: asyncio.StreamReader, peer: Peer) -> dict[str, str] | None:
-        """Read one bounded request and compute its reply."""
-        settings = self._state.config.broker
-        deadline = time.monotonic() + settings.request_timeout
-        header = await asyncio.wait_for(reader.readexactly(4), timeout=settings.request_timeout)
+    async def _answer(self, reader: asyncio.StreamReader,
+                      peer: Peer) -> tuple[dict[str, str], int]:
+        """Read one bounded request and compute its reply (and the reply's size bound)."""
+        state = self._state
+        timeout = state.config.broker.request_timeout
+        deadline = time.monotonic() + timeout
+        header = await asyncio.wait_for(reader.readexactly(4), timeout=timeout)
         length = protocol.frame_length(header)
-        remaining = max(0.01, deadline - time.monotonic())
         try:
-            body = await asyncio.wait_for(reader.readexactly(length), timeout=remaining)
+            body = await asyncio.wait_for(reader.readexactly(length),
+                                          timeout=max(0.01, deadline - time.monotonic()))
         except asyncio.IncompleteReadError as err:
             raise BrokerProtocolError("frame cut short") from err
-        op, overrides = protocol.parse_request(body)
-        if op == "ping":
-            slurm = self._state.slurm
-            return protocol.reply(
-                "pong", version=__version__, node=(slurm.nodename or "") if slurm else ""
-            )
-        if op == "adopt":
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(
-                self._pool, self._service.handle_adopt, peer, overrides
-            )
-            try:
-                return await asyncio.wait_for(future, timeout=settings.decision_deadline)
-            except TimeoutError:
-                logger().error(
-                    "request of pid %d uid %d exceeded the %.1fs decision deadline",
-                    peer.pid, peer.uid, settings.decision_deadline,
-                )
-                return protocol.reply(protocol.FAILED, message="sshd-adopt: the broker timed out")
-        if op == "keys":
-            # The gate's key source has its own bound (gate.timeout) on top
-            # of the decision's; sshd itself would wait forever.
-            bound = settings.decision_deadline + self._state.config.gate.timeout
-            loop = asyncio.get_running_loop()
-            keys = loop.run_in_executor(
-                self._pool, self._gate.handle_keys, peer, overrides[protocol.KEYS_USER]
-            )
-            try:
-                return await asyncio.wait_for(keys, timeout=bound)
-            except TimeoutError:
-                logger().error("gate: keys request of pid %d exceeded %.1fs", peer.pid, bound)
-                return protocol.reply(protocol.FAILED, message="the broker timed out")
-        logger().warning("request %r from pid %d is not served yet", op, peer.pid)
-        return protocol.reply(protocol.FAILED, message=f"request {op!r} is not supported yet")
+        op, arguments = protocol.parse_request(body)
+        request = REQUESTS.get(op)
+        if request is None:  # parse_request knows no more kinds than the table
+            raise BrokerProtocolError(f"request {op!r} is not served")
+        bound = request.deadline(state)
+        work = asyncio.get_running_loop().run_in_executor(
+            self._pool, request.serve, self.node, peer, arguments)
+        try:
+            return await asyncio.wait_for(work, timeout=bound), request.reply_limit
+        except TimeoutError:
+            logger().error("%s request of pid %d uid %d exceeded its %.1fs deadline",
+                           op, peer.pid, peer.uid, bound)
+            return (protocol.reply(protocol.FAILED, message="sshd-adopt: the broker timed out"),
+                    request.reply_limit)
 
 
 def _prepare_socket_path(path: str) -> None:

@@ -33,18 +33,20 @@ from typing import Any, Final, get_args
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.config.settings import (
     DEFAULT_CONFIG_PATH,
+    AdmissionSettings,
+    AdoptionSettings,
     BrokerSettings,
     CallerIdMethod,
     CallerIdSettings,
     Config,
     Exemptions,
-    GateOnDeny,
-    GateSettings,
     InvalidValue,
     LogSettings,
     LogTarget,
     Messages,
+    OnDeny,
     SlurmSettings,
+    SshdSettings,
     SweeperSettings,
 )
 from sshd_adopt._internal.config.values import (
@@ -60,6 +62,7 @@ from sshd_adopt._internal.config.values import (
     non_empty_paths,
     octal_mode,
     one_of,
+    optional,
     plain_name,
     positive_seconds,
     suggest,
@@ -121,6 +124,8 @@ SECTIONS: Final[Mapping[str, Schema]] = {
         "workers": count_upto(1024),
         "max_connections": count_upto(65536),
         "max_per_uid": count_upto(65536),
+        "proc_events": bool_toml,
+        "reconcile_interval": positive_seconds,
     },
     "exempt": {"users": name_set, "groups": name_set},
     "callerid": {
@@ -130,26 +135,31 @@ SECTIONS: Final[Mapping[str, Schema]] = {
         "munge_path": absolute_path,
     },
     "messages": {kind.value: message_template for kind in Message},
-    "slurm": {"conf_path": absolute_path, "sshd_executables": non_empty_paths},
+    "slurm": {"conf_path": absolute_path},
+    "sshd": {"executables": non_empty_paths},
     "log": {
         "target": one_of(get_args(LogTarget)),
         "facility": one_of(tuple(sorted(SysLogHandler.facility_names))),
         "ident": plain_name,
     },
-    "gate": {
-        "user": plain_name,
+    "admission": {
+        "keys_dir": absolute_path,
+        "principals_dir": absolute_path,
+        "keys_file": keys_file,
+        "principals_file": optional(keys_file),
+        "command_user": plain_name,
         "keys_command": want_str,
-        "on_deny": one_of(get_args(GateOnDeny)),
-        "keys_files": list_of(keys_file),
+        "on_deny": one_of(get_args(OnDeny)),
+        "message_shells": list_of(plain_name),
         "timeout": positive_seconds,
         "max_keys_bytes": count_upto(protocol.MAX_REPLY_FRAME // 2),
     },
+    "adoption": {"early": bool_toml},
     "sweeper": {
         "enabled": bool_toml,
         "interval": positive_seconds,
         "grace": positive_seconds,
         "kill_after": positive_seconds,
-        "use_proc_connector": bool_toml,
     },
 }
 
@@ -223,12 +233,13 @@ class _Loader:
     def build(self, values: Mapping[str, Mapping[str, Any]]) -> Config:
         """Construct the settings from valid values; defaults fill the rest."""
         exempt = Exemptions(**values["exempt"])
-        for group in sorted(exempt.unknown_groups):
-            self.warn(
-                "exempt.groups",
-                f"no group {group!r} exists (yet); it exempts nobody until it exists "
-                "and the configuration is reloaded (SIGHUP)",
-            )
+        for group in sorted(exempt.groups):
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                self.warn("exempt.groups",
+                          f"no group {group!r} exists (yet); it exempts its members as soon "
+                          "as it does (no reload needed)")
         return Config(
             path=self.path,
             options=Options(**values["policy"]),
@@ -237,14 +248,20 @@ class _Loader:
             callerid=CallerIdSettings(**values["callerid"]),
             messages=Messages(**values["messages"]),
             slurm=SlurmSettings(**values["slurm"]),
+            sshd=SshdSettings(**values["sshd"]),
             log=LogSettings(**values["log"]),
-            gate=GateSettings(**values["gate"]),
+            admission=AdmissionSettings(**values["admission"]),
+            adoption=AdoptionSettings(**values["adoption"]),
             sweeper=SweeperSettings(**values["sweeper"]),
         )
 
     def combinations(self, config: Config) -> None:
         """Errors for settings that cannot work together; warnings for ones that fail open."""
         options, broker = config.options, config.broker
+        admission = config.admission
+        if os.path.abspath(admission.keys_dir) == os.path.abspath(admission.principals_dir):
+            self.problem("admission.principals_dir",
+                         "must differ from admission.keys_dir (one entry per user in each)")
         if not options.ignore_root:
             self.problem(
                 "policy.ignore_root",
@@ -299,12 +316,6 @@ class _Loader:
                 "policy.action_unknown",
                 "'allow' lets users with several jobs in unconfined when the source "
                 "job cannot be determined",
-            )
-        if config.gate.on_deny == "restrict":
-            self.warn(
-                "gate.on_deny",
-                "'restrict' lets users who may not enter authenticate: their shell rc "
-                "files run until the sweeper ends the connection",
             )
         group_ok = broker.socket_group is not None and broker.socket_mode & 0o020
         if not broker.socket_mode & 0o002 and not group_ok:

@@ -8,14 +8,11 @@ they are read (:mod:`.loader`); the few settings that validate themselves
 
 from __future__ import annotations
 
-import grp
-import os
-import pwd
 import string
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from sshd_adopt._internal import protocol
 from sshd_adopt._internal.core.decision import Message
 from sshd_adopt._internal.core.options import Options
 
@@ -32,7 +29,7 @@ MAX_MESSAGE_CHARS: Final = 1024
 
 CallerIdMethod = Literal["auto", "native", "scontrol"]
 LogTarget = Literal["syslog", "stderr", "auto"]
-GateOnDeny = Literal["restrict", "refuse"]
+OnDeny = Literal["message", "refuse"]
 
 
 class InvalidValue(ValueError):
@@ -51,7 +48,7 @@ class BrokerSettings:
     logins; the timeouts bound what a slow or malicious peer can cost.
     """
 
-    socket_path: str = "/run/sshd-adopt/broker.sock"
+    socket_path: str = protocol.DEFAULT_SOCKET
     socket_mode: int = 0o666
     socket_group: str | None = None
     pid_file: str = "/run/sshd-adopt/sshd-adoptd.pid"
@@ -61,48 +58,22 @@ class BrokerSettings:
     workers: int = 16
     max_connections: int = 512
     max_per_uid: int = 64
+    proc_events: bool = True  # follow logins and stepds through the kernel's proc connector
+    reconcile_interval: float = 10.0  # full re-read of the node's extern steps
 
 
 @dataclass(frozen=True)
 class Exemptions:
     """Users and groups the broker lets in without adoption (admins, service accounts).
 
-    Group names are resolved to gids once, when the configuration is loaded,
-    because :meth:`is_exempt` runs on every login and must not hit NSS (LDAP)
-    each time. A name that does not resolve is not an error, since the admin
-    may create the group later; it matches nobody until it exists and the
-    configuration is reloaded (SIGHUP), and it is listed in
-    :attr:`unknown_groups` so the loader can warn.
+    Names only: the login core resolves the groups when it asks
+    (:meth:`~sshd_adopt._internal.core.login.LoginCore.exempt`, cached briefly), so a
+    directory-service group that appears after the broker started works without a
+    reload. Root is always exempt.
     """
 
     users: frozenset[str] = frozenset({"root"})
     groups: frozenset[str] = frozenset()
-    gids: frozenset[int] = field(init=False, default=frozenset(), compare=False)
-    unknown_groups: frozenset[str] = field(init=False, default=frozenset(), compare=False)
-
-    def __post_init__(self) -> None:
-        gids: set[int] = set()
-        unknown: set[str] = set()
-        for name in self.groups:
-            try:
-                gids.add(grp.getgrnam(name).gr_gid)
-            except KeyError:
-                unknown.add(name)
-        object.__setattr__(self, "gids", frozenset(gids))
-        object.__setattr__(self, "unknown_groups", frozenset(unknown))
-
-    def is_exempt(self, user: str, gids: Iterable[int]) -> bool:
-        """Whether ``user``, a member of ``gids``, is let in without adoption."""
-        return user in self.users or not self.gids.isdisjoint(gids)
-
-    def covers(self, entry: pwd.struct_passwd) -> bool:
-        """Whether the account ``entry`` is exempt, by name or by any of its groups.
-
-        The one place the gate, adoption and the sweeper ask: all three must
-        agree on who is never adopted and never refused.
-        """
-        groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
-        return self.is_exempt(entry.pw_name, groups)
 
 
 @dataclass(frozen=True)
@@ -159,6 +130,7 @@ class Messages:
     no_node: str = (
         "Access denied by sshd-adopt: this host is not a Slurm compute node (no NodeName)"
     )
+    not_an_ssh_session: str = "sshd-adopt: not an ssh session"
 
     def __post_init__(self) -> None:
         for kind in Message:
@@ -184,15 +156,21 @@ class Messages:
 
 @dataclass(frozen=True)
 class SlurmSettings:
-    """Where Slurm's configuration is, and which binaries count as sshd.
+    """Where Slurm's configuration is."""
 
-    ``sshd_executables`` is what the broker accepts as the per-connection
-    sshd processes above a peer (OpenSSH ≥ 9.8 splits off ``sshd-session``);
+    conf_path: str = "/etc/slurm/slurm.conf"
+
+
+@dataclass(frozen=True)
+class SshdSettings:
+    """Which binaries count as sshd.
+
+    ``executables`` is what the broker accepts as the per-connection sshd processes
+    above a peer and as a listener (OpenSSH ≥ 9.8 splits off ``sshd-session``);
     anything else in the chain means "not an ssh session".
     """
 
-    conf_path: str = "/etc/slurm/slurm.conf"
-    sshd_executables: tuple[str, ...] = (
+    executables: tuple[str, ...] = (
         "/usr/sbin/sshd",
         "/usr/lib/openssh/sshd-session",
         "/usr/libexec/sshd-session",
@@ -201,53 +179,68 @@ class SlurmSettings:
 
 
 @dataclass(frozen=True)
-class GateSettings:
-    """The auth-time gate (``sshd-adopt-keys``, sshd's AuthorizedKeysCommand).
+class AdmissionSettings:
+    """Admission at authentication: the drop-in's AuthorizedKeysFile,
+    AuthorizedPrincipalsFile and AuthorizedKeysCommand lines.
 
-    ``user`` is sshd's ``AuthorizedKeysCommandUser``: the broker serves a
-    "keys" request only from a process of that user forked by a genuine sshd
-    monitor. The keys come from ``keys_command`` (run with the gate user's
-    privileges, ``%u`` replaced by the user name) when it is set, else from
-    ``keys_files`` (relative to the user's home; ``%u`` and ``%h`` expand),
-    which the root broker reads with sshd's StrictModes rules. ``timeout``
-    bounds the key source, since sshd imposes no bound on the command.
+    ``keys_dir`` and ``principals_dir`` hold one entry per user who may enter now
+    (sshd reads ``<keys_dir>/%u``): a symlink to ``keys_file`` (relative to the home;
+    ``%h``, ``%u`` expand), and a file naming the user, or a symlink to
+    ``principals_file`` when the site has one. Both directories must be root's alone
+    (the broker refuses to start otherwise).
 
-    ``on_deny`` says what a user who may not enter gets. ``refuse``
-    (default): no key, so authentication fails before any session exists and
-    the client prints only "Permission denied (publickey)" (the reason is in
-    the broker's log). ``restrict``: the user's keys with the ``restrict``
-    option, so authentication succeeds with forwarding, agent, X11 and pty
-    off, the ForceCommand wrapper runs and the user sees the helpful denial
-    message; but the user's shell rc files run before the wrapper, so a
-    denied user can run code on the node until the sweeper ends the
-    connection (its measured bound, docs/threat-model.md). ``refuse`` is the
-    containment boundary; ``restrict`` trades it for the message.
+    The AuthorizedKeysCommand (``sshd-adopt-keys``, run as ``command_user``) is the
+    fallback for users without an entry, and the primary path when keys come from
+    ``keys_command`` (run as ``command_user``, ``%u`` replaced; e.g.
+    ``/usr/bin/sss_ssh_authorizedkeys %u``). ``timeout`` bounds the key source.
+
+    ``on_deny`` is what a user who may not enter gets. ``message`` (default): users
+    whose login shell reads no startup file for ``-c`` under the drop-in's
+    ``SetEnv SHLVL=1`` (``message_shells``: bash, dash/sh) authenticate with
+    ``restrict``-ed keys (no forwarding, agent, X11 or pty), the wrapper prints why,
+    and nothing of theirs runs on the node; every other shell is refused at
+    authentication ("Permission denied (publickey)"). ``refuse``: everyone is.
     """
 
-    user: str = "sshd-adopt-gate"
-    on_deny: GateOnDeny = "refuse"
+    keys_dir: str = "/run/sshd-adopt/keys"
+    principals_dir: str = "/run/sshd-adopt/principals"
+    keys_file: str = ".ssh/authorized_keys"
+    principals_file: str = ""
+    command_user: str = "sshd-adopt-gate"
     keys_command: str = ""
-    keys_files: tuple[str, ...] = (".ssh/authorized_keys",)
+    on_deny: OnDeny = "message"
+    message_shells: tuple[str, ...] = ("bash", "sh", "dash")
     timeout: float = 2.0
     max_keys_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
+class AdoptionSettings:
+    """Adoption as soon as sshd has authenticated a connection.
+
+    With ``early`` (and the proc connector), the broker adopts the connection's
+    monitor and post-authentication child the moment that child takes the user's
+    uid, before the session runs anything; the wrapper then finds it done. Without,
+    adoption waits for the wrapper's request (and the sweeper).
+    """
+
+    early: bool = True
+
+
+@dataclass(frozen=True)
 class SweeperSettings:
-    """The session sweeper: sessions of managed users found outside any job.
+    """The session sweeper: connections of managed users found outside any job.
 
     ``interval`` is the period of the full scan (the safety net behind the
     proc connector's events); ``grace`` is how old a connection must be before
-    the sweeper acts on it, so the wrapper adopts it first in the normal case;
-    ``kill_after`` is how long a connection to be ended gets between SIGTERM
-    and SIGKILL.
+    the sweeper acts on it; ``kill_after`` is how long a connection to be ended
+    gets between SIGTERM and SIGKILL. Times in seconds.
     """
 
     enabled: bool = True
     interval: float = 2.0
     grace: float = 0.5
     kill_after: float = 2.0
-    use_proc_connector: bool = True
 
 
 @dataclass(frozen=True)
@@ -270,8 +263,10 @@ class Config:
     callerid: CallerIdSettings = field(default_factory=CallerIdSettings)
     messages: Messages = field(default_factory=Messages)
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    sshd: SshdSettings = field(default_factory=SshdSettings)
     log: LogSettings = field(default_factory=LogSettings)
-    gate: GateSettings = field(default_factory=GateSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    adoption: AdoptionSettings = field(default_factory=AdoptionSettings)
     sweeper: SweeperSettings = field(default_factory=SweeperSettings)
     warnings: tuple[str, ...] = ()
 

@@ -172,6 +172,14 @@ def keys_file(value: object) -> str:
     return text
 
 
+def optional(item: Callable[[object], str]) -> Callable[[object], str]:
+    """``item``, or the empty string (meaning "not set")."""
+    def convert(value: object) -> str:
+        return "" if value == "" else item(value)
+
+    return convert
+
+
 def non_empty_paths(value: object) -> tuple[str, ...]:
     paths = list_of(absolute_path)(value)
     if not paths:

@@ -49,6 +49,7 @@ class Message(enum.StrEnum):
     UNKNOWN_SOURCE = "unknown_source"
     ADOPT_FAILED = "adopt_failed"
     NO_NODE = "no_node"
+    NOT_AN_SSH_SESSION = "not_an_ssh_session"
 
 
 @dataclass(frozen=True)

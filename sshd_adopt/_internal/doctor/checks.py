@@ -12,10 +12,11 @@ The module is split in two on purpose:
   functions of facts already gathered. Every rule, e.g. "a managed user must
   get a ForceCommand pointing at sshd-adopt", is a unit test with made-up
   inputs: no sshd, no Slurm, no root needed.
-* **Gathering** (``gather_*``, :func:`ping_broker`, :func:`stat_chain`) runs
-  ``sshd -T``, ``stat``, the broker socket and the stepds, and turns every
-  failure into data (an error string) so a check can report it as a finding
-  instead of the doctor crashing on the first broken thing.
+* **Gathering** (:mod:`.gather`, and here :func:`ping_broker` and
+  :func:`stat_chain`) runs ``sshd -T``, ``stat``, the broker socket and the
+  stepds, and turns every failure into data (an error string) so a check can
+  report it as a finding instead of the doctor crashing on the first broken
+  thing.
 
 Each finding is a :class:`Check` with a status and, unless it is OK, a
 one-line fix, because the reader is an admin in the middle of an install.
@@ -25,14 +26,13 @@ from __future__ import annotations
 
 import enum
 import os
-import re
 import shlex
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sshd_adopt._internal import protocol
-from sshd_adopt._internal.config import Config
+from sshd_adopt._internal.config import AdmissionSettings, Config
 from sshd_adopt._internal.core.decision import (
     Adopt,
     Allow,
@@ -53,7 +53,6 @@ __all__ = [
     "WRAPPER_NAME",
     "Check",
     "DryRun",
-    "ForcedCommand",
     "PathStat",
     "PingResult",
     "SshdView",
@@ -61,7 +60,8 @@ __all__ = [
     "check_broker",
     "check_config",
     "check_config_file",
-    "check_exempt_agrees",
+    "check_entries",
+    "check_limits",
     "check_safe_path",
     "check_slurm",
     "check_sshd_exempt",
@@ -69,8 +69,6 @@ __all__ = [
     "describe",
     "dry_run",
     "exit_status",
-    "forced_commands",
-    "match_exclusions",
     "parse_sshd_t",
     "ping_broker",
     "stat_chain",
@@ -111,12 +109,19 @@ def _ok(name: str, detail: str) -> Check:
 # --------------------------------------------------------------------------- configuration
 
 
-def check_config(config: Config | None, error: str | None, path: str) -> list[Check]:
-    """The broker's configuration loads; its warnings (risky but legal choices) are WARNs."""
+def check_config(config: Config | None, error: str | None, path: str, *,
+                 source: str = "") -> list[Check]:
+    """The broker's configuration loads; its warnings (risky but legal choices) are WARNs.
+
+    ``source`` says where the path came from (e.g. "the running broker's").
+    """
+    where = f" ({source})" if source else ""
     if config is None:
-        return [Check("config", Status.FAIL, error or f"{path}: cannot be loaded",
+        return [Check("config", Status.FAIL, f"{error or path + ': cannot be loaded'}{where}",
                       f"fix the file, then: sshd-adoptd --check --config {path}")]
-    checks = [_ok("config", f"{config.path} is valid")]
+    defaults = any(w.endswith("using the built-in defaults") for w in config.warnings)
+    checks = [_ok("config", f"no file at {config.path}: the built-in defaults apply{where}"
+                  if defaults else f"{config.path} is valid{where}")]
     checks += [
         Check("config", Status.WARN, warning,
               "see docs/configuration.md, 'Combinations'; "
@@ -219,6 +224,7 @@ class PingResult:
     version: str | None = None
     node: str | None = None
     error: str | None = None
+    config: str | None = None  # the configuration file the running broker loaded
 
 
 def check_broker(ping: PingResult, *, our_version: str, nodename: str | None) -> list[Check]:
@@ -248,13 +254,14 @@ def ping_broker(socket_path: str, timeout: float = 2.0) -> PingResult:
     """Send one "ping" frame and read the reply; failures become ``error``, never raise."""
     try:
         reply = protocol.exchange(
-            socket_path, {"v": protocol.PROTOCOL_VERSION, "op": "ping"}, timeout=timeout
+            socket_path, protocol.ping_request(), timeout=timeout
         )
     except (OSError, BrokerProtocolError) as err:
         return PingResult(socket_path, error=str(err) or type(err).__name__)
     if reply.get("result") != "pong":
         return PingResult(socket_path, error=f"unexpected reply {reply.get('result')!r}")
-    return PingResult(socket_path, version=reply.get("version", "?"), node=reply.get("node", ""))
+    return PingResult(socket_path, version=reply.get("version", "?"), node=reply.get("node", ""),
+                      config=reply.get("config") or None)
 
 
 # --------------------------------------------------------------------------- sshd
@@ -302,13 +309,20 @@ def forced_wrapper(forcecommand: str) -> str | None:
     return None
 
 
-def check_sshd_managed(view: SshdView) -> list[Check]:
-    """A managed user: sshd must force the wrapper on her and not let her around it.
+def check_sshd_managed(view: SshdView, admission: AdmissionSettings) -> list[Check]:
+    """A managed user: sshd must force the wrapper on her and admit her only by our rules.
 
-    ``PermitUserEnvironment yes`` lets ``~/.ssh/environment`` set LD_PRELOAD or
-    PATH for the wrapper; an ``AuthorizedKeysCommand`` gate only runs when no
-    ``AuthorizedKeysFile`` matched, so without ``AuthorizedKeysFile none`` a
-    user's own authorized_keys walks past it.
+    * ForceCommand runs the wrapper; ``PermitUserEnvironment no`` (else
+      ``~/.ssh/environment`` feeds LD_PRELOAD or PATH to it);
+    * her keys come only from the broker's entry (``AuthorizedKeysFile
+      <keys_dir>/%u``, exactly) or, when the site's keys come from a command, from
+      the gate alone (``AuthorizedKeysFile none``): a key file of her own would
+      let her in without a job;
+    * with a ``TrustedUserCAKeys``, certificates are accepted only through the
+      principals entry (``AuthorizedPrincipalsFile <principals_dir>/%u``);
+    * the AuthorizedKeysCommand is ``sshd-adopt-keys`` run as ``command_user``;
+    * ``SetEnv SHLVL=1`` when refused users are told why: without it, bash reads
+      their ``~/.bashrc`` before the wrapper says no.
     """
     name = f"sshd ({view.user})"
     if view.error is not None:
@@ -322,26 +336,78 @@ def check_sshd_managed(view: SshdView) -> list[Check]:
                             "sessions are not adopted",
                             "install the drop-in (scripts/install) and make its Match block "
                             f"cover {view.user}, then reload sshd"))
-    else:
-        checks.append(_ok(name, f"ForceCommand {view.get('forcecommand')}"))
+        return checks
+    checks.append(_ok(name, f"ForceCommand {view.get('forcecommand')}"))
     if view.get("permituserenvironment").lower() not in ("no", "none"):
         checks.append(Check(name, Status.WARN,
                             f"PermitUserEnvironment {view.get('permituserenvironment')}: "
                             "~/.ssh/environment can feed LD_PRELOAD/PATH to the wrapper",
                             "set PermitUserEnvironment no in the Match block"))
+    files = view.get("authorizedkeysfile").split()
+    entry = f"{admission.keys_dir}/%u"
+    if admission.keys_command.strip():
+        wanted, why = ["none"], "the keys come from admission.keys_command, through the gate"
+    else:
+        wanted, why = [entry], "only the broker's entry, which exists while the user may enter"
+    if files != wanted:
+        checks.append(Check(name, Status.FAIL,
+                            f"AuthorizedKeysFile is {' '.join(files)!r}: a key there is accepted "
+                            "whether or not the user has a job here",
+                            f"AuthorizedKeysFile {' '.join(wanted)} in the drop-in's Match block "
+                            f"({why})"))
+    else:
+        checks.append(_ok(name, f"AuthorizedKeysFile {' '.join(files)}"))
+    principals = f"{admission.principals_dir}/%u"
+    if view.get("trustedusercakeys") != "none" and view.get(
+            "authorizedprincipalsfile") != principals:
+        checks.append(Check(name, Status.FAIL,
+                            f"TrustedUserCAKeys is set but AuthorizedPrincipalsFile is "
+                            f"{view.get('authorizedprincipalsfile')!r}: a CA-signed certificate "
+                            "logs in without a job",
+                            f"AuthorizedPrincipalsFile {principals} in the drop-in's Match block"))
     command = view.get("authorizedkeyscommand")
-    if command != "none":
-        if view.get("authorizedkeysfile").strip().lower() != "none":
-            checks.append(Check(name, Status.FAIL,
-                                f"AuthorizedKeysCommand {command} is set, but AuthorizedKeysFile "
-                                f"is {view.get('authorizedkeysfile')!r}: a key in the user's "
-                                "own file is accepted without asking the gate",
-                                "put 'AuthorizedKeysFile none' in the same Match block, "
-                                "before any other AuthorizedKeysFile line"))
-        else:
-            checks.append(_ok(name, f"AuthorizedKeysCommand {command} with AuthorizedKeysFile "
-                                    "none"))
+    if command == "none" or os.path.basename(command.split()[0]) != "sshd-adopt-keys":
+        checks.append(Check(name, Status.WARN,
+                            f"AuthorizedKeysCommand is {command!r}: a job that started a moment "
+                            "ago, and refusals with a message, need sshd-adopt-keys",
+                            "AuthorizedKeysCommand <prefix>/bin/sshd-adopt-keys %u"))
+    elif view.get("authorizedkeyscommanduser") != admission.command_user:
+        checks.append(Check(name, Status.FAIL,
+                            f"AuthorizedKeysCommandUser is "
+                            f"{view.get('authorizedkeyscommanduser')!r}, the broker answers only "
+                            f"{admission.command_user!r}",
+                            "make admission.command_user and the drop-in agree"))
+    if admission.on_deny == "message" and "SHLVL=1" not in view.get("setenv").split():
+        checks.append(Check(name, Status.FAIL,
+                            "no SetEnv SHLVL=1: a refused bash user's ~/.bashrc runs before the "
+                            "wrapper can say why",
+                            "SetEnv SHLVL=1 in the drop-in's Match block (or "
+                            "admission.on_deny = \"refuse\")"))
     return checks
+
+
+def check_entries(problems: Sequence[str], admitted: Iterable[str], keys_dir: str) -> Check:
+    """The entry directories are root's alone (else anyone could plant an entry)."""
+    if problems:
+        return Check("key entries", Status.FAIL, "; ".join(problems),
+                     "chown root:root and chmod 0755 each directory named (and the ones "
+                     "above it); the broker refuses to start until then")
+    users = sorted(admitted)
+    shown = ", ".join(users[:10]) + (" …" if len(users) > 10 else "")
+    return _ok("key entries", f"{keys_dir}: root's alone; {len(users)} user(s) may enter"
+               + (f" ({shown})" if users else ""))
+
+
+def check_limits(usepam: str, lines: Sequence[str]) -> Check | None:
+    """With ``UsePAM no`` nothing applies /etc/security/limits.conf to ssh sessions."""
+    if usepam.lower() != "no" or not lines:
+        return None
+    return Check("limits.conf", Status.WARN,
+                 f"UsePAM no, but limits.conf/limits.d set {len(lines)} limit(s) (e.g. "
+                 f"{lines[0]!r}): they do not apply to ssh sessions (pam_limits never runs); "
+                 "adopted sessions get the job's cgroup limits instead",
+                 "set the limits in the job (slurm.conf, cgroup.conf), or in sshd's service "
+                 "(LimitNOFILE=...) for everyone")
 
 
 def check_sshd_exempt(view: SshdView) -> list[Check]:
@@ -357,123 +423,6 @@ def check_sshd_exempt(view: SshdView) -> list[Check]:
                       "exclude admins and root from the drop-in's Match block "
                       "(e.g. Match Group slurmusers,!clusteradm)")]
     return [_ok(name, "no sshd-adopt ForceCommand (exempt)")]
-
-
-@dataclass(frozen=True)
-class ForcedCommand:
-    """A ``ForceCommand`` line of sshd's configuration and the ``Match`` it sits under."""
-
-    command: str
-    criteria: str | None  # the Match line's arguments; None: outside any Match block
-
-
-_KEYWORD = re.compile(r"\s*([A-Za-z]+)(?:\s*=\s*|\s+)(.*)")
-_MAX_INCLUDE_DEPTH = 16  # sshd's own limit
-
-
-def forced_commands(
-    text: str, include: Callable[[str], Sequence[str]], *, criteria: str | None = None,
-    depth: int = 0,
-) -> list[ForcedCommand]:
-    """Every ``ForceCommand`` in an sshd_config text, with the ``Match`` it applies under.
-
-    ``include(pattern)`` returns the texts of the files an ``Include`` names. As
-    in sshd, an included file starts in the including file's Match block and
-    its own Match lines end at its end (sshd restores the Match state after an
-    Include).
-    """
-    found: list[ForcedCommand] = []
-    for line in text.splitlines():
-        matched = _KEYWORD.fullmatch(line.split("#", 1)[0].rstrip())
-        if matched is None:
-            continue
-        keyword, value = matched.group(1).lower(), matched.group(2).strip()
-        if keyword == "match":
-            criteria = value
-        elif keyword == "forcecommand":
-            found.append(ForcedCommand(value, criteria))
-        elif keyword == "include" and depth < _MAX_INCLUDE_DEPTH:
-            try:
-                patterns = shlex.split(value)
-            except ValueError:
-                patterns = value.split()
-            for pattern in patterns:
-                for included in include(pattern):
-                    found += forced_commands(included, include, criteria=criteria,
-                                             depth=depth + 1)
-    return found
-
-
-def match_exclusions(criteria: str) -> tuple[frozenset[str], frozenset[str]]:
-    """The users and groups a Match line excludes by name (``!name``), wildcards left out."""
-    users: set[str] = set()
-    groups: set[str] = set()
-    words = criteria.split()
-    index = 0
-    while index < len(words):
-        key, _, patterns = words[index].partition("=")
-        if not patterns and key.lower() not in ("all", "canonical", "final"):
-            index += 1
-            patterns = words[index] if index < len(words) else ""
-        index += 1
-        target = {"user": users, "group": groups}.get(key.lower())
-        if target is None:
-            continue
-        for pattern in patterns.split(","):
-            name = pattern[1:] if pattern.startswith("!") else ""
-            if name and not any(c in name for c in "*?"):
-                target.add(name)
-    return frozenset(users), frozenset(groups)
-
-
-def check_exempt_agrees(
-    commands: Iterable[ForcedCommand], *, exempt_users: Iterable[str],
-    exempt_groups: Iterable[str], user_is_exempt: Callable[[str], bool], config_path: str,
-    sweeper_enabled: bool,
-) -> list[Check]:
-    """Whoever sshd's Match block keeps away from the wrapper must be in ``[exempt]``.
-
-    The drop-in's ``Match Group slurmusers,!clusteradm`` promises admins a plain
-    session that Slurm never denies. sshd keeps the wrapper and the gate away
-    from them, but the broker's sweeper only knows ``[exempt]``: an admin who is
-    not listed there has her session ended within a second when she has no job
-    on the node. Nothing is reported when no Match block forces the wrapper, or
-    when the sweeper is off (then nothing else looks at those sessions).
-    """
-    blocks = sorted({c.criteria for c in commands
-                     if c.criteria is not None and forced_wrapper(c.command) is not None})
-    if not blocks or not sweeper_enabled:
-        return []
-    users: set[str] = set()
-    groups: set[str] = set()
-    for criteria in blocks:
-        excluded_users, excluded_groups = match_exclusions(criteria)
-        users |= excluded_users
-        groups |= excluded_groups
-    listed_users, listed_groups = set(exempt_users), set(exempt_groups)
-    missing_users = sorted(u for u in users if u != "root" and u not in listed_users
-                           and not user_is_exempt(u))
-    missing_groups = sorted(groups - listed_groups)
-    where = "; ".join(f"Match {b}" for b in blocks)
-    if not missing_users and not missing_groups:
-        excluded = ", ".join([*sorted(users), *sorted(groups)]) or "nobody by name"
-        return [_ok("exempt", f"[exempt] covers whom sshd's {where} excludes ({excluded})")]
-    named = [f"user {u}" for u in missing_users] + [f"group {g}" for g in missing_groups]
-    toml = []
-    if missing_users:
-        toml.append(f"users = {_toml_list(sorted(listed_users | set(missing_users)))}")
-    if missing_groups:
-        toml.append(f"groups = {_toml_list(sorted(listed_groups | groups))}")
-    return [Check("exempt", Status.FAIL,
-                  f"sshd's {where} keeps {', '.join(named)} away from the wrapper, but "
-                  f"[exempt] in {config_path} does not: the broker's sweeper ends their ssh "
-                  "sessions when they have no job on this node",
-                  f"set {' and '.join(toml)} under [exempt] in {config_path}, then reload "
-                  "the broker (systemctl reload sshd-adoptd)")]
-
-
-def _toml_list(names: Iterable[str]) -> str:
-    return "[" + ", ".join(f'"{n}"' for n in names) + "]"
 
 
 # --------------------------------------------------------------------------- paths

@@ -312,16 +312,69 @@ def connection_of(pid: int) -> Connection | None:
     return None
 
 
-def children(pid: int, *, recursive: bool = False) -> list[int]:
-    """Child pids (or all descendants) of ``pid``.
+#: Most descendants one walk collects: a fork bomb must not make the broker walk forever.
+MAX_DESCENDANTS = 65536
 
-    Children that exit meanwhile are skipped (psutil builds the tree from one
-    scan of /proc and ignores entries that vanish); psutil also drops
-    "children" older than the parent, i.e. a reused pid. Raises NoSuchProcess
-    if ``pid`` itself is gone.
+
+def children_of(pid: int) -> list[int]:
+    """The child pids of ``pid``, as the kernel lists them (``/proc/<pid>/task/*/children``).
+
+    Every thread's file is read: a child belongs to the thread that forked it. Costs
+    microseconds, where psutil's ``children()`` reads every ``/proc/*/stat`` (1.4 ms at
+    112 processes, 9.7 ms at 929). Raises NoSuchProcess if ``pid`` is gone.
     """
+    found: list[int] = []
     with _mapped(pid):
-        return [child.pid for child in psutil.Process(pid).children(recursive=recursive)]
+        tasks = os.listdir(f"{PROCFS}/{pid}/task")
+        for tid in tasks:
+            try:
+                with open(f"{PROCFS}/{pid}/task/{tid}/children", "rb") as handle:
+                    text = handle.read(1024 * 1024)
+            except FileNotFoundError:
+                continue  # the thread ended
+            found.extend(int(word) for word in text.split())
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """All descendants of ``pid``, breadth first.
+
+    Children that exit meanwhile are skipped. Raises NoSuchProcess if ``pid`` itself
+    is gone; stops at :data:`MAX_DESCENDANTS`.
+    """
+    found: list[int] = []
+    queue = children_of(pid)
+    seen = {pid}
+    while queue and len(found) < MAX_DESCENDANTS:
+        child = queue.pop(0)
+        if child in seen:
+            continue
+        seen.add(child)
+        found.append(child)
+        with contextlib.suppress(NoSuchProcess):
+            queue.extend(children_of(child))
+    return found
+
+
+def own_netns() -> str:
+    """This process's network namespace, e.g. ``net:[4026531840]``."""
+    return os.readlink(f"{PROCFS}/self/ns/net")
+
+
+def netns_of(pid: int) -> str | None:
+    """The network namespace of ``pid`` (None if it vanished or cannot be read)."""
+    try:
+        return os.readlink(f"{PROCFS}/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def root_of(pid: int) -> str | None:
+    """Where ``pid``'s root directory is (``/``, or a chroot such as sshd's ``/run/sshd``)."""
+    try:
+        return os.readlink(f"{PROCFS}/{pid}/root")
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -368,11 +421,6 @@ class ProcessTree:
             found.append(child)
             queue.extend(self.kids.get(child, ()))
         return found
-
-
-def descendants(pid: int) -> list[int]:
-    """All descendants of ``pid`` (see :func:`children` for the races)."""
-    return children(pid, recursive=True)
 
 
 def started_at(pid: int) -> float:

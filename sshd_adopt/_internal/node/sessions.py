@@ -48,6 +48,7 @@ is not the anchor.
 from __future__ import annotations
 
 import pwd
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -65,9 +66,31 @@ DEFAULT_SSHD_EXECUTABLES = frozenset(
     }
 )
 # setproctitle() prefixes the title with the program name: "sshd" before 9.8,
-# "sshd-session" since.
-_TITLE_PREFIXES = ("sshd: ", "sshd-session: ")
+# "sshd-session" since (the monitor and the session process run sshd-session; the
+# pre-authentication child, sshd-auth in 10.0, never carries a user's title).
+TITLE_PREFIXES = ("sshd: ", "sshd-session: ")
 _DELETED = " (deleted)"
+_MONITOR_TITLE = re.compile(r"(?:sshd|sshd-session): (\S+) \[priv\]")
+
+
+def monitor_user(title: str) -> str | None:
+    """The user named by a monitor's title ``sshd: <user> [priv]``, else None.
+
+    The title is set when the client names its user, *before* authentication: it
+    says who is trying, never that anyone got in.
+    """
+    found = _MONITOR_TITLE.fullmatch(title)
+    return found.group(1) if found else None
+
+
+def is_session_title(title: str, user: str) -> bool:
+    """``sshd: <user>@notty`` / ``@pts/N`` (a session), or ``sshd: <user>`` (no session yet)."""
+    return any(title == f"{p}{user}" or title.startswith(f"{p}{user}@") for p in TITLE_PREFIXES)
+
+
+def is_listener_title(title: str) -> bool:
+    """sshd's listener titles itself ``sshd: <argv> [listener] N of A-B-C startups``."""
+    return title.startswith(TITLE_PREFIXES) and "[listener]" in title
 
 
 @dataclass(frozen=True)
@@ -105,7 +128,7 @@ def _looks_like_sshd(info: ProcInfo, executables: frozenset[str]) -> bool:
         # comm exactly (our own wrapper's comm is "sshd-adopt", and its
         # keys command "sshd-adopt-keys": those are not sshd)
         or info.name in ("sshd", "sshd-session", "sshd-auth")
-        or info.title.startswith(_TITLE_PREFIXES)
+        or info.title.startswith(TITLE_PREFIXES)
     )
 
 
@@ -219,7 +242,7 @@ def find_session(
             f"session process {session.pid} runs as uid {session.real_uid}, not {peer_uid}"
         )
     _check_exe(session, sshd_executables, "session process")
-    if not session.title.startswith(tuple(f"{p}{user}@" for p in _TITLE_PREFIXES)):
+    if not session.title.startswith(tuple(f"{p}{user}@" for p in TITLE_PREFIXES)):
         raise NotAnSshSession(
             f"session process {session.pid} is titled {session.title!r}, not 'sshd: {user}@…'"
         )
@@ -233,7 +256,7 @@ def find_session(
             "(an sshd started by a user?)"
         )
     _check_exe(monitor, sshd_executables, "monitor")
-    if monitor.title not in {f"{p}{user} [priv]" for p in _TITLE_PREFIXES}:
+    if monitor_user(monitor.title) != user:
         raise NotAnSshSession(
             f"monitor {monitor.pid} is titled {monitor.title!r}, not 'sshd: {user} [priv]'"
         )
@@ -280,3 +303,156 @@ def sessions_of_monitor(monitor_pid: int) -> list[int]:
         return [monitor_pid, *procfs.descendants(monitor_pid)]
     except NoSuchProcess:
         return [monitor_pid]
+
+
+def check_root_sshd(info: ProcInfo, executables: frozenset[str], role: str) -> None:
+    """``info`` is a genuine sshd process of root's (real uid 0, a system sshd executable).
+
+    Raises NotAnSshSession naming ``role``.
+    """
+    if info.real_uid != 0:
+        raise NotAnSshSession(f"{role} {info.pid} does not run as root")
+    _check_exe(info, executables, role)
+
+
+# --------------------------------------------------------------------------- the gate's peer
+
+#: How many gate-user processes may sit between the monitor and the gate's peer
+#: (a site's shell wrapper around ``sshd-adopt-keys``, ``timeout``, ...).
+MAX_GATE_CHAIN = 3
+
+
+@dataclass(frozen=True)
+class GateContext:
+    """The verified connection an AuthorizedKeysCommand request belongs to."""
+
+    user: str
+    uid: int
+    monitor: ProcInfo
+    connection: Connection | None
+
+
+def verify_gate_peer(
+    peer_pid: int, peer_uid: int, user: str, *, gate_uid: int, executables: frozenset[str],
+    netns: str,
+) -> GateContext:
+    """Check that ``peer_pid`` is sshd's AuthorizedKeysCommand for ``user`` on this node.
+
+    What is checked (observed on OpenSSH 9.2 and 10.0 while the command runs)::
+
+        sshd listener            real uid 0, exe = system sshd
+        └─ sshd: alice [priv]    real uid 0, *effective* uid = the gate user
+           └─ sshd-adopt-keys    real and effective uid = the gate user  (the peer)
+
+    The peer runs as the gate user and descends, through at most
+    :data:`MAX_GATE_CHAIN` gate-user processes, from a genuine root sshd titled
+    ``sshd: <user> [priv]`` whose effective uid is the gate user's right now (it is
+    running the command), whose parent is a root sshd, and which lives in this
+    broker's network namespace (a node answers only for itself). Raises
+    NotAnSshSession with the reason, or ProcError if a process vanished.
+    """
+    if peer_uid != gate_uid:
+        raise NotAnSshSession(f"peer uid {peer_uid} is not the gate user's ({gate_uid})")
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError as err:
+        raise NotAnSshSession(f"user {user!r} has no passwd entry") from err
+    current = procfs.proc_info(peer_pid)
+    if current.real_uid != gate_uid or current.effective_uid != gate_uid:
+        raise NotAnSshSession(f"peer {peer_pid} does not run as the gate user")
+    if current.exe in executables:
+        raise NotAnSshSession(f"peer {peer_pid} is itself an sshd")
+    for _ in range(MAX_GATE_CHAIN + 1):
+        parent = procfs.proc_info(current.ppid)
+        if parent.real_uid == 0:
+            break
+        if parent.real_uid != gate_uid:
+            raise NotAnSshSession(f"ancestor {parent.pid} of {peer_pid} is not the gate user's")
+        current = parent
+    else:
+        raise NotAnSshSession(f"no root sshd within {MAX_GATE_CHAIN} ancestors of {peer_pid}")
+    monitor = parent
+    check_root_sshd(monitor, executables, "monitor")
+    if monitor_user(monitor.title) != user:
+        raise NotAnSshSession(f"monitor {monitor.pid} is titled {monitor.title!r}, "
+                              f"not {user} [priv]")
+    # While sshd runs the command, the monitor's effective uid is the command
+    # user's: a monitor that is not doing that right now did not start us.
+    if monitor.effective_uid != gate_uid:
+        raise NotAnSshSession(f"monitor {monitor.pid} is not running an AuthorizedKeysCommand")
+    check_root_sshd(procfs.proc_info(monitor.ppid), executables, "listener")
+    if procfs.netns_of(monitor.pid) != netns:
+        raise NotAnSshSession(f"monitor {monitor.pid} belongs to another node (network namespace)")
+    connection = procfs.connection_of(monitor.pid)
+    if not procfs.still_running(monitor.pid, monitor.start_time):
+        raise NotAnSshSession(f"monitor {monitor.pid} changed while being verified")
+    return GateContext(user=user, uid=entry.pw_uid, monitor=monitor, connection=connection)
+
+
+# --------------------------------------------------------------------------- authenticated
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """A connection sshd has just authenticated: its monitor and post-authentication child."""
+
+    user: str
+    uid: int
+    monitor: ProcInfo
+    child: ProcInfo
+    connection: Connection | None
+
+
+def verify_authenticated(
+    monitor_pid: int, monitor_start: float, child_pid: int, *,
+    executables: frozenset[str], netns: str, not_users: frozenset[int] = frozenset(),
+) -> Authenticated:
+    """Check that ``child_pid`` is the post-authentication child of a genuine monitor.
+
+    sshd forks that child only after authentication succeeded, and it then takes the
+    user's uid (sshd.c ``privsep_postauth`` / sshd-session.c, 9.2 and 10.0); before,
+    the monitor forks only the pre-authentication child (running as the privsep user,
+    chrooted to ``/run/sshd``; ``sshd-auth`` in 10.0) and AuthorizedKeysCommands. The
+    monitor's title names the user before authentication, so it proves nothing on its
+    own; what proves authentication is this child:
+
+    * its parent is the monitor (same pid and start time as when it was first seen),
+      a root sshd with a genuine executable, child of a root sshd listener, in this
+      broker's network namespace;
+    * it is the monitor's only child, runs the monitor's own executable, has the
+      monitor's filesystem root (not the privsep chroot);
+    * its real and effective uid are the uid of the user the title names, not 0, and
+      not one of ``not_users`` (sshd's privsep user).
+
+    Raises NotAnSshSession with the reason, or NoSuchProcess when something vanished.
+    """
+    monitor = procfs.proc_info(monitor_pid)
+    if monitor.start_time != monitor_start:
+        raise NoSuchProcess(f"monitor {monitor_pid} is another process than the one seen")
+    check_root_sshd(monitor, executables, "monitor")
+    user = monitor_user(monitor.title)
+    if user is None:
+        raise NotAnSshSession(f"monitor {monitor_pid} is titled {monitor.title!r}")
+    if procfs.netns_of(monitor_pid) != netns:
+        raise NotAnSshSession(f"monitor {monitor_pid} belongs to another node")
+    check_root_sshd(_parent_of(monitor), executables, "listener")
+    children = procfs.children_of(monitor_pid)
+    if children != [child_pid]:
+        raise NotAnSshSession(f"monitor {monitor_pid} has children {children[:5]}, "
+                              f"not just {child_pid}")
+    child = procfs.proc_info(child_pid)
+    if child.ppid != monitor_pid or child.exe != monitor.exe:
+        raise NotAnSshSession(f"process {child_pid} is not the monitor's own sshd child")
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError as err:
+        raise NotAnSshSession(f"user {user!r} has no passwd entry") from err
+    if child.real_uid != uid or child.effective_uid != uid or uid == 0 or uid in not_users:
+        raise NotAnSshSession(f"process {child_pid} runs as uid {child.real_uid}/"
+                              f"{child.effective_uid}, not {user}'s")
+    if procfs.root_of(child_pid) != procfs.root_of(monitor_pid):
+        raise NotAnSshSession(f"process {child_pid} is chrooted: a pre-authentication child")
+    connection = procfs.connection_of(monitor_pid)
+    _check_unchanged([monitor, child])
+    return Authenticated(user=user, uid=uid, monitor=monitor, child=child,
+                         connection=connection)

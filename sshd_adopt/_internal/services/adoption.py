@@ -1,63 +1,64 @@
-"""One adoption request, start to finish: gather facts, decide, adopt, answer.
+"""Adoption: put an authenticated connection into the user's job, early, and make sure of it.
 
-This is where the broker's security rules live: the peer's identity comes from
-SO_PEERCRED, the ssh connection and its 4-tuple from /proc, the user's jobs
-from the stepds, the source job from the callerid RPC. The only thing the
-client contributes is "adopt me" and option overrides that may only tighten
-the policy (:func:`sshd_adopt._internal.config.apply_overrides`).
+**Early, off the login's critical path.** sshd forks a connection's
+post-authentication child only once authentication has succeeded, and that child
+then takes the user's uid. The broker sees that uid change on the proc connector and
+adopts the monitor and the child right then (:meth:`Adoption.authenticated`), before
+the session has run anything: whatever it forks later -- the user's shell, their rc
+files, the wrapper, a forwarding-only connection's nothing -- is born in the job.
+Never earlier: the monitor's ``sshd: <user> [priv]`` title exists before
+authentication, and anyone holding a public key could otherwise park processes in a
+job. The callerid RPC, for users with several jobs here, starts at that moment too.
+
+**The wrapper is the barrier.** The ForceCommand's request (:meth:`Adoption.request`)
+waits for the early result, moves whatever of its session is not in the job yet, and
+returns the job and its environment. Without an early result (no proc connector, an
+event lost) it adopts the connection itself, as before. Per-``Match`` options from the
+ForceCommand line (tighten-only) are applied to the early facts: a stricter policy can
+still refuse or choose another job.
+
+Connections sshd does not send through sshd-adopt (its ``Match`` block) are never
+touched here: sshd is asked (:mod:`sshd_adopt._internal.node.sshdconfig`).
 """
 
 from __future__ import annotations
 
-import os
-import pwd
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
+from typing import Final
 
-from sshd_adopt._internal import protocol, run
-from sshd_adopt._internal.config import Config, apply_overrides
+from sshd_adopt._internal.config import apply_overrides
 from sshd_adopt._internal.core import decision as dec
+from sshd_adopt._internal.core.accounts import Account
 from sshd_adopt._internal.core.connection import Connection
+from sshd_adopt._internal.core.login import LoginCore, Settled, describe_callerid
 from sshd_adopt._internal.core.options import Options
-from sshd_adopt._internal.logs import logger
+from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Failed, Outcome
+from sshd_adopt._internal.core.ports import ExternSteps
+from sshd_adopt._internal.core.state import BrokerState
+from sshd_adopt._internal.logs import Phases, logger
+from sshd_adopt._internal.node import cgroups, procfs, signals
 from sshd_adopt._internal.node.sessions import (
+    Authenticated,
     SshSession,
     find_session,
     sessions_of_monitor,
     still_alive,
+    verify_authenticated,
 )
-from sshd_adopt._internal.slurm import hints, munge
-from sshd_adopt._internal.slurm.callerid import ANSWERS, CallerIdRequest
-from sshd_adopt._internal.slurm.facts import SlurmFacts
-from sshd_adopt._internal.slurm.localjobs import user_jobs
-from sshd_adopt._internal.slurm.stepd import EXTERN_STEP, StepdConnection
-from sshd_adopt.errors import Error, NoSuchProcess, NotAnSshSession, StepdError
+from sshd_adopt._internal.node.sshdconfig import ManagedQuery, SshdConfigError
+from sshd_adopt.errors import NoSuchProcess, NotAnSshSession, ProcError, StepdError
 
-#: How often a decision may be revised after failed adoptions (callerid job,
-#: then newest, then the failure action): a hard stop against loops.
-_MAX_ROUNDS = 4
-
-
-class Phases:
-    """Wall time per phase of one request, for the decision log line."""
-
-    def __init__(self) -> None:
-        self._last = time.monotonic()
-        self.spent: list[tuple[str, float]] = []
-
-    def mark(self, name: str) -> None:
-        now = time.monotonic()
-        self.spent.append((name, (now - self._last) * 1000))
-        self._last = now
-
-    def __str__(self) -> str:
-        return " ".join(f"{name}={ms:.0f}" for name, ms in self.spent)
+#: How long an early result is kept after its monitor was last seen (seconds).
+RECORD_TTL: Final = 3600.0
+_MAX_RECORDS: Final = 65536
 
 
 @dataclass(frozen=True)
 class Peer:
-    """The client process as the kernel reported it (SO_PEERCRED)."""
+    """A client process as the kernel reported it (SO_PEERCRED)."""
 
     pid: int
     uid: int
@@ -65,303 +66,282 @@ class Peer:
 
 
 @dataclass(frozen=True)
-class BrokerState:
-    """Configuration and Slurm facts, swapped as a whole on SIGHUP."""
+class Decided:
+    """An early outcome and the policy it was decided under."""
 
-    config: Config
-    slurm: SlurmFacts | None
-    slurm_problem: str | None = None
-
-
-@dataclass(frozen=True)
-class AdoptResult:
-    """What adopting a session into a job produced."""
-
-    env: dict[str, str]
-    adopted: tuple[int, ...]
+    settled: Settled
+    options: Options
 
 
-@dataclass(frozen=True)
-class Where:
-    """This node as Slurm knows it: its NodeName and spool dir (None: unknown)."""
+@dataclass
+class Early:
+    """What early adoption made of one connection (filled in when ``done`` is set)."""
 
-    nodename: str | None
-    spool: str | None
-
-    @classmethod
-    def of(cls, state: BrokerState, options: Options) -> Where:
-        slurm = state.slurm
-        return cls(options.nodename or (slurm.nodename if slurm else None),
-                   slurm.spool_dir if slurm else None)
-
-
-def decide_connection(
-    state: BrokerState,
-    options: Options,
-    where: Where,
-    *,
-    user: str,
-    uid: int,
-    connection: Connection | None,
-    phases: Phases | None = None,
-    ask_source: bool = True,
-) -> tuple[dec.LoginFacts, dec.Decision]:
-    """Gather the facts for one connection and decide, asking callerid when needed.
-
-    Shared by adoption (the wrapper's request, the sweeper) and the auth-time
-    gate, so that who may enter is decided by one piece of code. The gate
-    passes ``ask_source=False``: before authentication nothing leaves the
-    node, so an undecided :class:`~decision.AskCallerId` comes back as is.
-    """
-    jobs: tuple[dec.LocalJob, ...] = ()
-    if where.nodename and where.spool:
-        jobs = user_jobs(where.spool, where.nodename, uid,
-                         timeout=state.config.broker.stepd_timeout)
-    facts = dec.LoginFacts(user=user, uid=uid, exempt=False,
-                           node_known=bool(where.nodename and where.spool), jobs=jobs)
-    if phases is not None:
-        phases.mark("jobs")
-    decision = dec.decide(facts, options)
-    if isinstance(decision, dec.AskCallerId) and ask_source:
-        facts = replace(facts, callerid=_callerid(state, uid, connection))
-        decision = dec.decide(facts, options)
-        if phases is not None:
-            phases.mark("callerid")
-    return facts, decision
+    created: float
+    done: threading.Event = field(default_factory=threading.Event)
+    managed: bool = True
+    decided: Decided | None = None
+    account: Account | None = None
+    connection: Connection | None = None
+    # the latest outcome for this connection (early, then the wrapper's) and when
+    latest: tuple[Outcome, float] | None = None
 
 
-def _callerid(state: BrokerState, uid: int, connection: Connection | None) -> dec.CallerIdAnswer:
-    """Ask the source host's slurmd, as the connection's user, which job owns this connection."""
-    slurm = state.slurm
-    if connection is None or slurm is None:
-        return dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
-    settings = state.config.callerid
-    try:
-        gid = pwd.getpwuid(uid).pw_gid
-    except KeyError:
-        return dec.CallerIdAnswer(dec.CallerIdOutcome.NO_SOCKET)
-    request = CallerIdRequest(
-        requester=run.Identity(uid, gid),
-        credential=munge.CredentialOptions(
-            restrict_uid=slurm.slurmd_user_uid, ttl=slurm.auth_ttl, socket=slurm.auth_socket),
-        slurmds=slurm.slurmds,
-        protocol_version=slurm.protocol_version,
-        deadline=settings.deadline,
-        method=settings.method,
-        scontrol=settings.scontrol_path,
-        munge=settings.munge_path,
-    )
-    return ANSWERS.query(connection, request)
+class Adoption:
+    """Early adoption and the wrapper's requests (thread-safe)."""
 
-
-class AdoptionService:
-    """Serve "adopt" requests; one instance per broker, called from worker threads."""
-
-    def __init__(self, state: Callable[[], BrokerState]) -> None:
+    def __init__(self, state: Callable[[], BrokerState], core: LoginCore, *,
+                 steps: ExternSteps, managed: ManagedQuery, netns: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._state = state
+        self._core = core
+        self._steps = steps
+        self._managed = managed
+        self._netns = netns
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._early: dict[tuple[int, float], Early] = {}
 
-    def handle_adopt(self, peer: Peer, overrides: dict[str, str]) -> dict[str, str]:
-        """Answer one wrapper: adopt its ssh session or say why not."""
-        started = time.monotonic()
+    # ------------------------------------------------------------------ early
+
+    def authenticated(self, monitor_pid: int, monitor_start: float, child_pid: int) -> None:
+        """A tracked monitor's child took a user's uid: adopt the connection now if it is one.
+
+        Called from a worker thread, straight after the proc connector's event.
+        """
         phases = Phases()
         state = self._state()
-        log = logger()
         try:
-            entry = pwd.getpwuid(peer.uid)
-        except KeyError:
-            log.error("request from pid %d: uid %d has no passwd entry", peer.pid, peer.uid)
-            return protocol.reply(protocol.FAILED, message="unknown user")
-        # Root first, before anything that depends on Slurm's configuration,
-        # so a broken slurm.conf can never lock root out (as upstream).
-        if peer.uid == 0:
-            log.info("Ignoring root user (pid %d)", peer.pid)
-            return protocol.reply(protocol.ALLOWED)
-        user = entry.pw_name
-        if state.config.exempt.covers(entry):
-            log.info("user %s (pid %d) is exempt: not adopted", user, peer.pid)
-            return protocol.reply(protocol.ALLOWED)
+            auth = verify_authenticated(
+                monitor_pid, monitor_start, child_pid,
+                executables=frozenset(state.config.sshd.executables), netns=self._netns)
+        except (NotAnSshSession, ProcError) as err:
+            logger().debug("early: child %d of %d: not an authenticated session: %s",
+                           child_pid, monitor_pid, err)
+            return
+        record = self._record(monitor_pid, monitor_start)
+        if record is None:
+            return  # this connection was seen already
+        account = self._core.accounts.by_uid(auth.uid)
         try:
-            session = find_session(
-                peer.pid,
-                peer.uid,
-                sshd_executables=frozenset(state.config.slurm.sshd_executables),
-            )
-        except (NotAnSshSession, NoSuchProcess) as err:
-            log.warning(
-                "refused request from %s pid %d: not an ssh session: %s", user, peer.pid, err
-            )
-            return protocol.reply(protocol.DENIED, message="sshd-adopt: not an ssh session")
-        options, rejected = apply_overrides(
-            state.config.options, overrides, source=f"wrapper pid {peer.pid}"
-        )
-        for why in rejected:
-            log.warning("user %s pid %d: override rejected: %s", user, peer.pid, why)
-        phases.mark("session")
-        return self._decide_and_adopt(state, options, session, started, phases)
+            if account is None or not self._is_managed(auth, account):
+                record.managed = False
+                return
+            record.account, record.connection = account, auth.connection
+            phases.mark("verify")
+            if self._core.exempt(account):
+                return
+            settled = self._core.settle(
+                account, auth.connection, lambda: [monitor_pid, *self._members(monitor_pid)],
+                state.config.options, phases=phases)
+            record.decided = Decided(settled, state.config.options)
+            record.latest = (settled.outcome, self._clock())
+            self._after(auth, account, settled)
+            log_decision("early", account, auth.connection, pid=child_pid, settled=settled,
+                         phases=phases)
+        finally:
+            record.done.set()
 
-    def adopt_connection(self, session: SshSession) -> dict[str, str]:
-        """Decide and adopt a connection the broker found itself (the sweeper's entry).
+    def in_flight(self, monitor_pid: int, monitor_start: float) -> bool:
+        """Whether an early adoption of this connection is still being decided (the sweeper
+        leaves such a connection to it)."""
+        with self._lock:
+            record = self._early.get((monitor_pid, monitor_start))
+        return record is not None and not record.done.is_set()
 
-        Same decision, fallbacks and log line as a wrapper's request, with the
-        broker's own options: nobody asked, so there are no overrides.
-        """
-        state = self._state()
-        return self._decide_and_adopt(
-            state, state.config.options, session, time.monotonic(), Phases()
-        )
+    def decision(self, monitor_pid: int, monitor_start: float) -> tuple[Outcome, float] | None:
+        """The latest outcome for this connection (early, or the wrapper's) and when it was
+        reached (this service's clock, seconds); None when there is none yet."""
+        with self._lock:
+            record = self._early.get((monitor_pid, monitor_start))
+        return record.latest if record is not None else None
 
-    def _decide_and_adopt(
-        self,
-        state: BrokerState,
-        options: Options,
-        session: SshSession,
-        started: float,
-        phases: Phases,
-    ) -> dict[str, str]:
-        """Run the decision (with callerid and fallbacks) and carry it out."""
-        log = logger()
-        where = Where.of(state, options)
-        facts, decision = decide_connection(
-            state, options, where, user=session.user, uid=session.uid,
-            connection=session.connection, phases=phases,
-        )
-        nodename, spool, jobs = where.nodename, where.spool, facts.jobs
-        result: AdoptResult | None = None
-        failures: list[str] = []
-        failed_job: int | None = None
-        for _ in range(_MAX_ROUNDS):
-            if not isinstance(decision, dec.Adopt):
-                break
-            try:
-                assert nodename is not None and spool is not None
-                result = adopt_session(
-                    session, spool, nodename, decision.job_id,
-                    timeout=state.config.broker.stepd_timeout,
-                    want_x11=not options.disable_x11,
-                )
-                break
-            except (StepdError, NoSuchProcess) as err:
-                failures.append(f"job {decision.job_id}: {err}")
-                failed_job = decision.job_id
-                decision = dec.after_adopt_failure(facts, options, decision)
-        phases.mark("adopt")
-        elapsed_ms = (time.monotonic() - started) * 1000
-        self._log_decision(
-            session, facts, decision=decision, failures=failures, elapsed_ms=elapsed_ms,
-            phases=phases,
-        )
-        if isinstance(decision, dec.Adopt) and result is not None:
-            return protocol.reply(protocol.ADOPTED, job=decision.job_id, env=result.env)
-        if isinstance(decision, dec.Deny):
-            text = state.config.messages.render(
-                decision.message,
-                user=session.user,
-                node=nodename or "?",
-                job=str(failed_job) if failed_job is not None else "-",
-                jobs=",".join(str(j.job_id) for j in jobs) or "none",
-            )
-            if decision.message in (dec.Message.NO_JOBS, dec.Message.UNKNOWN_SOURCE):
-                text += _hint(session.user)
-            return protocol.reply(protocol.DENIED, message=text)
-        if isinstance(decision, dec.Allow):
-            return protocol.reply(protocol.ALLOWED)
-        log.error("decision loop ended without an outcome for %s", session.user)
-        return protocol.reply(protocol.FAILED, message="sshd-adopt: internal error")
+    def _remember(self, monitor_pid: int, monitor_start: float, outcome: Outcome) -> None:
+        now = self._clock()
+        with self._lock:
+            record = self._early.get((monitor_pid, monitor_start))
+            if record is None and len(self._early) < _MAX_RECORDS:
+                record = self._early[(monitor_pid, monitor_start)] = Early(now)
+                record.done.set()
+            if record is not None:
+                record.latest = (outcome, now)
+
+    def monitor_gone(self, monitor_pid: int) -> None:
+        """The proc connector saw a monitor exit: its early result is of no more use."""
+        with self._lock:
+            for key in [k for k in self._early if k[0] == monitor_pid]:
+                del self._early[key]
+
+    def _record(self, monitor_pid: int, monitor_start: float) -> Early | None:
+        """A new record for this connection, or None when it has one already."""
+        now = self._clock()
+        key = (monitor_pid, monitor_start)
+        with self._lock:
+            if key in self._early:
+                return None
+            if len(self._early) >= _MAX_RECORDS:
+                self._early = {k: v for k, v in self._early.items()
+                               if now - v.created < RECORD_TTL}
+            record = self._early[key] = Early(now)
+            return record
+
+    def _is_managed(self, auth: Authenticated, account: Account) -> bool:
+        try:
+            listener = procfs.proc_info(auth.monitor.ppid)
+            return self._managed.managed(listener, account.name, auth.connection)
+        except (SshdConfigError, ProcError) as err:
+            logger().warning("early: cannot tell whether %s's connection is managed (%s); "
+                             "left to the wrapper and the sweeper", account.name, err)
+            return False
 
     @staticmethod
-    def _log_decision(
-        session: SshSession,
-        facts: dec.LoginFacts,
-        *,
-        decision: dec.Decision,
-        failures: list[str],
-        elapsed_ms: float,
-        phases: Phases,
-    ) -> None:
-        """One line per decision: who, from where, what we saw, what we did, why, how long."""
-        jobs = ",".join(str(job.job_id) for job in facts.jobs) or "none"
-        answer = facts.callerid
-        callerid = "not asked"
-        if answer is not None:
-            label = {
-                dec.CallerIdOutcome.MEMBER: f"member of job {answer.job_id}",
-                dec.CallerIdOutcome.INDETERMINATE: "job indeterminate",
-                dec.CallerIdOutcome.UNREACHABLE: "source unreachable",
-                dec.CallerIdOutcome.NOT_A_NODE: "source is not a Slurm node (nothing sent)",
-                dec.CallerIdOutcome.NO_SOCKET: "no socket",
-            }[answer.outcome]
-            callerid = f"{label} via {answer.method or '-'} in {answer.seconds * 1000:.0f}ms"
-        outcome = type(decision).__name__.lower()
-        job = f" job={decision.job_id}" if isinstance(decision, dec.Adopt) else ""
-        failed = f" failures=[{'; '.join(failures)}]" if failures else ""
-        reason = getattr(decision, "reason", "")
-        logger().info(
-            "user=%s uid=%d from=%s pid=%d jobs=%s callerid=%s outcome=%s%s reason=%r%s "
-            "time=%.1fms (%s)",
-            session.user, session.uid, session.connection or "?", session.peer_pid, jobs,
-            callerid, outcome, job, reason, failed, elapsed_ms, phases,
-        )
+    def _members(monitor_pid: int) -> list[int]:
+        try:
+            return procfs.descendants(monitor_pid)
+        except NoSuchProcess:
+            return []
+
+    def _after(self, auth: Authenticated, account: Account, settled: Settled) -> None:
+        """What follows an early outcome: OOM score, or an end before user code runs."""
+        outcome = settled.outcome
+        if isinstance(outcome, Adopted):
+            set_task_oom_score(auth.child.pid)
+        elif isinstance(outcome, Denied) and not tells_why(self._state(), account):
+            # This user's shell runs startup files for `-c` before the wrapper could say
+            # anything: end the connection before it forks one.
+            signals.terminate([auth.monitor.pid, *self._members(auth.monitor.pid)],
+                              kill_after=self._state().config.sweeper.kill_after,
+                              why=f"early: user={account.name} monitor={auth.monitor.pid} "
+                                  f"may not be here ({outcome.reason})")
+
+    # ------------------------------------------------------------------ the wrapper
+
+    def request(self, peer: Peer, overrides: dict[str, str]) -> Outcome:
+        """Answer one wrapper: make sure its session is in the user's job, or say why not."""
+        started = self._clock()
+        phases = Phases()
+        state = self._state()
+        account = self._core.accounts.by_uid(peer.uid)
+        if account is None:
+            logger().error("request from pid %d: uid %d has no passwd entry", peer.pid, peer.uid)
+            return Failed("unknown user")
+        # Root first, before anything that depends on Slurm's configuration, so a broken
+        # slurm.conf can never lock root out (as upstream).
+        if account.uid == 0:
+            logger().info("Ignoring root user (pid %d)", peer.pid)
+            return Allowed("root is never adopted")
+        if self._core.exempt(account):
+            logger().info("user %s (pid %d) is exempt: not adopted", account.name, peer.pid)
+            return Allowed("exempt user")
+        try:
+            session = find_session(peer.pid, peer.uid,
+                                   sshd_executables=frozenset(state.config.sshd.executables))
+        except (NotAnSshSession, NoSuchProcess) as err:
+            logger().warning("refused request from %s pid %d: not an ssh session: %s",
+                             account.name, peer.pid, err)
+            return Denied(dec.Message.NOT_AN_SSH_SESSION, str(err), account.name)
+        options, rejected = apply_overrides(state.config.options, overrides,
+                                            source=f"wrapper pid {peer.pid}")
+        for why in rejected:
+            logger().warning("user %s pid %d: override rejected: %s", account.name, peer.pid, why)
+        phases.mark("session")
+        early = self._wait_early(session, started)
+        phases.mark("early")
+        decided = early.decided if early is not None else None
+        if decided is not None:
+            settled = self._confirm(account, session, decided, options, phases)
+        else:
+            settled = self._core.settle(account, session.connection,
+                                        lambda: sessions_of_monitor(session.monitor_pid),
+                                        options, phases=phases)
+        outcome = settled.outcome
+        if isinstance(outcome, Adopted):
+            if not still_alive(session):
+                outcome = Failed("the session ended during adoption")
+            else:
+                set_task_oom_score(*session.chain[1:])
+        self._remember(session.monitor_pid, session.monitor_start, outcome)
+        log_decision("request", account, session.connection, pid=peer.pid, settled=settled,
+                     phases=phases, outcome=outcome, early=decided is not None)
+        return outcome
+
+    def _wait_early(self, session: SshSession, started: float) -> Early | None:
+        """The early result of this connection, once it is there (None: there is none)."""
+        with self._lock:
+            record = self._early.get((session.monitor_pid, session.monitor_start))
+        if record is None:
+            return None
+        left = self._state().config.broker.decision_deadline - (self._clock() - started) - 0.5
+        if not record.done.wait(max(0.0, left)):
+            logger().warning("early adoption of monitor %d still running; adopting on request",
+                             session.monitor_pid)
+            return None
+        return record if record.managed else None
+
+    def _confirm(self, account: Account, session: SshSession, decided: Decided,
+                 options: Options, phases: Phases) -> Settled:
+        """The early outcome, under this request's options, with the whole session in it."""
+        early, early_options = decided.settled, decided.options
+        outcome = early.outcome
+        if options != early_options and (
+                options.disable_x11 != early_options.disable_x11
+                or dec.decide(early.facts, options) != dec.decide(early.facts, early_options)):
+            # A stricter ForceCommand line than the broker's own policy decides otherwise
+            # (or wants no X11 forwarding from the job): decide again on the same facts
+            # (no second callerid RPC).
+            return self._core.settle(account, session.connection,
+                                     lambda: sessions_of_monitor(session.monitor_pid),
+                                     options, facts=early.facts, phases=phases)
+        if isinstance(outcome, Adopted):
+            node = self._state().nodename or ""
+            missing = [pid for pid in session.chain[1:]
+                       if cgroups.extern_job_of(pid, node) != outcome.job]
+            if missing:
+                try:
+                    self._steps.join(outcome.job, account.uid, missing,
+                                     want_x11=not options.disable_x11)
+                except (StepdError, NoSuchProcess) as err:
+                    logger().warning("user %s: %s not adopted into job %d: %s",
+                                     account.name, missing, outcome.job, err)
+            phases.mark("confirm")
+        return early
 
 
-def _hint(user: str) -> str:
-    """Where the user's running jobs are and how to get a shell in one ("" if unknown).
+def tells_why(state: BrokerState, account: Account) -> bool:
+    """Whether a refused ``account`` is told why by the wrapper, with no code of theirs run.
 
-    Asked of slurmctld with a short bound: a slow controller must not slow
-    the denial down, so the hint is simply left out then.
+    True for the shells that run no startup file for ``-c`` under the drop-in's
+    ``SetEnv SHLVL=1`` (``admission.message_shells``), with ``on_deny = "message"``.
     """
-    jobs = hints.running_jobs_elsewhere(user, timeout=0.5)
-    if jobs is None:
-        return ""
-    return "\n" + hints.format_hint(jobs)
+    settings = state.config.admission
+    return settings.on_deny == "message" and (
+        account.shell.rsplit("/", 1)[-1] in settings.message_shells)
 
 
-def adopt_session(
-    session: SshSession,
-    spool_dir: str,
-    nodename: str,
-    job_id: int,
-    *,
-    timeout: float,
-    want_x11: bool,
-) -> AdoptResult:
-    """Move the whole connection (monitor, session process, wrapper and children) into the job.
-
-    The monitor goes first: everything forked later inherits its cgroup, and
-    pam_slurm_adopt adopts exactly that process. The rest are adopted one by
-    one because they already exist. A process that exits meanwhile is an
-    expected race and is skipped; the monitor itself must succeed.
-    """
-    path = os.path.join(spool_dir, f"{nodename}_{job_id}.{EXTERN_STEP}")
-    adopted: list[int] = []
-    with StepdConnection.open(path, timeout=timeout) as stepd:
-        if stepd.step_uid() != session.uid:
-            raise StepdError(f"job {job_id} does not belong to uid {session.uid}")
-        stepd.add_extern_pid(session.monitor_pid)
-        adopted.append(session.monitor_pid)
-        for pid in sessions_of_monitor(session.monitor_pid):
-            if pid == session.monitor_pid:
-                continue
-            try:
-                stepd.add_extern_pid(pid)
-                adopted.append(pid)
-            except StepdError as err:
-                # A child that exited between listing and adoption is fine;
-                # a live one that could not be moved is logged, not fatal:
-                # the monitor (its ancestor) is in the job already.
-                logger().debug("could not adopt pid %d into job %d: %s", pid, job_id, err)
-        env = {"SLURM_JOB_ID": str(job_id)}
-        if want_x11:
-            display, xauthority = stepd.x11_display()
-            if display:
-                env["DISPLAY"] = f"localhost:{display}.0"
-                if xauthority:
-                    env["XAUTHORITY"] = xauthority
-    if not still_alive(session):
-        raise NoSuchProcess("the session ended during adoption")
-    for pid in adopted:
-        logger().debug("Process %d adopted into job %d", pid, job_id)
-    return AdoptResult(env=env, adopted=tuple(adopted))
+def set_task_oom_score(*pids: int) -> None:
+    """Give session processes the OOM score a job task gets, not sshd's (sites run it at -1000,
+    which would make a memory hog in the session the one process the job's OOM killer
+    cannot choose)."""
+    for pid in pids:
+        try:
+            if cgroups.oom_score_adj(pid) != cgroups.TASK_OOM_SCORE_ADJ:
+                cgroups.set_oom_score_adj(pid, cgroups.TASK_OOM_SCORE_ADJ)
+        except ProcError as err:
+            logger().debug("oom_score_adj of %d: %s", pid, err)
 
 
-
-__all__ = ["AdoptionService", "BrokerState", "Error", "Peer", "adopt_session"]
+def log_decision(source: str, account: Account, connection: Connection | None, *, pid: int,
+                 settled: Settled, phases: Phases, outcome: Outcome | None = None,
+                 early: bool = False) -> None:
+    """One line per decision: who, from where, what was seen, what was done, why, how long."""
+    facts, decision = settled.facts, settled.decision
+    result = outcome if outcome is not None else settled.outcome
+    jobs = ",".join(str(job.job_id) for job in facts.jobs) or "none"
+    kind = {Adopted: "adopt", Allowed: "allow", Denied: "deny", Failed: "failed"}[type(result)]
+    job = f" job={result.job}" if isinstance(result, Adopted) else ""
+    failed = f" failures=[{'; '.join(settled.failures)}]" if settled.failures else ""
+    logger().info(
+        "%suser=%s uid=%d from=%s pid=%d jobs=%s callerid=%s outcome=%s%s reason=%r%s%s (%s)",
+        "early: " if source == "early" else "", account.name, account.uid, connection or "?",
+        pid, jobs, describe_callerid(facts.callerid), kind, job, getattr(decision, "reason", ""),
+        failed, " early=used" if early else "", phases)

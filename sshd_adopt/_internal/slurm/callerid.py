@@ -51,9 +51,8 @@ import errno
 import ipaddress
 import socket
 import struct
-import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -61,8 +60,11 @@ import tenacity
 from Crypto.Hash import KangarooTwelve
 
 from sshd_adopt._internal import run
+from sshd_adopt._internal.cache import TtlCache
+from sshd_adopt._internal.core.accounts import Account
 from sshd_adopt._internal.core.connection import Connection, IPAddress
 from sshd_adopt._internal.core.decision import CallerIdAnswer, CallerIdOutcome
+from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.slurm import munge
 from sshd_adopt.errors import CallerIdError
@@ -568,57 +570,45 @@ def query_callerid(conn: Connection, request: CallerIdRequest) -> CallerIdAnswer
     return answer
 
 
-#: How long an answer for one TCP connection is reused. The early adoption,
-#: the wrapper's request and the sweeper may all ask about one connection:
-#: without this, a silent source host would cost each of them a deadline. A
-#: 4-tuple names one connection only while it is open, and a connection's
-#: source job cannot change, so a short reuse is safe.
+#: How long an answer for one TCP connection is reused. Early adoption, the wrapper's
+#: request and the sweeper may all ask about one connection: without this, a silent
+#: source host would cost each of them a deadline. A 4-tuple names one connection only
+#: while it is open, and a connection's source job cannot change, so a short reuse is safe.
 ANSWER_TTL: Final = 30.0
-_MAX_CACHED: Final = 4096
 
 
-class AnswerCache:
-    """Callerid answers per (connection 4-tuple, requester uid), asked once at a time."""
+class SourceJobs:
+    """:class:`~sshd_adopt._internal.core.ports.SourceJob` through the callerid RPC.
 
-    def __init__(self, ttl: float = ANSWER_TTL) -> None:
-        self._ttl = ttl
-        self._lock = threading.Lock()
-        self._answers: dict[tuple[str, int, str, int, int], tuple[float, CallerIdAnswer]] = {}
-        self._pending: dict[tuple[str, int, str, int, int], threading.Event] = {}
+    Builds each request from the broker's state (the slurmds and credential options
+    from slurm.conf, the method and deadline from the configuration) and asks at most
+    once per connection and user within :data:`ANSWER_TTL`; concurrent askers wait for
+    the first.
+    """
 
-    def query(self, conn: Connection, request: CallerIdRequest) -> CallerIdAnswer:
-        """:func:`query_callerid`, asked at most once per connection and user within the TTL.
+    def __init__(self, state: Callable[[], BrokerState], ttl: float = ANSWER_TTL) -> None:
+        self._state = state
+        self._answers: TtlCache[tuple[str, int, str, int, int], CallerIdAnswer] = TtlCache(ttl)
 
-        Concurrent requests for the same connection wait for the first one
-        instead of each sending the RPC.
-        """
-        key = (str(conn.remote_ip), conn.remote_port, str(conn.local_ip), conn.local_port,
-               request.requester.uid)
-        while True:
-            now = time.monotonic()
-            with self._lock:
-                hit = self._answers.get(key)
-                if hit is not None and hit[0] > now:
-                    return hit[1]
-                waiting = self._pending.get(key)
-                if waiting is None:
-                    done = self._pending[key] = threading.Event()
-                    break
-            waiting.wait(timeout=request.deadline + 1.0)
-        try:
-            answer = query_callerid(conn, request)
-            with self._lock:
-                if len(self._answers) >= _MAX_CACHED:
-                    self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
-                    if len(self._answers) >= _MAX_CACHED:
-                        self._answers.clear()
-                self._answers[key] = (time.monotonic() + self._ttl, answer)
-            return answer
-        finally:
-            with self._lock:
-                self._pending.pop(key, None)
-            done.set()
-
-
-#: The broker's one cache (module level: every path that asks shares it).
-ANSWERS = AnswerCache()
+    def ask(self, account: Account, connection: Connection | None) -> CallerIdAnswer:
+        """Which job the source host's slurmd says ``connection`` runs in, asked as ``account``."""
+        state = self._state()
+        slurm = state.slurm
+        if connection is None or slurm is None:
+            return CallerIdAnswer(CallerIdOutcome.NO_SOCKET)
+        settings = state.config.callerid
+        request = CallerIdRequest(
+            requester=run.Identity(account.uid, account.gid),
+            credential=munge.CredentialOptions(
+                restrict_uid=slurm.slurmd_user_uid, ttl=slurm.auth_ttl, socket=slurm.auth_socket),
+            slurmds=slurm.slurmds,
+            protocol_version=slurm.protocol_version,
+            deadline=settings.deadline,
+            method=settings.method,
+            scontrol=settings.scontrol_path,
+            munge=settings.munge_path,
+        )
+        key = (str(connection.remote_ip), connection.remote_port, str(connection.local_ip),
+               connection.local_port, account.uid)
+        return self._answers.get_or_compute(key, lambda: query_callerid(connection, request),
+                                            wait=request.deadline + 1.0)

@@ -27,7 +27,12 @@ from dataclasses import dataclass
 import psutil
 
 from sshd_adopt._internal.core.decision import LocalJob
-from sshd_adopt._internal.slurm.stepd import StepdConnection, StepSocket, list_extern_steps
+from sshd_adopt._internal.slurm.stepd import (
+    EXTERN_STEP,
+    StepdConnection,
+    StepSocket,
+    list_extern_steps,
+)
 from sshd_adopt.errors import StepdError, StepdUnavailable
 
 
@@ -89,6 +94,22 @@ def _query(sock: StepSocket, deadline: float, want_uid: int | None) -> ExternSte
             return None
         pid = stepd.daemon_pid()
     return ExternStep(sock.job_id, uid, _started(sock.path, pid), pid, sock.path)
+
+
+def query_step(path: str, *, timeout: float) -> ExternStep:
+    """Ask the stepd behind one extern-step socket ``<node>_<job>.<step>`` who owns it.
+
+    Raises :class:`~sshd_adopt.errors.StepdUnavailable` when nobody answers (not
+    listening yet, ended, hung) and another :class:`~sshd_adopt.errors.StepdError`
+    for a stepd that says something we do not understand.
+    """
+    name = os.path.basename(path)
+    job = name.rpartition("_")[2].partition(".")[0]
+    if not job.isdigit():
+        raise StepdError(f"{path}: not an extern step socket name")
+    found = _query(StepSocket(int(job), EXTERN_STEP, path), time.monotonic() + timeout, None)
+    assert found is not None  # no uid filter: every step answers
+    return found
 
 
 def scan_extern_steps(
@@ -194,6 +215,7 @@ __all__ = [
     "ProblemCallback",
     "StepProblem",
     "all_extern_steps",
+    "query_step",
     "scan_extern_steps",
     "user_jobs",
 ]

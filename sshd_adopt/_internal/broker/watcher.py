@@ -1,0 +1,221 @@
+"""The node watcher: one thread that follows the kernel's news and hands out the work.
+
+It reads two event sources and does nothing slow itself: the proc connector
+(:mod:`sshd_adopt._internal.node.procevents`) and inotify on the slurmd spool
+directory (:mod:`sshd_adopt._internal.node.inotify`). What it sees goes to:
+
+* the job table: extern-step sockets appearing and vanishing, stepds exiting;
+* adoption: a listener forks a connection's monitor, the monitor forks a child, the
+  child takes a user's uid -- that connection has just been authenticated
+  (:meth:`~sshd_adopt._internal.services.adoption.Adoption.authenticated`, on a worker);
+* the sweeper: forks, execs and exits of processes of followed connections.
+
+Timers drive the rest: settling new sockets whose stepd did not answer yet, the
+periodic reconcile of the job table, and watching the spool directory again when it
+(re)appears. Without the proc connector (no CAP_NET_ADMIN, a container), only the
+spool directory is watched; the wrapper's request and the sweeper's scans carry on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Final
+
+from sshd_adopt._internal.core.state import BrokerState
+from sshd_adopt._internal.logs import logger
+from sshd_adopt._internal.node import procfs
+from sshd_adopt._internal.node.inotify import Change, DirWatch
+from sshd_adopt._internal.node.procevents import (
+    PROC_EVENT_EXEC,
+    PROC_EVENT_EXIT,
+    PROC_EVENT_FORK,
+    PROC_EVENT_UID,
+    ProcEvent,
+    open_proc_connector,
+    parse_proc_events,
+)
+from sshd_adopt._internal.services.adoption import Adoption
+from sshd_adopt._internal.services.sweeper import Sweeper
+from sshd_adopt._internal.slurm.jobtable import JobTable
+from sshd_adopt.errors import ProcError
+
+#: How often new sockets whose stepd did not answer yet are asked again (seconds).
+SETTLE_EVERY: Final = 0.05
+#: How often a missing spool directory is looked for again (seconds).
+REWATCH_EVERY: Final = 2.0
+#: Most connections followed at once (monitors and their children).
+MAX_FOLLOWED: Final = 65536
+
+
+class Watcher:
+    """The event thread (start once, stop once)."""
+
+    def __init__(self, state: Callable[[], BrokerState], *, table: JobTable,
+                 adoption: Adoption, sweeper: Sweeper, pool: Executor,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._state = state
+        self._table = table
+        self._adoption = adoption
+        self._sweeper = sweeper
+        self._pool = pool
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connector: socket.socket | None = None
+        self._spool: DirWatch | None = None
+        self._monitors: dict[int, float] = {}  # monitor pid -> start time
+        self._children: dict[int, int] = {}  # child pid -> its monitor
+        self._reconciling: Future[None] | None = None
+        self._settling: Future[None] | None = None
+
+    @property
+    def connector(self) -> bool:
+        """Whether the proc connector is followed."""
+        return self._connector is not None
+
+    def start(self, *, proc_events: bool) -> None:
+        if proc_events:
+            try:
+                self._connector = open_proc_connector()
+                logger().info("following the proc connector (early adoption, stepd exits)")
+            except OSError as err:
+                logger().warning("no proc connector (%s): adoption waits for the wrapper, "
+                                 "the sweeper scans periodically", err)
+        self._watch_spool()
+        self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._connector is not None:
+            self._connector.close()
+            self._connector = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        next_reconcile = self._clock() + self._state().config.broker.reconcile_interval
+        next_rewatch = self._clock() + REWATCH_EVERY
+        while not self._stop.is_set():
+            sources: list[socket.socket | DirWatch] = [
+                s for s in (self._connector, self._spool) if s is not None]
+            timeout = SETTLE_EVERY if self._table.has_pending() else 0.5
+            try:
+                readable, _, _ = select.select(sources, [], [], timeout)
+            except (OSError, ValueError):
+                readable = []
+            for source in readable:
+                try:
+                    if source is self._connector:
+                        self._drain_connector()
+                    elif source is self._spool:
+                        self._drain_spool()
+                except Exception:  # the watcher must survive anything
+                    logger().exception("watcher: event handling failed")
+            now = self._clock()
+            if self._table.has_pending():
+                self._settling = self._submit(self._settling, self._table.settle_pending)
+            if now >= next_reconcile:
+                self._reconciling = self._submit(self._reconciling, self._table.reconcile)
+                next_reconcile = now + self._state().config.broker.reconcile_interval
+            if self._spool is None and now >= next_rewatch:
+                self._watch_spool()
+                next_rewatch = now + REWATCH_EVERY
+
+    def _submit(self, running: Future[None] | None,
+                work: Callable[[], None]) -> Future[None] | None:
+        """Run ``work`` on a worker unless the previous run of it is not finished."""
+        if running is not None and not running.done():
+            return running
+        try:
+            return self._pool.submit(work)
+        except RuntimeError:  # the pool is shutting down
+            return None
+
+    def _watch_spool(self) -> None:
+        state = self._state()
+        if state.spool_dir is None:
+            return
+        try:
+            self._spool = DirWatch(state.spool_dir)
+        except OSError as err:
+            logger().debug("watcher: spool dir %s not watched yet: %s", state.spool_dir, err)
+            self._spool = None
+            return
+        self._reconciling = self._submit(self._reconciling, self._table.reconcile)
+
+    def _drain_spool(self) -> None:
+        assert self._spool is not None
+        for event in self._spool.read():
+            if event.change is Change.APPEARED:
+                self._settling = self._submit(
+                    None, functools.partial(self._table.socket_appeared, event.name))
+            elif event.change is Change.VANISHED:
+                self._table.socket_vanished(event.name)
+            elif event.change is Change.OVERFLOW:
+                self._reconciling = self._submit(self._reconciling, self._table.reconcile)
+            elif event.change is Change.GONE:
+                logger().warning("watcher: spool dir %s went away", self._spool.path)
+                self._spool.close()
+                self._spool = None
+                self._reconciling = self._submit(self._reconciling, self._table.reconcile)
+                return
+
+    def _drain_connector(self) -> None:
+        assert self._connector is not None
+        for _ in range(256):
+            try:
+                data = self._connector.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as err:  # ENOBUFS: events were lost; look at everything now
+                logger().debug("watcher: proc connector: %s; full reconcile and scan", err)
+                self._monitors.clear()  # their exits may be among the lost events
+                self._children.clear()
+                self._reconciling = self._submit(self._reconciling, self._table.reconcile)
+                self._sweeper.wake_after(0)
+                return
+            for event in parse_proc_events(data):
+                self.dispatch(event)
+
+    def dispatch(self, event: ProcEvent) -> None:
+        """Route one proc connector event (on the watcher thread: nothing slow here)."""
+        if event.what == PROC_EVENT_FORK:
+            if event.parent in self._sweeper.listeners:
+                with contextlib.suppress(ProcError):
+                    if len(self._monitors) < MAX_FOLLOWED:
+                        self._monitors[event.pid] = procfs.started_at(event.pid)
+                self._sweeper.connection_opened(event.pid)
+                return
+            if event.parent in self._monitors and len(self._children) < MAX_FOLLOWED:
+                self._children[event.pid] = event.parent
+            self._sweeper.forked(event.parent, event.pid)
+        elif event.what == PROC_EVENT_UID:
+            monitor = self._children.get(event.pid)
+            if monitor is None or event.ruid != event.euid or event.ruid == 0:
+                return
+            start = self._monitors.get(monitor)
+            if start is not None and self._state().config.adoption.early:
+                self._submit(None, functools.partial(
+                    self._adoption.authenticated, monitor, start, event.pid))
+        elif event.what == PROC_EVENT_EXEC:
+            self._sweeper.executed(event.pid)
+        elif event.what == PROC_EVENT_EXIT:
+            self._table.process_exited(event.pid)
+            if self._monitors.pop(event.pid, None) is not None:
+                self._adoption.monitor_gone(event.pid)
+            self._children.pop(event.pid, None)
+            self._sweeper.exited(event.pid)

@@ -1,0 +1,1 @@
+"""``sshd-adopt doctor``: :mod:`.checks` judges gathered facts, :mod:`.gather` gathers them."""

@@ -1,0 +1,79 @@
+"""What /proc says about a process's cgroups and OOM score.
+
+Membership is read, never written: processes enter a job only through its slurmstepd
+(:mod:`sshd_adopt._internal.slurm.extern`). Paths follow Slurm's layouts
+(``src/plugins/cgroup/v1``, ``src/plugins/cgroup/v2``): cgroup v1 names the node
+(``/slurm_<NodeName>/uid_<u>/job_<j>/step_extern``), v2 lives under a
+``slurmstepd.scope`` (``<NodeName>_slurmstepd.scope`` with several slurmds per host).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Final
+
+from sshd_adopt._internal.node import fsids, procfs
+from sshd_adopt.errors import NoSuchProcess, ProcError
+
+_EXTERN: Final = re.compile(r"/job_(\d+)/step_extern(?:/|$)")
+#: What a job's tasks get: slurmstepd resets them to 0 before exec
+#: (``_pre_task_child_privileged``: ``set_oom_adj(0)``, 22.05 → 26.05).
+TASK_OOM_SCORE_ADJ: Final = 0
+
+
+def extern_job_of(pid: int, nodename: str) -> int | None:
+    """The job whose extern step ``pid`` is in on this node, or None.
+
+    Other nodes' jobs never count (the lab runs several nodes on one kernel; a v1
+    path names its node). A process that vanished is in no job.
+    """
+    try:
+        with open(f"{procfs.PROCFS}/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
+            text = handle.read(65536)
+    except OSError:
+        return None
+    for line in text.splitlines():
+        path = line.split(":", 2)[-1]
+        found = _EXTERN.search(path)
+        if found and (f"/slurm_{nodename}/" in path or "slurmstepd.scope" in path):
+            return int(found.group(1))
+    return None
+
+
+def oom_score_adj(pid: int) -> int:
+    """``/proc/<pid>/oom_score_adj``; raises NoSuchProcess or ProcError."""
+    try:
+        with open(f"{procfs.PROCFS}/{pid}/oom_score_adj", encoding="ascii") as handle:
+            return int(handle.read(32).strip())
+    except FileNotFoundError as err:
+        raise NoSuchProcess(f"process {pid} is gone") from err
+    except (OSError, ValueError) as err:
+        raise ProcError(f"process {pid}: oom_score_adj: {err}") from err
+
+
+def set_oom_score_adj(pid: int, value: int) -> None:
+    """Write ``/proc/<pid>/oom_score_adj``. Raises NoSuchProcess or ProcError.
+
+    The file belongs to the process's user once it exec'd something dumpable, so it is
+    written as its owner (:func:`~sshd_adopt._internal.node.fsids.call_as`): root needs
+    no CAP_DAC_OVERRIDE. Raising the value needs nothing more; lowering it below the
+    process's minimum would need CAP_SYS_RESOURCE (``proc_oom_score_adj_write``).
+    """
+    path = f"{procfs.PROCFS}/{pid}/oom_score_adj"
+
+    def write() -> None:
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(str(value))
+
+    try:
+        owner = os.stat(path)
+        if owner.st_uid == 0:
+            write()
+        else:
+            fsids.call_as(owner.st_uid, owner.st_gid, write, timeout=1.0,
+                          what=f"writing {path}")
+    except FileNotFoundError as err:
+        raise NoSuchProcess(f"process {pid} is gone") from err
+    except (OSError, fsids.FsidsError) as err:
+        raise ProcError(f"process {pid}: oom_score_adj: {err}") from err
