@@ -1,0 +1,397 @@
+"""The sweeper's judgement of one connection: left, adopted, or ended, and never too soon.
+
+/proc, cgroups and signals are replaced by a table of one connection (listener 10,
+monitor 20, session process 30, the user's shell 40); the node's jobs and stepds by the
+fakes of tests/unit/fakes.py; sshd's ``-T`` answer and the adoption service's
+knowledge by small stand-ins. The clock is the test's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import psutil
+import pytest
+
+from sshd_adopt._internal.config import Config, Exemptions
+from sshd_adopt._internal.core.accounts import Account
+from sshd_adopt._internal.core.connection import Connection
+from sshd_adopt._internal.core.decision import LocalJob, Message
+from sshd_adopt._internal.core.login import LoginCore
+from sshd_adopt._internal.core.options import FallThrough, NoJobsAction, Options
+from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Outcome
+from sshd_adopt._internal.core.state import BrokerState
+from sshd_adopt._internal.node import cgroups, procfs, signals
+from sshd_adopt._internal.node.procfs import ProcInfo
+from sshd_adopt._internal.node.sshdconfig import ManagedQuery, SshdConfigError
+from sshd_adopt._internal.services import sweeper as sweeper_module
+from sshd_adopt._internal.services.sweeper import Sweeper
+from sshd_adopt.errors import NoSuchProcess
+from tests.unit.fakes import (
+    ALICE,
+    BOB,
+    ROOT,
+    FakeAccounts,
+    FakeJobs,
+    FakeSource,
+    FakeSteps,
+    broker_state,
+)
+
+NETNS = "net:[4026531840]"
+SSHD = "/usr/sbin/sshd"
+CONN = Connection(ipaddress.IPv4Address("10.0.0.11"), 22,
+                  ipaddress.IPv4Address("10.0.0.12"), 40000)
+LISTENER, MONITOR, SESSION, SHELL = 10, 20, 30, 40
+MONITOR_START = 20.0
+GRACE = 0.5  # sweeper.grace's default
+JOB = (LocalJob(7, 1000.0),)
+
+
+def proc(pid: int, ppid: int, uid: int, title: str, start: float, exe: str = SSHD) -> ProcInfo:
+    return ProcInfo(pid=pid, ppid=ppid, real_uid=uid, effective_uid=uid, real_gid=uid,
+                    name=exe.rsplit("/", 1)[-1], exe=exe, cmdline=tuple(title.split(" ")),
+                    start_time=start)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeManaged(ManagedQuery):
+    """sshd -T's answer for every connection (or an error); records what was asked."""
+
+    def __init__(self, answer: bool = True, error: SshdConfigError | None = None) -> None:
+        super().__init__()
+        self.answer = answer
+        self.error = error
+        self.asked: list[tuple[int, str, Connection | None]] = []
+
+    def managed(self, listener: ProcInfo, user: str, connection: Connection | None) -> bool:
+        self.asked.append((listener.pid, user, connection))
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+@dataclass
+class FakeDecisions:
+    """What the adoption service knows: connections being decided, and latest outcomes."""
+
+    busy: set[tuple[int, float]] = field(default_factory=set)
+    latest: dict[tuple[int, float], tuple[Outcome, float]] = field(default_factory=dict)
+
+    def in_flight(self, monitor_pid: int, monitor_start: float) -> bool:
+        return (monitor_pid, monitor_start) in self.busy
+
+    def decision(self, monitor_pid: int, monitor_start: float) -> tuple[Outcome, float] | None:
+        return self.latest.get((monitor_pid, monitor_start))
+
+
+@dataclass
+class FakeProcess:
+    """What psutil.process_iter yields, as far as the scan reads it."""
+
+    pid: int
+    info: dict[str, object]
+
+
+KEY = (MONITOR, MONITOR_START)
+
+
+@dataclass
+class World:
+    """One Sweeper over a one-connection node, and what it did there."""
+
+    sweeper: Sweeper
+    state: BrokerState
+    clock: Clock
+    jobs: FakeJobs
+    steps: FakeSteps
+    managed: FakeManaged
+    decisions: FakeDecisions
+    user: str
+    table: dict[int, ProcInfo]
+    in_job: dict[int, int | None] = field(default_factory=dict)
+    terminated: list[tuple[list[int], float]] = field(default_factory=list)
+
+    @property
+    def tree(self) -> procfs.ProcessTree:
+        return procfs.ProcessTree.of((p.pid, p.ppid, p.start_time) for p in self.table.values())
+
+    def judge(self) -> None:
+        monitor = sweeper_module._Monitor(self.table[MONITOR], self.user)
+        self.sweeper._judge(self.state, monitor, self.tree,
+                            frozenset(self.state.config.sshd.executables))
+
+    def opened(self, ago: float) -> None:
+        """The proc connector saw the connection open ``ago`` seconds before now."""
+        self.clock.now -= ago
+        self.sweeper.connection_opened(MONITOR)
+        self.clock.now += ago
+
+    def untouched(self) -> bool:
+        return not self.steps.joined and not self.terminated and not self.jobs.asked
+
+
+def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
+         jobs: Sequence[LocalJob] = JOB, config: Config | None = None,
+         managed: FakeManaged | None = None, with_session: bool = True) -> World:
+    state = broker_state(config)
+    clock = Clock()
+    fake_jobs = FakeJobs({account.uid: tuple(jobs)} if jobs else {})
+    steps = FakeSteps(owners={job.job_id: account.uid for job in jobs})
+    managed = managed if managed is not None else FakeManaged()
+    decisions = FakeDecisions()
+    core = LoginCore(lambda: state, jobs=fake_jobs, source=FakeSource(), steps=steps,
+                     accounts=FakeAccounts(ALICE, BOB, ROOT))
+    service = Sweeper(lambda: state, core, steps=steps, managed=managed, netns=NETNS,
+                      decisions=decisions, clock=clock)
+    user = account.name
+    table = {
+        1: proc(1, 0, 0, "init", 1.0, exe="/sbin/init"),
+        LISTENER: proc(LISTENER, 1, 0, "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups",
+                       10.0),
+        MONITOR: proc(MONITOR, LISTENER, 0, f"sshd: {user} [priv]", MONITOR_START),
+    }
+    if with_session:
+        table[SESSION] = proc(SESSION, MONITOR, account.uid, f"sshd: {user}@notty", 30.0)
+        table[SHELL] = proc(SHELL, SESSION, account.uid, "-bash", 40.0, exe="/bin/bash")
+    world = World(service, state, clock, fake_jobs, steps, managed, decisions, user, table)
+
+    def proc_info(pid: int) -> ProcInfo:
+        if pid not in world.table:
+            raise NoSuchProcess(f"no process {pid}")
+        return world.table[pid]
+
+    def started_at(pid: int) -> float:
+        return proc_info(pid).start_time
+
+    def still_running(pid: int, start: float) -> bool:
+        return pid in world.table and world.table[pid].start_time == start
+
+    def descendants(pid: int) -> list[int]:
+        proc_info(pid)
+        return world.tree.descendants(pid)
+
+    def extern_job_of(pid: int, nodename: str) -> int | None:
+        assert nodename == "n1"
+        return world.in_job.get(pid)
+
+    def terminate(pids: Sequence[int], *, kill_after: float, why: str) -> list[int]:
+        world.terminated.append((list(pids), kill_after))
+        return list(pids)
+
+    def process_iter(attrs: list[str]) -> Iterator[FakeProcess]:
+        for info in list(world.table.values()):
+            yield FakeProcess(info.pid, {"name": info.name, "ppid": info.ppid,
+                                         "create_time": info.start_time})
+
+    monkeypatch.setattr(procfs, "proc_info", proc_info)
+    monkeypatch.setattr(procfs, "started_at", started_at)
+    monkeypatch.setattr(procfs, "still_running", still_running)
+    monkeypatch.setattr(procfs, "descendants", descendants)
+    monkeypatch.setattr(procfs, "connection_of", lambda pid: CONN)
+    monkeypatch.setattr(procfs, "netns_of", lambda pid: NETNS)
+    monkeypatch.setattr(cgroups, "extern_job_of", extern_job_of)
+    monkeypatch.setattr(signals, "terminate", terminate)
+    monkeypatch.setattr(psutil, "process_iter", process_iter)
+    return world
+
+
+def denied(user: str = "alice") -> Denied:
+    return Denied(Message.NO_JOBS, "user has no jobs on this node", user)
+
+
+# --------------------------------------------------------------------------- not yet
+
+
+def test_a_connection_younger_than_grace_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(GRACE - 0.1)
+    world.judge()
+    assert world.untouched() and world.managed.asked == []
+    world.clock.now += 0.2
+    world.judge()
+    assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
+
+
+def test_a_connection_first_seen_by_a_scan_waits_for_grace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.judge()  # first seen now: age 0
+    assert world.untouched()
+    world.clock.now += GRACE + 0.01
+    world.judge()
+    assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
+
+
+def test_a_connection_being_decided_is_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(10)
+    world.decisions.busy.add(KEY)
+    world.judge()
+    assert world.untouched() and world.managed.asked == []
+    world.decisions.busy.clear()
+    world.judge()
+    assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
+
+
+def test_one_allowed_by_policy_is_settled_and_never_judged_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(10)
+    world.decisions.latest[KEY] = (Allowed("action_unknown=allow"), world.clock.now - 5)
+    assert world.sweeper._not_yet(world.state, world.table[MONITOR], 10.0)
+    world.sweeper.scan()
+    assert world.untouched()
+    world.decisions.latest.clear()  # even when the service forgot it
+    world.clock.now += 60
+    world.sweeper.scan()
+    assert world.untouched() and world.managed.asked == []
+
+
+def test_one_refused_a_moment_ago_is_left_then_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=())
+    world.opened(10)
+    world.decisions.latest[KEY] = (denied(), world.clock.now - GRACE / 2)
+    world.judge()
+    assert world.terminated == [] and world.managed.asked == []
+    world.clock.now += GRACE
+    world.judge()
+    assert world.terminated == [([MONITOR, SESSION, SHELL], 2.0)]
+    assert world.steps.joined == []
+    world.sweeper.scan()  # being ended: not signalled again
+    assert len(world.terminated) == 1
+
+
+def test_an_old_adoption_is_judged_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(10)
+    world.decisions.latest[KEY] = (Adopted(7, "user has only one job 7"), world.clock.now - 1)
+    assert not world.sweeper._not_yet(world.state, world.table[MONITOR], 10.0)
+    world.in_job = {MONITOR: 7, SESSION: 7}
+    world.judge()
+    assert world.steps.joined == [(7, ALICE.uid, (SHELL,))]
+
+
+# --------------------------------------------------------------------------- judged
+
+
+def test_a_managed_connection_in_no_job_is_adopted(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(10)
+    world.judge()
+    assert world.managed.asked == [(LISTENER, "alice", CONN)]
+    assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
+    assert world.terminated == []
+
+
+def test_processes_outside_the_monitors_job_join_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=(LocalJob(7, 1000.0), LocalJob(8, 2000.0)))
+    world.in_job = {MONITOR: 7, SESSION: 7, SHELL: 8}
+    world.opened(10)
+    world.judge()
+    assert world.steps.joined == [(7, ALICE.uid, (SHELL,))]
+    assert world.jobs.asked == [] and world.terminated == []
+
+
+def test_a_connection_wholly_in_its_job_is_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.in_job = {MONITOR: 7, SESSION: 7, SHELL: 7}
+    world.opened(10)
+    world.judge()
+    assert world.untouched()
+
+
+def test_a_stray_that_left_its_connection_is_still_part_of_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(10)
+    world.sweeper.forked(MONITOR, SESSION)
+    world.sweeper.forked(SESSION, SHELL)
+    world.table[50] = proc(50, SHELL, ALICE.uid, "sleep 1000", 50.0, exe="/bin/sleep")
+    world.sweeper.forked(SHELL, 50)
+    world.table[50] = proc(50, 1, ALICE.uid, "sleep 1000", 50.0, exe="/bin/sleep")  # setsid -f
+    world.in_job = {MONITOR: 7, SESSION: 7, SHELL: 7}
+    world.judge()
+    assert world.steps.joined == [(7, ALICE.uid, (50,))]
+
+
+def test_a_jobless_connection_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=())
+    world.opened(10)
+    world.judge()
+    assert world.terminated == [([MONITOR, SESSION, SHELL], 2.0)]
+    assert world.steps.joined == []
+
+
+def test_a_connection_the_policy_allows_unadopted_is_decided_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    options = Options(action_no_jobs=NoJobsAction.IGNORE, fallthrough=FallThrough.ALLOW)
+    world = make(monkeypatch, jobs=(),
+                 config=Config(path="/etc/sshd-adopt/sshd-adopt.toml", options=options))
+    world.opened(10)
+    world.sweeper.scan()
+    assert world.jobs.asked == [ALICE.uid]
+    assert world.terminated == [] and world.steps.joined == []
+    world.clock.now += 60
+    world.sweeper.scan()
+    assert world.jobs.asked == [ALICE.uid]
+
+
+@pytest.mark.parametrize("jobs", [JOB, ()])
+def test_an_unmanaged_connection_is_never_touched(monkeypatch: pytest.MonkeyPatch,
+                                                  jobs: tuple[LocalJob, ...]) -> None:
+    world = make(monkeypatch, jobs=jobs, managed=FakeManaged(answer=False))
+    world.opened(10)
+    world.sweeper.scan()
+    assert world.managed.asked == [(LISTENER, "alice", CONN)]
+    assert world.untouched()
+    world.clock.now += 60
+    world.sweeper.scan()
+    assert world.untouched()
+    assert len(world.managed.asked) == 1  # settled: sshd is not asked again
+
+
+def test_when_sshd_cannot_say_the_connection_is_left_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=(), managed=FakeManaged(error=SshdConfigError("no -T")))
+    world.opened(10)
+    world.judge()
+    world.judge()
+    assert world.untouched()
+    assert len(world.managed.asked) == 2  # asked again: nothing was settled
+
+
+@pytest.mark.parametrize("account", [ROOT, BOB])
+def test_root_and_exempt_users_are_never_touched(monkeypatch: pytest.MonkeyPatch,
+                                                 account: Account) -> None:
+    config = Config(path="/etc/sshd-adopt/sshd-adopt.toml",
+                    exempt=Exemptions(users=frozenset({"root", "bob"})))
+    world = make(monkeypatch, account, jobs=(), config=config)
+    world.opened(10)
+    world.judge()
+    world.sweeper.scan()
+    assert world.untouched() and world.managed.asked == []
+
+
+def test_a_connection_still_authenticating_is_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=(), with_session=False)
+    world.opened(10)
+    world.judge()
+    assert world.untouched() and world.managed.asked == []
+
+
+def test_scan_finds_listeners_and_judges_monitors(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(10)
+    world.sweeper.scan()
+    assert world.sweeper.listeners == frozenset({LISTENER})
+    assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
