@@ -575,8 +575,6 @@ def test_is_session_title_at_sign_check_user_named_with_an_at_sign() -> None:
     assert not sessions.is_session_title("sshd: alice@notty", "alice@not")
 
 
-@pytest.mark.xfail(strict=True, reason="is_session_title accepts anything after '<user>@', so "
-                   "the monitor of the account 'alice@notty' reads as a session of alice")
 def test_is_session_title_user_named_like_a_session_is_not_alices() -> None:
     assert not sessions.is_session_title("sshd: alice@notty [priv]", USER)
 
@@ -602,9 +600,6 @@ def test_is_listener_title_refuses_other_titles(title: str) -> None:
     assert not sessions.is_listener_title(title)
 
 
-@pytest.mark.xfail(strict=True, reason="is_listener_title only looks for '[listener]' anywhere "
-                   "after the prefix, so a monitor or session of a user whose name contains "
-                   "'[listener]' is taken for a listener (sweeper.py skips it)")
 @pytest.mark.parametrize("title", [
     "sshd: [listener] [priv]",
     "sshd-session: x[listener] [priv]",

@@ -224,6 +224,8 @@ class Broker:
             reply, limit = await self._answer(reader, peer)
             writer.write(protocol.encode(reply, limit=limit))
             await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
+        except asyncio.IncompleteReadError:
+            logger().debug("client pid %d uid %d closed before a whole request", pid, uid)
         except (TimeoutError, ConnectionError, BrokerProtocolError) as err:
             logger().warning("dropped client pid %d uid %d: %s", pid, uid, err or "timeout")
         finally:

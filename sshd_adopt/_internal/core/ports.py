@@ -59,8 +59,7 @@ class ExternSteps(Protocol):
     def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool) -> Joined:
         """Add ``pids`` (the first must succeed) to ``job``'s extern step.
 
-        Raises :class:`~sshd_adopt.errors.StepdError` when the step is gone, hung, or
-        not ``uid``'s, and :class:`~sshd_adopt.errors.NoSuchProcess` when the first pid
-        is gone.
+        Raises :class:`~sshd_adopt.errors.StepdError` when the step is gone, hung, not
+        ``uid``'s, or refuses the first pid (a process that is gone is refused too).
         """
         ...

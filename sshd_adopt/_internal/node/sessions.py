@@ -71,6 +71,12 @@ DEFAULT_SSHD_EXECUTABLES = frozenset(
 TITLE_PREFIXES = ("sshd: ", "sshd-session: ")
 _DELETED = " (deleted)"
 _MONITOR_TITLE = re.compile(r"(?:sshd|sshd-session): (\S+) \[priv\]")
+# ``setproctitle("%s [listener] %d of %d-%d startups", ...)`` in sshd.c (9.2, 10.0):
+# the whole title, so that a monitor of a user named ``x[listener]`` is not one.
+_LISTENER_TITLE = re.compile(r"(?:sshd|sshd-session): .+ \[listener\] \d+ of \d+-\d+ startups")
+# A session's title: ``<user>@notty``, ``<user>@<ttys>`` (``pts/0,pts/3`` with several
+# sessions on one connection: ``session_tty_list`` in session.c), or just ``<user>``.
+_SESSION_SUFFIX = re.compile(r"(?:@[A-Za-z0-9/]+(?:,[A-Za-z0-9/]+)*)?")
 
 
 def monitor_user(title: str) -> str | None:
@@ -84,13 +90,21 @@ def monitor_user(title: str) -> str | None:
 
 
 def is_session_title(title: str, user: str) -> bool:
-    """``sshd: <user>@notty`` / ``@pts/N`` (a session), or ``sshd: <user>`` (no session yet)."""
-    return any(title == f"{p}{user}" or title.startswith(f"{p}{user}@") for p in TITLE_PREFIXES)
+    """``sshd: <user>@notty`` / ``@pts/N`` (a session), or ``sshd: <user>`` (no session yet).
+
+    The whole title must match: a monitor of an account named ``alice@notty`` is not
+    a session of alice.
+    """
+    for prefix in TITLE_PREFIXES:
+        head = f"{prefix}{user}"
+        if title.startswith(head) and _SESSION_SUFFIX.fullmatch(title, len(head)):
+            return True
+    return False
 
 
 def is_listener_title(title: str) -> bool:
-    """sshd's listener titles itself ``sshd: <argv> [listener] N of A-B-C startups``."""
-    return title.startswith(TITLE_PREFIXES) and "[listener]" in title
+    """sshd's listener titles itself ``sshd: <argv> [listener] N of A-B startups``."""
+    return monitor_user(title) is None and _LISTENER_TITLE.fullmatch(title) is not None
 
 
 @dataclass(frozen=True)
@@ -363,7 +377,7 @@ def verify_gate_peer(
     if current.exe in executables:
         raise NotAnSshSession(f"peer {peer_pid} is itself an sshd")
     for _ in range(MAX_GATE_CHAIN + 1):
-        parent = procfs.proc_info(current.ppid)
+        parent = _parent_of(current)
         if parent.real_uid == 0:
             break
         if parent.real_uid != gate_uid:

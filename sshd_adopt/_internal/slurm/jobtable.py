@@ -21,7 +21,6 @@ listing, no stepd asked twice), so a job that started a moment ago is never miss
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from sshd_adopt._internal.core.decision import LocalJob
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.slurm.localjobs import ExternStep, query_step, scan_extern_steps
-from sshd_adopt._internal.slurm.stepd import EXTERN_STEP, list_extern_steps
+from sshd_adopt._internal.slurm.stepd import EXTERN_STEP, list_extern_steps, socket_name_pattern
 from sshd_adopt.errors import StepdError, StepdUnavailable
 
 #: A new socket whose stepd does not answer yet is asked again for this long (seconds).
@@ -207,16 +206,14 @@ class JobTable:
         if last and self._on_change is not None:
             self._on_change(step.uid, False)
 
-    def _pattern(self) -> re.Pattern[str] | None:
-        nodename = self._state().nodename
-        if nodename is None:
-            return None
-        return re.compile(rf"^{re.escape(nodename)}_([0-9]+)\.{EXTERN_STEP}$", re.ASCII)
-
     def _job_of(self, name: str) -> int | None:
-        pattern = self._pattern()
-        found = pattern.match(name) if pattern is not None else None
-        return int(found.group(1)) if found else None
+        """The job of an extern-step socket name of this node (the names
+        :func:`~sshd_adopt._internal.slurm.stepd.list_extern_steps` lists), else None."""
+        nodename = self._state().nodename
+        found = socket_name_pattern(nodename).match(name) if nodename is not None else None
+        if found is None or int(found.group(2)) != EXTERN_STEP:
+            return None
+        return int(found.group(1))
 
     def _path_of(self, name: str) -> str | None:
         spool = self._state().spool_dir
