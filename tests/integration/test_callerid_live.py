@@ -47,7 +47,7 @@ SLACK = 0.2
 #: its source address instead of the configured slurmds (the capture test).
 PROBE = """
 import ipaddress, json, pwd, sys, time
-from sshd_adopt._internal.slurm import callerid, munge
+from sshd_adopt._internal.slurm import callerid, callerid_wire, munge
 from sshd_adopt._internal import run
 from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.slurm.facts import load_slurm_facts
@@ -81,7 +81,7 @@ for q in json.loads(sys.argv[1]):
         walls.append(time.monotonic() - t)
     out.append({"outcome": str(a.outcome), "job": a.job_id, "method": a.method,
                 "seconds": a.seconds, "walls": walls,
-                "body": callerid.pack_request_body(conn).hex(),
+                "body": callerid_wire.pack_request_body(conn).hex(),
                 "version": facts.protocol_version})
 print(json.dumps(out))
 """
@@ -131,7 +131,7 @@ while True:
 #: message type and job id (or "closed").
 REPLAY = """
 import socket, struct, sys
-from sshd_adopt._internal.slurm import callerid
+from sshd_adopt._internal.slurm import callerid_wire
 frame = open(sys.argv[1], "rb").read()
 with socket.create_connection((sys.argv[2], 6818), timeout=5) as s:
     s.sendall(frame)
@@ -141,8 +141,8 @@ with socket.create_connection((sys.argv[2], 6818), timeout=5) as s:
     n = struct.unpack(">I", head)[0]; data = b""
     while len(data) < n: data += s.recv(n - len(data))
 version, flags, msg_type = struct.unpack(">HHH", data[:6])
-if msg_type == callerid.RESPONSE_NETWORK_CALLERID:
-    print(msg_type, callerid.parse_response(data).job_id)
+if msg_type == callerid_wire.RESPONSE_NETWORK_CALLERID:
+    print(msg_type, callerid_wire.parse_response(data).job_id)
 else:
     print(msg_type, struct.unpack(">I", data[-4:])[0])
 """
@@ -423,7 +423,7 @@ def test_the_credential_is_the_users_bound_to_the_body_and_only_slurmd_can_read_
     payload = bytes.fromhex("".join(as_root.stdout.split()))
     digest = cluster.exec("n2", str(cluster.venv / "bin" / "python"), "-c",
                           "import sys\n"
-                          "from sshd_adopt._internal.slurm.callerid import hash_payload\n"
+                          "from sshd_adopt._internal.slurm.callerid_wire import hash_payload\n"
                           "print(hash_payload(bytes.fromhex(sys.argv[1])).hex())",
                           body.hex()).stdout.strip()
     assert payload.hex() == digest
@@ -447,11 +447,11 @@ def test_the_lab_slurmds_refuse_a_credential_bound_to_the_type_only(
     script = (
         "import sys\n"
         "from sshd_adopt._internal import run\n"
-        "from sshd_adopt._internal.slurm import callerid, munge\n"
+        "from sshd_adopt._internal.slurm import callerid_wire, munge\n"
         "cred = munge.encode(b'\\x01\\x13\\xab', requester=run.Identity(2001, 2001),"
         " options=munge.CredentialOptions(0), timeout=5)\n"
-        "open(sys.argv[1], 'wb').write(callerid.pack_request(bytes.fromhex(sys.argv[2]), cred,"
-        " int(sys.argv[3])))\n")
+        "open(sys.argv[1], 'wb').write(callerid_wire.pack_request(\n"
+        "    bytes.fromhex(sys.argv[2]), cred, int(sys.argv[3])))\n")
     cluster.exec("n2", str(cluster.venv / "bin" / "python"), "-c", script, str(frame), body,
                  str(version))
     replayed = cluster.exec("n2", str(cluster.venv / "bin" / "python"), "-c", REPLAY,

@@ -26,8 +26,9 @@ from Crypto.Hash import KangarooTwelve
 from sshd_adopt._internal import run
 from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.core.decision import CallerIdAnswer, CallerIdOutcome
-from sshd_adopt._internal.slurm import callerid, munge
-from sshd_adopt._internal.slurm.callerid import (
+from sshd_adopt._internal.slurm import callerid, callerid_wire, munge
+from sshd_adopt._internal.slurm.callerid import CallerIdRequest, query_callerid
+from sshd_adopt._internal.slurm.callerid_wire import (
     NO_VAL,
     PROTOCOL_22_05,
     PROTOCOL_24_11,
@@ -36,14 +37,12 @@ from sshd_adopt._internal.slurm.callerid import (
     REQUEST_NETWORK_CALLERID,
     RESPONSE_NETWORK_CALLERID,
     RESPONSE_SLURM_RC,
-    CallerIdRequest,
     ProtocolFailure,
     Rejected,
     Reply,
     pack_request,
     pack_request_body,
     parse_response,
-    query_callerid,
     response_length,
 )
 from tests.unit.fakes import ALICE, BOB, broker_state, slurm_facts
@@ -106,7 +105,7 @@ def response(
     msg_type: int = RESPONSE_NETWORK_CALLERID,
     version: int = PROTOCOL_22_05,
     body_length: int | None = None,
-    plugin: int = callerid.AUTH_PLUGIN_MUNGE,
+    plugin: int = callerid_wire.AUTH_PLUGIN_MUNGE,
     orig: bytes = struct.pack(">H", 0),
     forward_cnt: int = 0,
     ret_cnt: int = 0,
@@ -153,11 +152,11 @@ def test_hash_payload_is_libslurms_k12_binding() -> None:
     # Slurm's own KangarooTwelve.c (22.05.8, compiled) gives this digest for 52 zero bytes
     # with the customisation htons(5035) = 13 ab; the payload is the K12 plugin id, then it.
     digest = "85822b47af51e6b2142e36890551da403fef0426b030107ac0f09b51c95cbb6a"
-    assert callerid.hash_payload(bytes(52)) == b"\x02" + bytes.fromhex(digest)
+    assert callerid_wire.hash_payload(bytes(52)) == b"\x02" + bytes.fromhex(digest)
     body = pack_request_body(V4)
-    assert callerid.hash_payload(body) == b"\x02" + KangarooTwelve.new(
+    assert callerid_wire.hash_payload(body) == b"\x02" + KangarooTwelve.new(
         data=body, custom=b"\x13\xab").read(32)
-    assert callerid.hash_payload(body) != callerid.hash_payload(pack_request_body(V6))
+    assert callerid_wire.hash_payload(body) != callerid_wire.hash_payload(pack_request_body(V6))
 
 
 @pytest.mark.parametrize("version", [PROTOCOL_22_05, PROTOCOL_24_11, PROTOCOL_26_05])
@@ -390,7 +389,7 @@ def test_member_over_tcp(fake_munge: list[bytes]) -> None:
     assert answer.outcome is CallerIdOutcome.MEMBER
     assert answer.job_id == 42
     assert answer.method == "native"
-    assert fake_munge == [callerid.hash_payload(pack_request_body(loopback()))]
+    assert fake_munge == [callerid_wire.hash_payload(pack_request_body(loopback()))]
 
 
 def test_request_on_the_wire(fake_munge: list[bytes]) -> None:
@@ -407,7 +406,7 @@ def test_request_on_the_wire(fake_munge: list[bytes]) -> None:
     body = pack_request_body(conn)
     assert seen[0] == pack_request(body, CRED, PROTOCOL_24_11)[4:]
     # The credential was asked to carry the K12 binding of exactly that body.
-    assert fake_munge == [callerid.hash_payload(body)]
+    assert fake_munge == [callerid_wire.hash_payload(body)]
 
 
 def test_a_source_that_is_not_a_slurm_node_is_sent_nothing(fake_munge: list[bytes]) -> None:

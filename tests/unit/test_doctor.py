@@ -16,7 +16,9 @@ from sshd_adopt._internal.config import AdmissionSettings, Config, Exemptions
 from sshd_adopt._internal.core.decision import Adopt, AskCallerId, Deny, LocalJob, Message
 from sshd_adopt._internal.core.options import Options, UnknownAction
 from sshd_adopt._internal.doctor import checks as doctor
-from sshd_adopt._internal.doctor.checks import Check, PathStat, PingResult, SshdView, Status
+from sshd_adopt._internal.doctor import sshd as sshd_checks
+from sshd_adopt._internal.doctor.checks import Check, PathStat, PingResult, Status
+from sshd_adopt._internal.doctor.sshd import SshdView
 from sshd_adopt._internal.slurm.facts import SlurmFacts
 from sshd_adopt.cli import doctor as doctor_cli
 
@@ -163,25 +165,25 @@ ADMISSION = AdmissionSettings()
 
 
 def test_parse_sshd_t() -> None:
-    values = doctor.parse_sshd_t(SSHD_T)
+    values = sshd_checks.parse_sshd_t(SSHD_T)
     assert values["authorizedkeysfile"] == "/run/sshd-adopt/keys/%u"
     assert values["listenaddress"] == "0.0.0.0:22\n[::]:22"
-    assert doctor.forced_wrapper(values["forcecommand"]) == "/opt/sshd-adopt/bin/sshd-adopt"
+    assert sshd_checks.forced_wrapper(values["forcecommand"]) == "/opt/sshd-adopt/bin/sshd-adopt"
 
 
 @pytest.mark.parametrize("command", ["none", "", "/usr/bin/internal-sftp", "/bin/sshd-adopt-x"])
 def test_forced_wrapper_other_commands(command: str) -> None:
-    assert doctor.forced_wrapper(command) is None
+    assert sshd_checks.forced_wrapper(command) is None
 
 
 def view(text: str = SSHD_T, **changes: str) -> SshdView:
-    settings = doctor.parse_sshd_t(text)
+    settings = sshd_checks.parse_sshd_t(text)
     settings.update(changes)
     return SshdView("alice", settings)
 
 
 def managed(v: SshdView, admission: AdmissionSettings = ADMISSION) -> list[Check]:
-    return doctor.check_sshd_managed(v, admission)
+    return sshd_checks.check_sshd_managed(v, admission)
 
 
 def failures(checks: list[Check]) -> list[str]:
@@ -237,15 +239,15 @@ def test_without_shlvl_refused_bash_users_read_their_bashrc() -> None:
 
 
 def test_exempt_user_must_not_get_the_wrapper() -> None:
-    (bad,) = doctor.check_sshd_exempt(view())
+    (bad,) = sshd_checks.check_sshd_exempt(view())
     assert bad.status is Status.FAIL
-    (good,) = doctor.check_sshd_exempt(view(forcecommand="none"))
+    (good,) = sshd_checks.check_sshd_exempt(view(forcecommand="none"))
     assert good.status is Status.OK
 
 
 def test_sshd_error_is_a_fail() -> None:
     broken = SshdView("root", error="Missing privilege separation directory: /run/sshd")
-    assert doctor.check_sshd_exempt(broken)[0].status is Status.FAIL
+    assert sshd_checks.check_sshd_exempt(broken)[0].status is Status.FAIL
     assert managed(broken)[0].status is Status.FAIL
 
 
@@ -373,20 +375,20 @@ def test_main_runs_without_a_node(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_entries_owned_by_someone_else_fail_naming_the_directory() -> None:
-    check = doctor.check_entries(["/run/sshd-adopt/keys is writable by group 100"], [],
+    check = sshd_checks.check_entries(["/run/sshd-adopt/keys is writable by group 100"], [],
                                  "/run/sshd-adopt/keys")
     assert check.status is Status.FAIL and "/run/sshd-adopt/keys" in check.detail
 
 
 def test_entries_list_who_may_enter() -> None:
-    check = doctor.check_entries([], ["bob", "alice"], "/run/sshd-adopt/keys")
+    check = sshd_checks.check_entries([], ["bob", "alice"], "/run/sshd-adopt/keys")
     assert check.status is Status.OK and "2 user(s) may enter (alice, bob)" in check.detail
 
 
 def test_limits_conf_without_pam_warns_with_an_example() -> None:
     lines = ["@slurmusers hard nofile 4096"]
-    check = doctor.check_limits("no", lines)
+    check = sshd_checks.check_limits("no", lines)
     assert check is not None and check.status is Status.WARN
     assert "@slurmusers hard nofile 4096" in check.detail
-    assert doctor.check_limits("yes", lines) is None
-    assert doctor.check_limits("no", []) is None
+    assert sshd_checks.check_limits("yes", lines) is None
+    assert sshd_checks.check_limits("no", []) is None

@@ -8,7 +8,7 @@ shows up until somebody logs in. The doctor looks for both before users do.
 
 The module is split in two on purpose:
 
-* **Checks** (``check_*``, :func:`parse_sshd_t`, :func:`dry_run`) are pure
+* **Checks** (``check_*`` here and in :mod:`.sshd`, :func:`dry_run`) are pure
   functions of facts already gathered. Every rule, e.g. "a managed user must
   get a ForceCommand pointing at sshd-adopt", is a unit test with made-up
   inputs: no sshd, no Slurm, no root needed.
@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import enum
 import os
-import shlex
 import stat
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from sshd_adopt._internal import protocol
-from sshd_adopt._internal.config import AdmissionSettings, Config
+from sshd_adopt._internal.config import Config
 from sshd_adopt._internal.core.decision import (
     Adopt,
     Allow,
@@ -55,21 +54,16 @@ __all__ = [
     "DryRun",
     "PathStat",
     "PingResult",
-    "SshdView",
     "Status",
     "check_broker",
     "check_config",
     "check_config_file",
-    "check_entries",
-    "check_limits",
     "check_safe_path",
     "check_slurm",
-    "check_sshd_exempt",
-    "check_sshd_managed",
     "describe",
     "dry_run",
     "exit_status",
-    "parse_sshd_t",
+    "ok",
     "ping_broker",
     "stat_chain",
 ]
@@ -102,7 +96,7 @@ def exit_status(checks: Iterable[Check]) -> int:
     return 1 if any(c.status is Status.FAIL for c in checks) else 0
 
 
-def _ok(name: str, detail: str) -> Check:
+def ok(name: str, detail: str) -> Check:
     return Check(name, Status.OK, detail)
 
 
@@ -120,7 +114,7 @@ def check_config(config: Config | None, error: str | None, path: str, *,
         return [Check("config", Status.FAIL, f"{error or path + ': cannot be loaded'}{where}",
                       f"fix the file, then: sshd-adoptd --check --config {path}")]
     defaults = any(w.endswith("using the built-in defaults") for w in config.warnings)
-    checks = [_ok("config", f"no file at {config.path}: the built-in defaults apply{where}"
+    checks = [ok("config", f"no file at {config.path}: the built-in defaults apply{where}"
                   if defaults else f"{config.path} is valid{where}")]
     checks += [
         Check("config", Status.WARN, warning,
@@ -150,7 +144,7 @@ def check_config_file(path: str, st: os.stat_result | None) -> Check:
         return Check("config file", Status.WARN,
                      f"{path} is owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}",
                      fix)
-    return _ok("config file", f"{path} is root-owned, mode {stat.S_IMODE(st.st_mode):04o}")
+    return ok("config file", f"{path} is root-owned, mode {stat.S_IMODE(st.st_mode):04o}")
 
 
 # --------------------------------------------------------------------------- Slurm
@@ -169,9 +163,9 @@ def check_slurm(
     if facts is None:
         return [Check("slurm.conf", Status.FAIL, error or "slurm.conf cannot be read",
                       "fix slurm.conf or set slurm.conf_path in the sshd-adopt config")]
-    checks = [_ok("slurm.conf", f"{facts.conf_path} (Slurm {facts.version or 'version ?'})")]
+    checks = [ok("slurm.conf", f"{facts.conf_path} (Slurm {facts.version or 'version ?'})")]
     if "contain" in facts.prolog_flags:
-        checks.append(_ok("PrologFlags", "contains Contain: jobs get an extern step"))
+        checks.append(ok("PrologFlags", "contains Contain: jobs get an extern step"))
     else:
         flags = ",".join(sorted(facts.prolog_flags)) or "(unset)"
         checks.append(Check("PrologFlags", Status.FAIL,
@@ -179,14 +173,14 @@ def check_slurm(
                             "add Contain to PrologFlags in slurm.conf, then restart "
                             "slurmctld and every slurmd"))
     if facts.proctrack_type == "proctrack/cgroup":
-        checks.append(_ok("ProctrackType", "proctrack/cgroup"))
+        checks.append(ok("ProctrackType", "proctrack/cgroup"))
     else:
         checks.append(Check("ProctrackType", Status.FAIL,
                             f"ProctrackType={facts.proctrack_type}: adopted sessions are "
                             "not tracked in the job's cgroup",
                             "set ProctrackType=proctrack/cgroup in slurm.conf"))
     if "task/cgroup" in facts.task_plugins:
-        checks.append(_ok("TaskPlugin", ",".join(facts.task_plugins)))
+        checks.append(ok("TaskPlugin", ",".join(facts.task_plugins)))
     else:
         checks.append(Check("TaskPlugin", Status.FAIL,
                             f"TaskPlugin={','.join(facts.task_plugins)}: the job's CPU and "
@@ -198,7 +192,7 @@ def check_slurm(
                             "hostname, NodeHostname or localhost)",
                             "set policy.nodename in the sshd-adopt config"))
     else:
-        checks.append(_ok("NodeName", facts.nodename))
+        checks.append(ok("NodeName", facts.nodename))
     if facts.spool_dir is None:
         checks.append(Check("spool dir", Status.FAIL,
                             "SlurmdSpoolDir needs the NodeName, which is unknown",
@@ -209,7 +203,7 @@ def check_slurm(
                             "here, or SlurmdSpoolDir differs from slurmd's",
                             "start slurmd, or fix SlurmdSpoolDir / policy.nodename"))
     else:
-        checks.append(_ok("spool dir", facts.spool_dir))
+        checks.append(ok("spool dir", facts.spool_dir))
     return checks
 
 
@@ -235,7 +229,7 @@ def check_broker(ping: PingResult, *, our_version: str, nodename: str | None) ->
                       "login is denied",
                       "start it (systemctl start sshd-adoptd), or check "
                       "broker.socket_path and the --socket= of the ForceCommand")]
-    checks = [_ok("broker", f"answers on {ping.socket_path}, version {ping.version}")]
+    checks = [ok("broker", f"answers on {ping.socket_path}, version {ping.version}")]
     if ping.version != our_version:
         checks.append(Check("broker version", Status.WARN,
                             f"the broker runs {ping.version}, this doctor is {our_version}",
@@ -262,167 +256,6 @@ def ping_broker(socket_path: str, timeout: float = 2.0) -> PingResult:
         return PingResult(socket_path, error=f"unexpected reply {reply.get('result')!r}")
     return PingResult(socket_path, version=reply.get("version", "?"), node=reply.get("node", ""),
                       config=reply.get("config") or None)
-
-
-# --------------------------------------------------------------------------- sshd
-
-
-def parse_sshd_t(text: str) -> dict[str, str]:
-    """``sshd -T`` output as {lower-case keyword: value}; repeated keywords are joined by \\n.
-
-    ``sshd -T`` prints one ``keyword value`` per line, keywords already in
-    lower case; multi-valued ones (listenaddress, hostkey) repeat the keyword.
-    """
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.strip().partition(" ")
-        if not key:
-            continue
-        key = key.lower()
-        values[key] = f"{values[key]}\n{value}" if key in values else value
-    return values
-
-
-@dataclass(frozen=True)
-class SshdView:
-    """sshd's effective configuration for one user (``sshd -T -C user=...``), or why not."""
-
-    user: str
-    settings: Mapping[str, str] = field(default_factory=dict)
-    error: str | None = None
-
-    def get(self, key: str) -> str:
-        """The value of ``key``, or "none" as sshd prints unset settings."""
-        return self.settings.get(key, "none")
-
-
-def forced_wrapper(forcecommand: str) -> str | None:
-    """The program a ForceCommand runs if it is an sshd-adopt wrapper, else None."""
-    if forcecommand in ("", "none"):
-        return None
-    try:
-        words = shlex.split(forcecommand)
-    except ValueError:
-        words = forcecommand.split()
-    if words and os.path.basename(words[0]) == WRAPPER_NAME:
-        return words[0]
-    return None
-
-
-def check_sshd_managed(view: SshdView, admission: AdmissionSettings) -> list[Check]:
-    """A managed user: sshd must force the wrapper on her and admit her only by our rules.
-
-    * ForceCommand runs the wrapper; ``PermitUserEnvironment no`` (else
-      ``~/.ssh/environment`` feeds LD_PRELOAD or PATH to it);
-    * her keys come only from the broker's entry (``AuthorizedKeysFile
-      <keys_dir>/%u``, exactly) or, when the site's keys come from a command, from
-      the gate alone (``AuthorizedKeysFile none``): a key file of her own would
-      let her in without a job;
-    * with a ``TrustedUserCAKeys``, certificates are accepted only through the
-      principals entry (``AuthorizedPrincipalsFile <principals_dir>/%u``);
-    * the AuthorizedKeysCommand is ``sshd-adopt-keys`` run as ``command_user``;
-    * ``SetEnv SHLVL=1`` when refused users are told why: without it, bash reads
-      their ``~/.bashrc`` before the wrapper says no.
-    """
-    name = f"sshd ({view.user})"
-    if view.error is not None:
-        return [Check(name, Status.FAIL, f"sshd -T failed: {view.error}",
-                      "run as root; fix what sshd -t reports")]
-    checks: list[Check] = []
-    wrapper = forced_wrapper(view.get("forcecommand"))
-    if wrapper is None:
-        checks.append(Check(name, Status.FAIL,
-                            f"ForceCommand is {view.get('forcecommand')!r}: {view.user}'s "
-                            "sessions are not adopted",
-                            "install the drop-in (scripts/install) and make its Match block "
-                            f"cover {view.user}, then reload sshd"))
-        return checks
-    checks.append(_ok(name, f"ForceCommand {view.get('forcecommand')}"))
-    if view.get("permituserenvironment").lower() not in ("no", "none"):
-        checks.append(Check(name, Status.WARN,
-                            f"PermitUserEnvironment {view.get('permituserenvironment')}: "
-                            "~/.ssh/environment can feed LD_PRELOAD/PATH to the wrapper",
-                            "set PermitUserEnvironment no in the Match block"))
-    files = view.get("authorizedkeysfile").split()
-    entry = f"{admission.keys_dir}/%u"
-    if admission.keys_command.strip():
-        wanted, why = ["none"], "the keys come from admission.keys_command, through the gate"
-    else:
-        wanted, why = [entry], "only the broker's entry, which exists while the user may enter"
-    if files != wanted:
-        checks.append(Check(name, Status.FAIL,
-                            f"AuthorizedKeysFile is {' '.join(files)!r}: a key there is accepted "
-                            "whether or not the user has a job here",
-                            f"AuthorizedKeysFile {' '.join(wanted)} in the drop-in's Match block "
-                            f"({why})"))
-    else:
-        checks.append(_ok(name, f"AuthorizedKeysFile {' '.join(files)}"))
-    principals = f"{admission.principals_dir}/%u"
-    if view.get("trustedusercakeys") != "none" and view.get(
-            "authorizedprincipalsfile") != principals:
-        checks.append(Check(name, Status.FAIL,
-                            f"TrustedUserCAKeys is set but AuthorizedPrincipalsFile is "
-                            f"{view.get('authorizedprincipalsfile')!r}: a CA-signed certificate "
-                            "logs in without a job",
-                            f"AuthorizedPrincipalsFile {principals} in the drop-in's Match block"))
-    command = view.get("authorizedkeyscommand")
-    if command == "none" or os.path.basename(command.split()[0]) != "sshd-adopt-keys":
-        checks.append(Check(name, Status.WARN,
-                            f"AuthorizedKeysCommand is {command!r}: a job that started a moment "
-                            "ago, and refusals with a message, need sshd-adopt-keys",
-                            "AuthorizedKeysCommand <prefix>/bin/sshd-adopt-keys %u"))
-    elif view.get("authorizedkeyscommanduser") != admission.command_user:
-        checks.append(Check(name, Status.FAIL,
-                            f"AuthorizedKeysCommandUser is "
-                            f"{view.get('authorizedkeyscommanduser')!r}, the broker answers only "
-                            f"{admission.command_user!r}",
-                            "make admission.command_user and the drop-in agree"))
-    if admission.on_deny == "message" and "SHLVL=1" not in view.get("setenv").split():
-        checks.append(Check(name, Status.FAIL,
-                            "no SetEnv SHLVL=1: a refused bash user's ~/.bashrc runs before the "
-                            "wrapper can say why",
-                            "SetEnv SHLVL=1 in the drop-in's Match block (or "
-                            "admission.on_deny = \"refuse\")"))
-    return checks
-
-
-def check_entries(problems: Sequence[str], admitted: Iterable[str], keys_dir: str) -> Check:
-    """The entry directories are root's alone (else anyone could plant an entry)."""
-    if problems:
-        return Check("key entries", Status.FAIL, "; ".join(problems),
-                     "chown root:root and chmod 0755 each directory named (and the ones "
-                     "above it); the broker refuses to start until then")
-    users = sorted(admitted)
-    shown = ", ".join(users[:10]) + (" …" if len(users) > 10 else "")
-    return _ok("key entries", f"{keys_dir}: root's alone; {len(users)} user(s) may enter"
-               + (f" ({shown})" if users else ""))
-
-
-def check_limits(usepam: str, lines: Sequence[str]) -> Check | None:
-    """With ``UsePAM no`` nothing applies /etc/security/limits.conf to ssh sessions."""
-    if usepam.lower() != "no" or not lines:
-        return None
-    return Check("limits.conf", Status.WARN,
-                 f"UsePAM no, but limits.conf/limits.d set {len(lines)} limit(s) (e.g. "
-                 f"{lines[0]!r}): they do not apply to ssh sessions (pam_limits never runs); "
-                 "adopted sessions get the job's cgroup limits instead",
-                 "set the limits in the job (slurm.conf, cgroup.conf), or in sshd's service "
-                 "(LimitNOFILE=...) for everyone")
-
-
-def check_sshd_exempt(view: SshdView) -> list[Check]:
-    """Root and exempt users must never get the wrapper: a broken broker must not lock them out."""
-    name = f"sshd ({view.user})"
-    if view.error is not None:
-        return [Check(name, Status.FAIL, f"sshd -T failed: {view.error}",
-                      "run as root; fix what sshd -t reports")]
-    wrapper = forced_wrapper(view.get("forcecommand"))
-    if wrapper is not None:
-        return [Check(name, Status.FAIL,
-                      f"exempt user {view.user} gets ForceCommand {view.get('forcecommand')}",
-                      "exclude admins and root from the drop-in's Match block "
-                      "(e.g. Match Group slurmusers,!clusteradm)")]
-    return [_ok(name, "no sshd-adopt ForceCommand (exempt)")]
 
 
 # --------------------------------------------------------------------------- paths
@@ -499,7 +332,7 @@ def check_safe_path(role: str, path: str, chain: Sequence[PathStat]) -> Check:
                          f"{path}: {item.path} is {' and '.join(problems)} "
                          f"(mode {stat.S_IMODE(item.mode):04o}); sshd's safe_path "
                          "rules refuse this", fix)
-    return _ok(name, f"{path}: every component root-owned, not group/world-writable")
+    return ok(name, f"{path}: every component root-owned, not group/world-writable")
 
 
 # --------------------------------------------------------------------------- dry run
@@ -572,4 +405,4 @@ def check_dry_run(result: DryRun, *, job_error: str | None = None) -> Check:
         else:
             fix = "review the [policy] actions in the sshd-adopt config"
         return Check(name, Status.WARN, text, fix)
-    return _ok(name, text)
+    return ok(name, text)

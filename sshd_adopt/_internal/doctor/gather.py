@@ -23,7 +23,9 @@ from sshd_adopt._internal.core.accounts import Account, Accounts
 from sshd_adopt._internal.core.decision import LocalJob
 from sshd_adopt._internal.core.login import is_exempt
 from sshd_adopt._internal.doctor import checks
-from sshd_adopt._internal.doctor.checks import Check, DryRun, PingResult, SshdView, Status
+from sshd_adopt._internal.doctor import sshd as sshd_checks
+from sshd_adopt._internal.doctor.checks import Check, DryRun, PingResult, Status
+from sshd_adopt._internal.doctor.sshd import SshdView
 from sshd_adopt._internal.node.keyentries import KeyEntries
 from sshd_adopt._internal.slurm.facts import SlurmFacts, load_slurm_facts
 from sshd_adopt._internal.slurm.localjobs import user_jobs
@@ -60,7 +62,7 @@ def gather_sshd(user: str, sshd: str, config_file: str | None) -> SshdView:
         return SshdView(user, error=f"cannot run {sshd}: {err}")
     if done.returncode != 0:
         return SshdView(user, error=done.problem().split("; ")[-1])
-    return SshdView(user, settings=checks.parse_sshd_t(done.text()))
+    return SshdView(user, settings=sshd_checks.parse_sshd_t(done.text()))
 
 
 def _exempt_users(config: Config | None) -> list[str]:
@@ -84,7 +86,7 @@ def _exempt_users(config: Config | None) -> list[str]:
 
 def _default_wrapper(views: list[SshdView]) -> str:
     for view in views:
-        wrapper = checks.forced_wrapper(view.get("forcecommand"))
+        wrapper = sshd_checks.forced_wrapper(view.get("forcecommand"))
         if wrapper is not None:
             return wrapper
     return str(Path(sys.executable).parent / checks.WRAPPER_NAME)
@@ -214,9 +216,9 @@ def _user_checks(request: Request, config: Config | None, slurm: SlurmFacts | No
     if config is None:
         return [], None
     if is_exempt(config.exempt, account, Accounts()):
-        found = checks.check_sshd_exempt(view)
+        found = sshd_checks.check_sshd_exempt(view)
     else:
-        found = checks.check_sshd_managed(view, config.admission)
+        found = sshd_checks.check_sshd_managed(view, config.admission)
     dry, check = _dry_run(request.user, config, slurm)
     return [*found, check], dry
 
@@ -235,17 +237,17 @@ def gather(request: Request) -> tuple[list[Check], DryRun | None]:
     if config is not None:
         admission = config.admission
         entries = KeyEntries(admission.keys_dir, admission.principals_dir)
-        found.append(checks.check_entries(entries.problems(), entries.admitted(),
+        found.append(sshd_checks.check_entries(entries.problems(), entries.admitted(),
                                           admission.keys_dir))
     views: list[SshdView] = []
     for name in _exempt_users(config):
         view = gather_sshd(name, request.sshd, request.sshd_config)
         views.append(view)
-        found += checks.check_sshd_exempt(view)
+        found += sshd_checks.check_sshd_exempt(view)
     user_found, dry = _user_checks(request, config, slurm, views)
     found += user_found
     usepam = next((v.get("usepam") for v in reversed(views) if v.error is None), "")
-    limits = checks.check_limits(usepam, limits_lines())
+    limits = sshd_checks.check_limits(usepam, limits_lines())
     if limits is not None:
         found.append(limits)
     found += _path_checks(request.wrapper or _default_wrapper(views), views)

@@ -11,7 +11,8 @@ node's slurmd listens on. A source that is not a Slurm node (a login host, any
 IPv6 source without EnableIPv6) is "not a node" at once: no credential, no
 deadline to wait out. The credential itself is minted as the connecting user,
 decodable only by SlurmdUser and bound to the request body with libslurm's
-K12 hash (:mod:`sshd_adopt._internal.slurm.munge`, :func:`hash_payload`), so whoever
+K12 hash (:mod:`sshd_adopt._internal.slurm.munge`,
+:func:`~sshd_adopt._internal.slurm.callerid_wire.hash_payload`), so whoever
 receives it cannot use it for anything else. It is asked only after sshd has
 authenticated the connection, and only when the answer can change the outcome.
 
@@ -48,16 +49,13 @@ dropped"); a timeout is ``UNREACHABLE``.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
-import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 import tenacity
-from Crypto.Hash import KangarooTwelve
 
 from sshd_adopt._internal import run
 from sshd_adopt._internal.cache import TtlCache
@@ -66,39 +64,10 @@ from sshd_adopt._internal.core.connection import Connection, IPAddress
 from sshd_adopt._internal.core.decision import CallerIdAnswer, CallerIdOutcome
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
+from sshd_adopt._internal.slurm import callerid_wire as wire
 from sshd_adopt._internal.slurm import munge
-from sshd_adopt.errors import CallerIdError
 
 Method = Literal["auto", "native", "scontrol"]
-
-# --- Slurm constants (reference §3.2, §3.5) --------------------------------------------------
-
-REQUEST_NETWORK_CALLERID = 5035
-RESPONSE_NETWORK_CALLERID = 5036
-RESPONSE_SLURM_RC = 8001
-AUTH_PLUGIN_MUNGE = 101
-HASH_PLUGIN_NONE = 1
-HASH_PLUGIN_K12 = 2  # slurm.h hash_plugin_type
-K12_BYTES = 32
-NO_VAL = 0xFFFFFFFE
-AF_INET = 2  # Slurm packs Linux's numbers; spelled out so the wire does not follow the host
-AF_INET6 = 10
-
-PROTOCOL_22_05 = 0x2600  # 9728: verified live (reference §6)
-PROTOCOL_24_11 = 0x2A00  # 10752
-PROTOCOL_25_11 = 0x2C00  # 11264: the response body carries a full step id from here on
-PROTOCOL_26_05 = 0x2D00  # 11520
-#: Versions whose request framing we know (reference §3.5): the 22.05 header is
-#: unchanged for forward_cnt = ret_cnt = 0 through 26.05. Older peers (< 22.05)
-#: have another header and no hash in the credential; newer ones are unknown.
-#: Versions above 24.11 are documented but not verified live.
-SPOKEN_VERSIONS = range(PROTOCOL_22_05, PROTOCOL_26_05 + 0x100, 0x100)
-
-#: Largest response we read. A callerid answer is ~200 bytes (header, a
-#: ~150-byte credential, a node name); the bound stops a garbage length
-#: prefix from making the root broker allocate or wait for megabytes.
-MAX_RESPONSE = 64 * 1024
-_HEADER_MIN = 16  # version, flags, type, body length, forward_cnt, ret_cnt, orig family
 
 # --- budget and retries ----------------------------------------------------------------------
 
@@ -122,20 +91,6 @@ _UNREACHABLE_ERRNOS = frozenset(
 )
 
 
-class ProtocolFailure(CallerIdError):
-    """The native path cannot get an answer it understands.
-
-    Raised by the pure pack/parse helpers; :func:`query_callerid` never lets
-    it escape (it becomes UNREACHABLE, or a fallback to scontrol for
-    :class:`Rejected`).
-    """
-
-
-class Rejected(ProtocolFailure):
-    """The slurmd will not take our request (closed without answering, or a
-    protocol version we do not speak): the one case where scontrol may do better."""
-
-
 class _Transient(Exception):
     """Worth another attempt: the failure says nothing about the source host."""
 
@@ -146,15 +101,6 @@ class _Unreachable(Exception):
     def __init__(self, why: str) -> None:
         super().__init__(why)
         self.why = why
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A parsed callerid response: a job id (``None`` = NO_VAL), Slurm rc, node name."""
-
-    job_id: int | None
-    rc: int
-    node_name: str
 
 
 class _Budget:
@@ -171,186 +117,7 @@ class _Budget:
         return time.monotonic() - self.start
 
 
-# --- packing (pure) --------------------------------------------------------------------------
-
-
-def _address16(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
-    """Slurm's 16-byte address field: network order, IPv4 in the first 4 bytes."""
-    return address.packed.ljust(16, b"\0")
-
-
-def pack_request_body(conn: Connection) -> bytes:
-    """The 52-byte ``network_callerid_msg_t`` (reference §3.3).
-
-    ``ip_src`` is the ssh client (whose slurmd we ask), ``ip_dst`` this node.
-    """
-    af = AF_INET if conn.family == 4 else AF_INET6
-    return b"".join(
-        (
-            struct.pack(">I", 16),
-            _address16(conn.remote_ip),
-            struct.pack(">I", 16),
-            _address16(conn.local_ip),
-            struct.pack(">III", conn.remote_port, conn.local_port, af),
-        )
-    )
-
-
-def hash_payload(body: bytes, msg_type: int = REQUEST_NETWORK_CALLERID) -> bytes:
-    """The munge payload that binds a credential to one message, as libslurm makes it.
-
-    ``_compute_hash`` in ``src/common/slurm_protocol_api.c`` (22.05 → 26.05):
-    the hash plugin id (K12 = 2), then KangarooTwelve over the packed body
-    with the message type in network byte order as the customisation string,
-    32 bytes; 33 bytes in all. The receiving slurmd (``_check_hash``)
-    recomputes it over the body it received, so a captured credential is
-    good for this exact request and nothing else.
-    """
-    digest = KangarooTwelve.new(data=body, custom=struct.pack(">H", msg_type)).read(K12_BYTES)
-    return bytes([HASH_PLUGIN_K12]) + digest
-
-
-def _packstr(data: bytes) -> bytes:
-    """Slurm packstr: BE u32 length including the NUL, the bytes, the NUL."""
-    return struct.pack(">I", len(data) + 1) + data + b"\0"
-
-
-def pack_request(body: bytes, credential: bytes, protocol_version: int) -> bytes:
-    """The full length-prefixed frame: header, munge auth, body.
-
-    The 22.05 header (``slurm_send_node_msg``), unchanged for forward_cnt =
-    ret_cnt = 0 through 26.05.
-    """
-    if protocol_version not in SPOKEN_VERSIONS:
-        raise Rejected(f"protocol version {protocol_version:#x} not spoken natively")
-    header = struct.pack(
-        ">HHHIHHH", protocol_version, 0, REQUEST_NETWORK_CALLERID, len(body), 0, 0, 0
-    )
-    auth = struct.pack(">I", AUTH_PLUGIN_MUNGE) + _packstr(credential)
-    message = header + auth + body
-    return struct.pack(">I", len(message)) + message
-
-
-# --- parsing (pure) --------------------------------------------------------------------------
-
-
-class _Reader:
-    """Bounds-checked big-endian reads over one response; short data is a ProtocolFailure."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.pos = 0
-
-    def remaining(self) -> int:
-        return len(self._data) - self.pos
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or n > self.remaining():
-            raise ProtocolFailure(f"response cut short in {what}")
-        chunk = self._data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def u16(self, what: str) -> int:
-        value: int = struct.unpack(">H", self.take(2, what))[0]
-        return value
-
-    def u32(self, what: str) -> int:
-        value: int = struct.unpack(">I", self.take(4, what))[0]
-        return value
-
-    def u64(self, what: str) -> int:
-        value: int = struct.unpack(">Q", self.take(8, what))[0]
-        return value
-
-    def packstr(self, what: str) -> bytes | None:
-        length = self.u32(what)
-        if length == 0:
-            return None
-        data = self.take(length, what)
-        return data[:-1] if data.endswith(b"\0") else data
-
-
-def response_length(prefix: bytes) -> int:
-    """Parse and bound the 4-byte length prefix of a response."""
-    if len(prefix) != 4:
-        raise ProtocolFailure("response cut short in its length prefix")
-    length: int = struct.unpack(">I", prefix)[0]
-    if not _HEADER_MIN <= length <= MAX_RESPONSE:
-        raise ProtocolFailure(f"response length {length} outside {_HEADER_MIN}..{MAX_RESPONSE}")
-    return length
-
-
-def _skip_header_and_auth(reader: _Reader) -> tuple[int, int]:
-    """Read the 22.05-style header and skip the auth; return (version, msg_type).
-
-    The response's munge credential is skipped, not verified, on purpose:
-    we opened the TCP connection to the source address ourselves, so a
-    forger would have to sit on that path, and the answer can only *choose*
-    among this user's own jobs: the broker adopts a job only if it is one
-    of the user's jobs with an extern step on this node. Verifying would
-    cost an unmunge per login and buy nothing the decision relies on.
-    """
-    version = reader.u16("header")
-    reader.u16("header")  # flags
-    msg_type = reader.u16("header")
-    body_length = reader.u32("header")
-    if reader.u16("header") != 0:
-        raise ProtocolFailure("response asks for forwarding")
-    if reader.u16("header") != 0:
-        raise ProtocolFailure("response carries a ret list")
-    family = reader.u16("header")
-    if family == AF_INET:
-        reader.take(6, "orig_addr")
-    elif family == AF_INET6:
-        reader.take(reader.u32("orig_addr"), "orig_addr")
-        reader.take(2, "orig_addr")
-    elif family != 0:
-        raise ProtocolFailure(f"response orig_addr family {family}")
-    plugin = reader.u32("auth")
-    if plugin != AUTH_PLUGIN_MUNGE:
-        raise ProtocolFailure(f"response signed by auth plugin {plugin}, not munge")
-    reader.packstr("auth credential")
-    # Exact, as slurm itself checks since CVE-2023-49933: garbage rarely fits.
-    if body_length != reader.remaining():
-        raise ProtocolFailure(
-            f"response body is {reader.remaining()} bytes, header says {body_length}"
-        )
-    return version, msg_type
-
-
-def parse_response(message: bytes) -> Reply:
-    """Parse a response *after* its length prefix: header, auth, body.
-
-    The body layout follows the version in the response header (the slurmd
-    answers with the request's version): below 25.11 it starts with a u32
-    job id, from 25.11 with a full step id (reference §3.3).
-    """
-    reader = _Reader(message)
-    version, msg_type = _skip_header_and_auth(reader)
-    if msg_type == RESPONSE_SLURM_RC:
-        rc = reader.u32("rc body")
-        if rc != 0:
-            raise ProtocolFailure(f"slurmd answered RESPONSE_SLURM_RC {rc}")
-        # 22.05's libslurm leaves the job id unset on rc 0; we call it "no job".
-        return Reply(None, 0, "")
-    if msg_type != RESPONSE_NETWORK_CALLERID:
-        raise ProtocolFailure(f"unexpected response type {msg_type}")
-    if version >= PROTOCOL_25_11:
-        reader.u64("step id")  # sluid
-        job_id = reader.u32("step id")
-        reader.take(8, "step id")  # step_id, step_het_comp
-    else:
-        job_id = reader.u32("job id")
-    rc = reader.u32("return code")
-    node = reader.packstr("node name") or b""
-    if reader.remaining():
-        raise ProtocolFailure("response body has trailing bytes")
-    known = job_id not in (0, NO_VAL, 0xFFFFFFFF)
-    return Reply(job_id if known else None, rc, node.decode(errors="replace"))
-
-
-def _outcome(reply: Reply) -> tuple[CallerIdOutcome, int | None]:
+def _outcome(reply: wire.Reply) -> tuple[CallerIdOutcome, int | None]:
     """MEMBER only for a real job id with rc 0; anything else is "no job known"."""
     if reply.job_id is not None and reply.rc == 0:
         return CallerIdOutcome.MEMBER, reply.job_id
@@ -373,7 +140,7 @@ class CallerIdRequest:
     requester: run.Identity
     credential: munge.CredentialOptions
     slurmds: Mapping[IPAddress, int] = field(default_factory=dict)
-    protocol_version: int = PROTOCOL_22_05
+    protocol_version: int = wire.PROTOCOL_22_05
     deadline: float = 1.0
     method: Method = "auto"
     scontrol: str = "/usr/bin/scontrol"
@@ -386,7 +153,7 @@ class CallerIdRequest:
 def _recv_exact(sock: socket.socket, n: int, budget: _Budget, *, first: bool) -> bytes:
     """Read exactly ``n`` bytes, every recv under what is left of the budget.
 
-    A clean end of stream before any byte is :class:`Rejected`, not worth a
+    A clean end of stream before any byte is :class:`wire.Rejected`, not worth a
     retry: it is how a slurmd refuses a request it cannot take (seen live:
     22.05 closes without a word on a newer protocol version, logging "Invalid
     Protocol Version 11520"; 26.05 does the same on a hash it cannot check),
@@ -403,34 +170,35 @@ def _recv_exact(sock: socket.socket, n: int, budget: _Budget, *, first: bool) ->
         chunk = sock.recv(min(n - got, 65536))
         if not chunk:
             if first and got == 0:
-                raise Rejected("slurmd closed the connection without answering")
-            raise ProtocolFailure("response cut short")
+                raise wire.Rejected("slurmd closed the connection without answering")
+            raise wire.ProtocolFailure("response cut short")
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
 
 
-def _native_once(conn: Connection, port: int, request: CallerIdRequest, budget: _Budget) -> Reply:
+def _native_once(conn: Connection, port: int, request: CallerIdRequest,
+                 budget: _Budget) -> wire.Reply:
     """One connect/send/receive; classifies every failure for the retry policy."""
     left = budget.left()
     if left < MIN_ATTEMPT:
         raise _Unreachable("deadline reached")
     family = socket.AF_INET if conn.family == 4 else socket.AF_INET6
-    body = pack_request_body(conn)
+    body = wire.pack_request_body(conn)
     try:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(left)
             sock.connect((str(conn.remote_ip), port))
             # Encode only once connected: a refused connection costs no credential.
             credential = munge.encode(
-                hash_payload(body), requester=request.requester, options=request.credential,
+                wire.hash_payload(body), requester=request.requester, options=request.credential,
                 timeout=budget.left(), munge=request.munge,
             )
-            frame = pack_request(body, credential, request.protocol_version)
+            frame = wire.pack_request(body, credential, request.protocol_version)
             sock.settimeout(max(budget.left(), 0.001))
             sock.sendall(frame)
-            length = response_length(_recv_exact(sock, 4, budget, first=True))
-            return parse_response(_recv_exact(sock, length, budget, first=False))
+            length = wire.response_length(_recv_exact(sock, 4, budget, first=True))
+            return wire.parse_response(_recv_exact(sock, length, budget, first=False))
     except TimeoutError as exc:  # socket.timeout is TimeoutError since 3.10
         raise _Unreachable("timed out") from exc
     except OSError as exc:
@@ -441,15 +209,15 @@ def _native_once(conn: Connection, port: int, request: CallerIdRequest, budget: 
         raise _Unreachable(str(exc)) from exc
 
 
-def _native(conn: Connection, port: int, request: CallerIdRequest, budget: _Budget) -> Reply:
+def _native(conn: Connection, port: int, request: CallerIdRequest, budget: _Budget) -> wire.Reply:
     """The native RPC with bounded retries of transient failures.
 
-    Raises :class:`Rejected` (scontrol may help), :class:`ProtocolFailure`
+    Raises :class:`wire.Rejected` (scontrol may help), :class:`wire.ProtocolFailure`
     or :class:`~sshd_adopt._internal.slurm.munge.MungeError` (final), or
     :class:`_Unreachable`.
     """
-    if request.protocol_version not in SPOKEN_VERSIONS:
-        raise Rejected(f"protocol version {request.protocol_version:#x} not spoken natively")
+    if request.protocol_version not in wire.SPOKEN_VERSIONS:
+        raise wire.Rejected(f"protocol version {request.protocol_version:#x} not spoken natively")
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(_Transient),
         # A retry starts only with MIN_ATTEMPT left after the wait, so the
@@ -462,7 +230,7 @@ def _native(conn: Connection, port: int, request: CallerIdRequest, budget: _Budg
         reraise=True,
     )
     try:
-        reply: Reply = retrying(_native_once, conn, port, request, budget)
+        reply: wire.Reply = retrying(_native_once, conn, port, request, budget)
     except _Transient as exc:
         raise _Unreachable(f"{MAX_ATTEMPTS} attempts failed, last: {exc}") from exc
     return reply
@@ -502,7 +270,7 @@ def _scontrol_answer(
     text = (stdout + "\n" + stderr).lower()
     if exit_code == 0:
         fields = stdout.split()
-        if fields and fields[0].isdigit() and int(fields[0]) not in (0, NO_VAL, 0xFFFFFFFF):
+        if fields and fields[0].isdigit() and int(fields[0]) not in (0, wire.NO_VAL, 0xFFFFFFFF):
             return CallerIdAnswer(
                 CallerIdOutcome.MEMBER, int(fields[0]), "scontrol", budget.spent()
             )
@@ -551,11 +319,11 @@ def query_callerid(conn: Connection, request: CallerIdRequest) -> CallerIdAnswer
     if request.method in ("auto", "native"):
         try:
             reply = _native(conn, port, request, budget)
-        except Rejected as exc:
+        except wire.Rejected as exc:
             logger().debug("callerid native to %s: %s", conn.remote_ip, exc)
             if request.method == "native":
                 return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "native", budget.spent())
-        except (ProtocolFailure, munge.MungeError) as exc:
+        except (wire.ProtocolFailure, munge.MungeError) as exc:
             logger().debug("callerid native to %s failed: %s", conn.remote_ip, exc)
             return CallerIdAnswer(CallerIdOutcome.UNREACHABLE, None, "native", budget.spent())
         except _Unreachable as exc:
