@@ -29,7 +29,8 @@ from typing import Any
 from fusepy import FUSE, FuseOSError, Operations, fuse_get_context  # Debian python3-fusepy
 
 
-class RootSquash(Operations):  # type: ignore[misc]  (fusepy is untyped)
+# fusepy is untyped: its base class is Any to mypy.
+class RootSquash(Operations):  # type: ignore[misc]
     def __init__(self, root_fd: int) -> None:
         self.root = f"/proc/self/fd/{root_fd}"
 

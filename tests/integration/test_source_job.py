@@ -12,10 +12,11 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.harness import Cluster, remote_cgroup_job
+from tests.harness import Cluster, remote_cgroup_job, wait_until
 
 DEADLINE = 1.0  # the default callerid deadline
 
@@ -51,6 +52,33 @@ def test_ssh_from_a_batch_step_and_an_srun_step_lands_in_the_spanning_job(
     assert batch.job_id not in others
     decisions = log.since(mark)
     assert f"member of job {batch.job_id} via native" in decisions
+
+
+def test_the_source_job_wins_over_a_newer_one(cluster: Cluster) -> None:
+    """The job the ssh comes from was started first; a newer job of alice's runs on the
+    target too. Only the callerid answer can pick the older one ("newest" would not)."""
+    token = uuid.uuid4().hex[:12]
+    lab = cluster.home("alice") / ".lab"
+    go, out = lab / f"go-{token}", lab / f"source-{token}.out"
+    source = cluster.submit("alice", ["n1", "n2"], (
+        "#!/bin/bash\n"
+        f"while [ ! -e {go} ]; do sleep 0.1; done\n"
+        f"ssh n2 cat /proc/self/cgroup >{out}.tmp 2>&1; mv {out}.tmp {out}\n"
+        "exec sleep 600\n"))
+    time.sleep(1.1)  # extern steps are dated to the second
+    newer = cluster.submit("alice", ["n2"])
+    log = cluster.broker_log("n2")
+    mark = log.mark()
+    try:
+        go.touch()
+        wait_until(out.exists, 30, "the ssh from the source job")
+        landed = job_of(out.read_text())
+    finally:
+        go.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+    assert landed == source, (landed, source, newer)
+    assert f"member of job {source} via native" in log.wait_for(
+        f"outcome=adopt job={source}", mark=mark)
 
 
 def test_from_the_login_host_action_unknown_decides(

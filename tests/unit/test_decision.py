@@ -172,3 +172,24 @@ def test_failed_callerid_adoption_of_the_only_job_applies_adopt_failure() -> Non
     assert first.via_callerid
     result = dec.after_adopt_failure(f, options, first)
     assert isinstance(result, dec.Deny)
+
+
+def test_a_fallthrough_denial_tells_the_user_the_real_reason() -> None:
+    """The user reads the message of what happened (no jobs, unknown node), not a generic one."""
+    options = Options(action_no_jobs=NoJobsAction.IGNORE, fallthrough=FallThrough.DENY)
+    result = dec.decide(facts(), options)
+    assert isinstance(result, dec.Deny) and result.message is dec.Message.NO_JOBS
+    unknown_node = Options(action_generic_failure=GenericFailureAction.IGNORE,
+                           fallthrough=FallThrough.DENY)
+    result = dec.decide(facts(OLD, node_known=False), unknown_node)
+    assert isinstance(result, dec.Deny) and result.message is dec.Message.NO_NODE
+    assert "NodeName is unknown" in result.reason
+
+
+def test_only_a_member_answer_names_the_job() -> None:
+    """A job id in an answer that is not MEMBER (a garbled reply) never picks the job."""
+    odd = dec.CallerIdAnswer(dec.CallerIdOutcome.INDETERMINATE, job_id=OLD.job_id,
+                             method="native")
+    result = dec.decide(facts(OLD, NEW, callerid=odd), Options())
+    assert isinstance(result, dec.Adopt) and result.job_id == NEW.job_id  # newest, not OLD
+    assert not result.via_callerid

@@ -19,6 +19,7 @@ Differences from pam_slurm_adopt 22.05, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -202,15 +203,7 @@ def after_adopt_failure(
     if failed.via_callerid:
         remaining = tuple(job for job in facts.jobs if job.job_id != failed.job_id)
         if remaining:
-            retry = LoginFacts(
-                user=facts.user,
-                uid=facts.uid,
-                exempt=facts.exempt,
-                node_known=facts.node_known,
-                jobs=remaining,
-                callerid=facts.callerid,
-            )
-            return _unknown_source(retry, options, why)
+            return _unknown_source(dataclasses.replace(facts, jobs=remaining), options, why)
     if options.action_adopt_failure is AdoptFailureAction.ALLOW:
         return Allow(f"{why}; action_adopt_failure=allow")
     return Deny(Message.ADOPT_FAILED, f"{why}; action_adopt_failure=deny")
