@@ -66,3 +66,15 @@ def test_an_older_checkout_installed_after_a_newer_one_replaces_it(
     installed = _installed_init(cluster)
     assert marker not in installed
     assert installed == (older / "sshd_adopt" / "__init__.py").read_text()
+
+
+def test_a_venv_changed_behind_the_labs_back_is_reinstalled_by_up(
+        cluster: Cluster, restore_lab: None) -> None:
+    """Whatever changed the installed package (another checkout's install, a hand edit),
+    ``up`` notices that it is not this checkout's code and installs it again."""
+    found = list(cluster.venv_host.glob("lib/python3*/site-packages/sshd_adopt/__init__.py"))
+    assert len(found) == 1, found
+    found[0].write_text(found[0].read_text() + "# changed behind the lab's back\n")
+    proc = cluster.run_script("up")
+    assert "reinstalling" in proc.stdout + proc.stderr
+    assert _installed_init(cluster) == (REPO / "sshd_adopt" / "__init__.py").read_text()

@@ -33,6 +33,7 @@ from sshd_adopt._internal.config import (
     values,
 )
 from sshd_adopt._internal.config.overrides import FREE_OVERRIDES, STRICTNESS
+from sshd_adopt._internal.config.settings import InvalidValue
 from sshd_adopt._internal.core.decision import Message
 from sshd_adopt._internal.core.options import (
     AdoptFailureAction,
@@ -701,3 +702,71 @@ def test_example_file_and_reference_doc_cover_every_key() -> None:
             prefix = "# " if dotted in UNSET_BY_DEFAULT else ""
             assert re.search(rf"(?m)^{prefix}{key} = ", enabled), f"{dotted} not in example"
             assert f"`{dotted}`" in docs, f"{dotted} not in docs"
+
+
+# --------------------------------------------------------------------------- value converters
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    (1, True), (1024, True), (0, False), (1025, False), (-3, False), (True, False), (2.0, False),
+    ("4", False),
+])
+def test_counts_are_integers_within_their_bounds(value: object, ok: bool) -> None:
+    convert = values.count_upto(1024)
+    if ok:
+        assert convert(value) == value
+    else:
+        with pytest.raises(InvalidValue):
+            convert(value)
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    (0.001, True), (1, True), (values.MAX_SECONDS, True), (values.MAX_SECONDS + 1, False),
+    (0, False), (-1, False), (float("inf"), False), (float("nan"), False), (False, False),
+    ("2", False),
+])
+def test_seconds_are_positive_finite_and_plausible(value: object, ok: bool) -> None:
+    if ok:
+        assert values.positive_seconds(value) == float(value)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(InvalidValue):
+            values.positive_seconds(value)
+
+
+def test_a_choice_is_one_of_the_allowed_words() -> None:
+    convert = values.one_of(("message", "refuse"))
+    assert convert("refuse") == "refuse"
+    for bad in ("restrict", "", 3):
+        with pytest.raises(InvalidValue):
+            convert(bad)
+
+
+@pytest.mark.parametrize("path", ["", "a\x00b", "../keys", ".ssh/../../etc/shadow", "a/.."])
+def test_keys_files_never_climb_out_of_the_home(path: str) -> None:
+    with pytest.raises(InvalidValue):
+        values.keys_file(path)
+    assert values.keys_file(".ssh/authorized_keys..bak") == ".ssh/authorized_keys..bak"
+
+
+def test_an_optional_value_may_be_empty_and_is_checked_otherwise() -> None:
+    convert = values.optional(values.keys_file)
+    assert convert("") == ""
+    assert convert("%h/.principals") == "%h/.principals"
+    with pytest.raises(InvalidValue):
+        convert("../x")
+
+
+def test_a_suggestion_names_the_one_closest_key() -> None:
+    assert values.suggest("on_deni", ["on_deny", "timeout"]) == " (did you mean 'on_deny'?)"
+    assert values.suggest("zzz", ["on_deny", "timeout"]) == ""
+
+
+def test_admission_and_broker_settings_load(tmp_path: Path) -> None:
+    config = load_text(tmp_path, '[admission]\non_deny = "refuse"\nprincipals_file = ""\n'
+                       'max_keys_bytes = 1024\n[broker]\nworkers = 3\n[callerid]\n'
+                       'method = "native"\n')
+    assert config.admission.on_deny == "refuse"
+    assert config.admission.principals_file == ""
+    assert config.admission.max_keys_bytes == 1024
+    assert config.broker.workers == 3
+    assert config.callerid.method == "native"

@@ -72,3 +72,55 @@ def test_encode_decode_round_trip(items: dict[str, str]) -> None:
     if not items:
         return
     assert protocol.decode(protocol.encode(items)[4:]) == items
+
+
+# --------------------------------------------------------------------------- exact bounds
+
+
+def body_of(items: dict[str, str]) -> bytes:
+    return "\0".join(f"{k}={v}" for k, v in items.items()).encode()
+
+
+def test_a_frame_of_exactly_the_limit_is_taken_one_byte_more_is_not() -> None:
+    assert protocol.frame_length(protocol.MAX_FRAME.to_bytes(4, "big")) == protocol.MAX_FRAME
+    with pytest.raises(BrokerProtocolError):
+        protocol.frame_length((protocol.MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(BrokerProtocolError):
+        protocol.frame_length((0).to_bytes(4, "big"))
+    assert protocol.frame_length((258).to_bytes(4, "big")) == 258  # big-endian
+    items = {"v": "1", "op": "adopt", "o.x": "y" * (protocol.MAX_FRAME - 17)}
+    frame = protocol.encode(items)
+    assert len(frame) == 4 + protocol.MAX_FRAME
+    assert protocol.decode(frame[4:]) == items
+    with pytest.raises(BrokerProtocolError):
+        protocol.encode({**items, "o.x": items["o.x"] + "y"})
+    with pytest.raises(BrokerProtocolError):
+        protocol.decode(frame[4:] + b"y")
+
+
+def test_item_count_bound() -> None:
+    many = {f"k{i}": "v" for i in range(protocol.MAX_ITEMS)}
+    assert protocol.decode(body_of(many)) == many
+    with pytest.raises(BrokerProtocolError):
+        protocol.decode(body_of({**many, "one-more": "v"}))
+
+
+@pytest.mark.parametrize("item", [b"noequals", b"=value", b"bad key=v", b"k\xc3=v"])
+def test_malformed_items_are_refused(item: bytes) -> None:
+    with pytest.raises(BrokerProtocolError):
+        protocol.decode(b"v=1\0" + item)
+
+
+def test_user_name_and_override_bounds() -> None:
+    user = "u" * protocol.MAX_USER_CHARS
+    assert protocol.parse_request(body_of({"v": "1", "op": "keys", "user": user}))[1] == {
+        "user": user}
+    for bad in (user + "u", "", "a b", "a/b"):
+        with pytest.raises(BrokerProtocolError):
+            protocol.parse_request(body_of({"v": "1", "op": "keys", "user": bad}))
+    key, value = "o." + "k" * 62, "v" * 256
+    assert protocol.parse_request(body_of({"v": "1", "op": "adopt", key: value}))[1] == {
+        key[2:]: value}
+    for bad_key, bad_value in ((key + "k", "v"), (key, value + "v"), ("x.k", "v")):
+        with pytest.raises(BrokerProtocolError):
+            protocol.parse_request(body_of({"v": "1", "op": "adopt", bad_key: bad_value}))
