@@ -38,6 +38,15 @@ OVERRIDE_PREFIX = "o."
 DEFAULT_WRAPPER_TIMEOUT = 8.0
 ENV_PREFIX = "env."
 
+#: Session tickets: ``<socket dir>/sessions/<monitor pid>``, one per connection the
+#: broker adopted right after authentication, holding the reply an "adopt" request
+#: would get (a frame) plus the monitor's start time (``MONITOR_START``: clock ticks,
+#: field 22 of ``/proc/<pid>/stat``, so a reused pid never matches). The wrapper
+#: reads its connection's ticket instead of asking (no options on its line, its own
+#: cgroup in that job); anything else asks the broker.
+SESSIONS = "sessions"
+MONITOR_START = "monitor_start"
+
 #: Request kinds. "adopt": the wrapper asks for its session; "ping": doctor and
 #: readiness checks; "keys": the auth-time gate asks whether a user may enter.
 OPS = frozenset({"adopt", "ping", "keys"})
@@ -165,6 +174,21 @@ def reply(result: str, *, message: str = "", job: int | None = None,
         items[ENV_PREFIX + key] = value
     items.update(extra)
     return items
+
+
+def sessions_dir(socket_path: str) -> str:
+    """Where the tickets are: next to the broker's socket."""
+    return f"{socket_path.rpartition('/')[0]}/{SESSIONS}"
+
+
+def stat_identity(stat: bytes) -> tuple[int, int]:
+    """``(ppid, start time in clock ticks)`` from the text of ``/proc/<pid>/stat``.
+
+    The command name (field 2) may hold spaces and parentheses: fields are counted
+    after its last ``)`` (``proc_pid_stat(5)``). Raises ValueError on other text.
+    """
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[1]), int(fields[19])
 
 
 def exchange(

@@ -1,8 +1,10 @@
 """``sshd-adopt``: the ForceCommand, the barrier between an ssh session and the user's command.
 
 sshd runs this as the user for every session of a managed user. By then the broker
-has usually adopted the connection already (right after authentication); this asks it
-to make sure (and to adopt now if it could not), exports what the job provides
+has usually adopted the connection already (right after authentication) and left the
+answer in a session ticket, which this reads instead of asking (when its own cgroup
+is that job's and its ForceCommand line has no options); otherwise it asks the broker
+to make sure (and to adopt now if it could not). Then it exports what the job provides
 (``SLURM_JOB_ID``, and ``DISPLAY``/``XAUTHORITY`` for X11 jobs), then execs exactly
 what sshd would have run: the login shell as a login shell, or
 ``$SHELL -c "$SSH_ORIGINAL_COMMAND"``, with ``SHLVL`` removed so that the command's
@@ -48,6 +50,9 @@ example sshd_config line:
 """
 
 DEFAULT_SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+#: How far up from this process the connection's monitor may be (session process,
+#: a shell that did not exec, ...).
+MAX_HOPS = 6
 DENIED_STATUS = 255  # what an ssh client reports when pam_slurm_adopt refuses
 EXPORTED = frozenset({"SLURM_JOB_ID", "DISPLAY", "XAUTHORITY"})
 
@@ -123,6 +128,48 @@ def run_session(settings: Settings, exported: dict[str, str] | None = None) -> N
     posix.execve(shell, argv, session_environment(exported or {}))
 
 
+def _read(path: str, limit: int = 4096) -> bytes:
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        return posix.read(fd, limit)
+    finally:
+        posix.close(fd)
+
+
+def read_ticket(socket_path: str) -> dict[str, str] | None:
+    """The broker's answer for this session, left for it when the connection was adopted
+    right after authentication; None when there is none to trust (then ask).
+
+    The ticket is the monitor's (an ancestor of this process, matched by pid and
+    start time), says "adopted", and this process's cgroup is that job's extern step.
+    """
+    directory = protocol.sessions_dir(socket_path)
+    try:
+        pid = protocol.stat_identity(_read("/proc/self/stat"))[0]
+        for _ in range(MAX_HOPS):
+            if pid <= 1:
+                return None
+            try:
+                frame = _read(f"{directory}/{pid}", protocol.MAX_FRAME + protocol.LENGTH_BYTES)
+            except FileNotFoundError:
+                pid = protocol.stat_identity(_read(f"/proc/{pid}/stat"))[0]
+                continue
+            size = protocol.LENGTH_BYTES
+            if protocol.frame_length(frame[:size]) + size != len(frame):
+                return None
+            items = protocol.decode(frame[protocol.LENGTH_BYTES:])
+            start = protocol.stat_identity(_read(f"/proc/{pid}/stat"))[1]
+            cgroup = _read("/proc/self/cgroup", 65536)
+            if (items.get(protocol.MONITOR_START) == str(start)
+                    and items.get("result") == protocol.ADOPTED
+                    and f"/job_{items.get('job')}/step_extern".encode() in cgroup):
+                return items
+            return None
+    except (OSError, ValueError, BrokerProtocolError):
+        return None
+    return None
+
+
 def deny(message: str) -> None:
     """Tell the user why, on stderr, and end the session."""
     sys.stderr.write(message.rstrip("\n") + "\n")
@@ -140,9 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(args)
     if posix.getuid() == 0:
         run_session(settings)  # root is never adopted, and never waits for the broker
+    ticket = None if settings.overrides else read_ticket(settings.socket_path)
     try:
-        reply = protocol.exchange(settings.socket_path, protocol.adopt_request(settings.overrides),
-                                  timeout=settings.timeout)
+        reply = ticket or protocol.exchange(
+            settings.socket_path, protocol.adopt_request(settings.overrides),
+            timeout=settings.timeout)
     except (OSError, BrokerProtocolError) as err:
         if settings.broker_failure_allows():
             sys.stderr.write(f"sshd-adopt: broker unavailable ({err}); continuing unadopted\n")

@@ -46,7 +46,7 @@ NETNS = "net:[4026531840]"
 SSHD = "/usr/sbin/sshd"
 CONN = Connection(ipaddress.IPv4Address("10.0.0.11"), 22,
                   ipaddress.IPv4Address("10.0.0.12"), 40000)
-LISTENER, MONITOR, CHILD, WRAPPER = 10, 20, 30, 40
+LISTENER, MONITOR, CHILD, SHELL, WRAPPER = 10, 20, 30, 35, 40
 MONITOR_START = 20.0
 
 
@@ -99,6 +99,8 @@ class World:
     listed: list[int] = field(default_factory=list)
     alive: bool = True
     session_error: Exception | None = None
+    # processes the session forks while the first join is under way (OpenSSH 10's shell)
+    forked_during_join: list[int] = field(default_factory=list)
 
     def authenticate(self) -> None:
         self.service.authenticated(MONITOR, MONITOR_START, CHILD)
@@ -150,7 +152,7 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
 
     def descendants(pid: int) -> list[int]:
         assert pid == MONITOR
-        return [CHILD]
+        return [CHILD, *(world.forked_during_join if world.steps.joined else [])]
 
     def find_session(peer_pid: int, peer_uid: int, *,
                      sshd_executables: frozenset[str]) -> SshSession:
@@ -167,6 +169,9 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
 
     def extern_job_of(pid: int, nodename: str) -> int | None:
         assert nodename == "n1"
+        for job, _uid, pids in reversed(world.steps.joined):  # the stepd really moves them
+            if pid in pids:
+                return job
         return world.in_job.get(pid)
 
     def oom(*pids: int) -> None:
@@ -193,6 +198,14 @@ TWO_JOBS = (LocalJob(7, 1000.0), LocalJob(8, 2000.0))
 
 
 # --------------------------------------------------------------------------- early
+
+
+def test_a_shell_forked_during_the_adoption_is_caught_up_before_the_wrapper_asks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=ONE_JOB)
+    world.forked_during_join = [SHELL]
+    world.authenticate()
+    assert world.steps.joined == [(7, ALICE.uid, (MONITOR, CHILD)), (7, ALICE.uid, (SHELL,))]
 
 
 def test_authenticated_adopts_monitor_and_child_into_the_one_job(

@@ -33,7 +33,8 @@ from sshd_adopt import __version__
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.broker import server
 from sshd_adopt._internal.broker.node import Node
-from sshd_adopt._internal.broker.server import REQUESTS, Broker, render_adoption, render_keys
+from sshd_adopt._internal.broker.replies import render_adoption, render_keys
+from sshd_adopt._internal.broker.server import REQUESTS, Broker
 from sshd_adopt._internal.config import AdmissionSettings, BrokerSettings, Config, Messages
 from sshd_adopt._internal.core.decision import Message
 from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Failed, Outcome

@@ -113,6 +113,9 @@ class FakeAdoption:
     def monitor_gone(self, monitor_pid: int) -> None:
         self.log.record("adoption.monitor_gone", monitor_pid)
 
+    def key_check(self, monitor_pid: int, monitor_start: float) -> None:
+        self.log.record("adoption.key_check", monitor_pid, monitor_start)
+
 
 class FakeSweeper:
     def __init__(self, log: Recorder) -> None:
@@ -221,6 +224,14 @@ def test_a_uid_change_of_the_monitor_itself_is_not_authentication(
     """The monitor switches its effective uid to read the user's keys before authentication."""
     node.feed(fork(LISTENER, MONITOR), uid(MONITOR, ruid, euid), uid(MONITOR, 0, 0))
     assert node.authenticated() == []
+
+
+def test_the_monitors_key_check_is_reported_and_nothing_else(node: Node) -> None:
+    """Only the monitor's own switch to a user's effective uid (real uid root) is a key
+    check (adoption warms the cgroup path for it); returning to root, or a child, is not."""
+    node.feed(fork(LISTENER, MONITOR), uid(MONITOR, 0, ALICE), uid(MONITOR, 0, 0),
+              fork(MONITOR, CHILD), uid(CHILD, 0, ALICE))
+    assert node.log.named("adoption.key_check") == [(MONITOR, STARTS[MONITOR])]
 
 
 @pytest.mark.parametrize(("ruid", "euid"), [(0, ALICE), (ALICE, 0), (0, 0)])

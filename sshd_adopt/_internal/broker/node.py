@@ -13,15 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+from sshd_adopt._internal import protocol
 from sshd_adopt._internal.broker.guardian import Guardian
+from sshd_adopt._internal.broker.replies import TicketDesk
 from sshd_adopt._internal.broker.watcher import Watcher
 from sshd_adopt._internal.core.accounts import Accounts
 from sshd_adopt._internal.core.login import LoginCore
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.node import procfs
+from sshd_adopt._internal.node.cgroupwarm import MigrationWarmer, start_warmer
 from sshd_adopt._internal.node.keyentries import UnsafeDirectory
 from sshd_adopt._internal.node.sshdconfig import ManagedQuery
+from sshd_adopt._internal.node.tickets import SessionTickets
 from sshd_adopt._internal.services.admission import Admission, entries_of
 from sshd_adopt._internal.services.adoption import Adoption
 from sshd_adopt._internal.services.sweeper import Sweeper
@@ -41,25 +45,35 @@ class Node:
         self.core = LoginCore(state, jobs=self.table, source=SourceJobs(state), steps=steps,
                               accounts=Accounts())
         managed = ManagedQuery()
+        self.tickets = TicketDesk(
+            SessionTickets(protocol.sessions_dir(state().config.broker.socket_path)), state)
         self.admission = Admission(state, self.core, netns)
-        self.adoption = Adoption(state, self.core, steps=steps, managed=managed, netns=netns)
+        self.adoption = Adoption(state, self.core, steps=steps, managed=managed, netns=netns,
+                                 tickets=self.tickets)
         self.sweeper = Sweeper(state, self.core, steps=steps, managed=managed, netns=netns,
                                decisions=self.adoption)
         self.watcher = Watcher(state, table=self.table, adoption=self.adoption,
                                sweeper=self.sweeper, pool=pool)
         self.guardian: Guardian | None = None
+        self.warmer: MigrationWarmer | None = None
 
     def start(self) -> None:
         """Check the entry directories, start the guardian, rebuild the entries, watch.
 
         Raises :class:`~sshd_adopt._internal.node.keyentries.UnsafeDirectory` (naming the
-        directory) when the entry directories are not root's alone: the broker must not
-        start then.
+        directory) when the entry or ticket directories are not root's alone: the
+        broker must not start then.
         """
         state = self.state()
         entries = entries_of(state)
         entries.prepare()
+        self.tickets.tickets.prepare()
+        self.tickets.tickets.wipe()
         self.guardian = Guardian(entries)
+        adoption = state.config.adoption
+        if adoption.early and adoption.warm and state.config.broker.proc_events:
+            self.warmer = start_warmer(state.nodename or "node", self.guardian.pid)
+            self.adoption.warm = self.warmer.warm if self.warmer is not None else None
         self.table.reconcile()
         made = self.admission.rebuild(self.table.users())
         logger().info("key entries rebuilt in %s: %d user(s) may enter by them", entries.keys_dir,
@@ -73,9 +87,13 @@ class Node:
         self.watcher.stop()
         self.sweeper.stop()
         self.admission.wipe()
+        self.tickets.tickets.wipe()
         if self.guardian is not None:
             self.guardian.release()
             self.guardian = None
+        if self.warmer is not None:
+            self.warmer.close()
+            self.warmer = None
 
     def reloaded(self, old: BrokerState) -> None:
         """After SIGHUP: entries moved or retargeted by the new configuration are made again
@@ -97,6 +115,8 @@ class Node:
         if moved and self.guardian is not None:
             self.guardian.release()
             self.guardian = Guardian(after)
+            if self.warmer is not None:
+                self.warmer.follow(self.guardian.pid)
 
     def _jobs_changed(self, uid: int, has_jobs: bool) -> None:
         self.admission.jobs_changed(uid, has_jobs)

@@ -1,10 +1,10 @@
 """The broker's server: a unix socket, SO_PEERCRED, one dispatch table, bounded everything.
 
-The server alone speaks the wire format (:mod:`sshd_adopt._internal.protocol`): it
-reads one bounded request, looks its kind up in :data:`REQUESTS` (what may be asked,
-how long the answer may take, how large it may be), runs the service on a worker
-thread, and turns the service's typed outcome into the reply -- rendering a denial's
-text from the site's templates only here, where somebody will read it. As in
+The server speaks the wire format (:mod:`sshd_adopt._internal.protocol`): it reads one
+bounded request, looks its kind up in :data:`REQUESTS` (what may be asked, how long
+the answer may take, how large it may be), runs the service on a worker thread, and
+turns the service's typed outcome into the reply (:mod:`.replies`, which also writes
+the replies of connections adopted early as session tickets). As in
 OpenSSH's monitor, a kind of request that is not in the table is refused.
 
 asyncio owns the socket so that a thousand idle or slow clients cost a thousand small
@@ -33,13 +33,10 @@ from typing import Any
 from sshd_adopt import __version__
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.broker.node import Node
-from sshd_adopt._internal.core.decision import Message
-from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Outcome
+from sshd_adopt._internal.broker.replies import render_adoption, render_keys
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
-from sshd_adopt._internal.services.admission import Keys, KeysOutcome
 from sshd_adopt._internal.services.adoption import Peer
-from sshd_adopt._internal.slurm import hints
 from sshd_adopt.errors import BrokerProtocolError, Error
 
 _PEERCRED = struct.Struct("3i")
@@ -78,40 +75,6 @@ REQUESTS: dict[str, Request] = {
                     + s.config.admission.timeout, protocol.MAX_REPLY_FRAME),
     "ping": Request(_ping, lambda s: s.config.broker.request_timeout),
 }
-
-
-def render_adoption(state: BrokerState, outcome: Outcome) -> dict[str, str]:
-    """The wrapper's reply; a denial's text is rendered here, with where the jobs run."""
-    if isinstance(outcome, Adopted):
-        return protocol.reply(protocol.ADOPTED, job=outcome.job, env=dict(outcome.env))
-    if isinstance(outcome, Allowed):
-        return protocol.reply(protocol.ALLOWED)
-    if isinstance(outcome, Denied):
-        text = state.config.messages.render(
-            outcome.message, user=outcome.user, node=outcome.node,
-            job=str(outcome.failed_job) if outcome.failed_job is not None else "-",
-            jobs=",".join(str(job) for job in outcome.jobs) or "none")
-        if outcome.message in (Message.NO_JOBS, Message.UNKNOWN_SOURCE):
-            text += _hint(outcome.user)
-        return protocol.reply(protocol.DENIED, message=text)
-    return protocol.reply(protocol.FAILED, message=f"sshd-adopt: {outcome.reason}")
-
-
-def render_keys(outcome: KeysOutcome) -> dict[str, str]:
-    """The AuthorizedKeysCommand's reply: keys to print, or a refusal (nothing printed)."""
-    if isinstance(outcome, Keys):
-        return protocol.reply(protocol.KEYS, keys=outcome.text)
-    return protocol.reply(protocol.DENIED, message=outcome.reason)
-
-
-def _hint(user: str) -> str:
-    """Where the user's running jobs are and how to get a shell in one ("" if unknown).
-
-    Asked of slurmctld with a short bound: a slow controller must not slow the
-    denial down, so the hint is simply left out then.
-    """
-    jobs = hints.running_jobs_elsewhere(user, timeout=0.5)
-    return "" if jobs is None else "\n" + hints.format_hint(jobs)
 
 
 class Broker:

@@ -8,6 +8,9 @@ directory (:mod:`sshd_adopt._internal.node.inotify`). What it sees goes to:
 * adoption: a listener forks a connection's monitor, the monitor forks a child, the
   child takes a user's uid -- that connection has just been authenticated
   (:meth:`~sshd_adopt._internal.services.adoption.Adoption.authenticated`, on a worker);
+  before that, the monitor taking the user's effective uid for the key check
+  (:meth:`~sshd_adopt._internal.services.adoption.Adoption.key_check`: warm the
+  cgroup-migration path for a managed connection);
 * the sweeper: forks, execs and exits of processes of followed connections.
 
 Timers drive the rest: settling new sockets whose stepd did not answer yet, the
@@ -204,6 +207,13 @@ class Watcher:
                 self._children[event.pid] = event.parent
             self._sweeper.forked(event.parent, event.pid)
         elif event.what == PROC_EVENT_UID:
+            if event.pid in self._monitors:
+                # The monitor reads the user's keys with the user's effective uid: an
+                # adoption may follow within milliseconds.
+                if event.ruid == 0 and event.euid != 0 and self._state().config.adoption.early:
+                    self._submit(None, functools.partial(
+                        self._adoption.key_check, event.pid, self._monitors[event.pid]))
+                return
             monitor = self._children.get(event.pid)
             if monitor is None or event.ruid != event.euid or event.ruid == 0:
                 return

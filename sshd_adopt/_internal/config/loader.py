@@ -154,7 +154,7 @@ SECTIONS: Final[Mapping[str, Schema]] = {
         "timeout": positive_seconds,
         "max_keys_bytes": count_upto(protocol.MAX_REPLY_FRAME // 2),
     },
-    "adoption": {"early": bool_toml},
+    "adoption": {"early": bool_toml, "warm": bool_toml},
     "sweeper": {
         "enabled": bool_toml,
         "interval": positive_seconds,

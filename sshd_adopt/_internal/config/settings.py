@@ -222,9 +222,15 @@ class AdoptionSettings:
     monitor and post-authentication child the moment that child takes the user's
     uid, before the session runs anything; the wrapper then finds it done. Without,
     adoption waits for the wrapper's request (and the sweeper).
+
+    With ``warm`` (read at start), the broker moves a process of its own between two
+    cgroups of its own when a connection starts its key check, so that the adoption
+    moments later takes the kernel's fast path
+    (:mod:`sshd_adopt._internal.node.cgroupwarm`).
     """
 
     early: bool = True
+    warm: bool = True
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Protocol
 from sshd_adopt._internal.core.accounts import Account
 from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.core.decision import CallerIdAnswer, LocalJob
+from sshd_adopt._internal.core.outcomes import Adopted
 
 
 class AccountSource(Protocol):
@@ -62,4 +63,18 @@ class ExternSteps(Protocol):
         Raises :class:`~sshd_adopt.errors.StepdError` when the step is gone, hung, not
         ``uid``'s, or refuses the first pid (a process that is gone is refused too).
         """
+        ...
+
+
+class Tickets(Protocol):
+    """Where the wrapper of a connection adopted early finds its answer without asking
+    (the broker's ticket desk over :mod:`sshd_adopt._internal.node.tickets`)."""
+
+    def issue(self, monitor_pid: int, account: Account, outcome: Adopted) -> None:
+        """Leave ``outcome`` for the wrapper of ``monitor_pid``'s connection, readable by
+        ``account`` alone; never raises."""
+        ...
+
+    def revoke(self, monitor_pid: int) -> None:
+        """The connection is gone: remove its ticket; never raises."""
         ...

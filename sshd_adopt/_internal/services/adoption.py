@@ -10,12 +10,14 @@ Never earlier: the monitor's ``sshd: <user> [priv]`` title exists before
 authentication, and anyone holding a public key could otherwise park processes in a
 job. The callerid RPC, for users with several jobs here, starts at that moment too.
 
-**The wrapper is the barrier.** The ForceCommand's request (:meth:`Adoption.request`)
-waits for the early result, moves whatever of its session is not in the job yet, and
-returns the job and its environment. Without an early result (no proc connector, an
-event lost) it adopts the connection itself, as before. Per-``Match`` options from the
-ForceCommand line (tighten-only) are applied to the early facts: a stricter policy can
-still refuse or choose another job.
+**The wrapper is the barrier.** A connection adopted early gets a session ticket
+(:class:`~sshd_adopt._internal.core.ports.Tickets`): the reply the wrapper would get,
+which it reads instead of asking. Otherwise the ForceCommand's request
+(:meth:`Adoption.request`) waits for the early result, moves whatever of its session
+is not in the job yet, and returns the job and its environment. Without an early
+result (no proc connector, an event lost) it adopts the connection itself, as before.
+Per-``Match`` options from the ForceCommand line (tighten-only) are applied to the
+early facts: a stricter policy can still refuse or choose another job.
 
 Connections sshd does not send through sshd-adopt (its ``Match`` block) are never
 touched here: sshd is asked (:mod:`sshd_adopt._internal.node.sshdconfig`).
@@ -36,7 +38,7 @@ from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.core.login import LoginCore, Settled, describe_callerid
 from sshd_adopt._internal.core.options import Options
 from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Failed, Outcome
-from sshd_adopt._internal.core.ports import ExternSteps
+from sshd_adopt._internal.core.ports import ExternSteps, Tickets
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import Phases, logger
 from sshd_adopt._internal.node import cgroups, procfs, signals
@@ -44,6 +46,7 @@ from sshd_adopt._internal.node.sessions import (
     Authenticated,
     SshSession,
     find_session,
+    monitor_user,
     sessions_of_monitor,
     still_alive,
     verify_authenticated,
@@ -51,6 +54,8 @@ from sshd_adopt._internal.node.sessions import (
 from sshd_adopt._internal.node.sshdconfig import ManagedQuery, SshdConfigError
 from sshd_adopt.errors import NoSuchProcess, NotAnSshSession, ProcError, StepdError
 
+#: Passes over a just-adopted connection for processes forked during its adoption.
+CATCH_UP_ROUNDS: Final = 3
 #: How long an early result is kept after its monitor was last seen (seconds).
 RECORD_TTL: Final = 3600.0
 _MAX_RECORDS: Final = 65536
@@ -92,10 +97,14 @@ class Adoption:
 
     def __init__(self, state: Callable[[], BrokerState], core: LoginCore, *,
                  steps: ExternSteps, managed: ManagedQuery, netns: str,
+                 tickets: Tickets | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._state = state
         self._core = core
         self._steps = steps
+        self._tickets = tickets
+        #: Warms the kernel's cgroup-migration path (set by the broker when it can).
+        self.warm: Callable[[], None] | None = None
         self._managed = managed
         self._netns = netns
         self._clock = clock
@@ -142,6 +151,23 @@ class Adoption:
         finally:
             record.done.set()
 
+    def key_check(self, monitor_pid: int, monitor_start: float) -> None:
+        """A followed monitor took a user's effective uid to check a key: if the user's
+        connection is managed, an adoption may follow within milliseconds -- warm the
+        cgroup-migration path for it (nothing is decided or done for the connection)."""
+        if self.warm is None:
+            return
+        try:
+            monitor = procfs.proc_info(monitor_pid)
+            user = monitor_user(monitor.title)
+            if monitor.start_time != monitor_start or user is None:
+                return
+            listener = procfs.proc_info(monitor.ppid)
+            if self._managed.managed(listener, user, procfs.connection_of(monitor_pid)):
+                self.warm()
+        except (ProcError, SshdConfigError) as err:
+            logger().debug("key check of monitor %d: %s", monitor_pid, err)
+
     def in_flight(self, monitor_pid: int, monitor_start: float) -> bool:
         """Whether an early adoption of this connection is still being decided (the sweeper
         leaves such a connection to it)."""
@@ -169,8 +195,11 @@ class Adoption:
     def monitor_gone(self, monitor_pid: int) -> None:
         """The proc connector saw a monitor exit: its early result is of no more use."""
         with self._lock:
-            for key in [k for k in self._early if k[0] == monitor_pid]:
+            keys = [k for k in self._early if k[0] == monitor_pid]
+            for key in keys:
                 del self._early[key]
+        if keys and self._tickets is not None:
+            self._tickets.revoke(monitor_pid)
 
     def _record(self, monitor_pid: int, monitor_start: float) -> Early | None:
         """A new record for this connection, or None when it has one already."""
@@ -205,7 +234,10 @@ class Adoption:
         """What follows an early outcome: OOM score, or an end before user code runs."""
         outcome = settled.outcome
         if isinstance(outcome, Adopted):
+            self._catch_up(outcome.job, account, auth.monitor.pid)
             set_task_oom_score(auth.child.pid)
+            if self._tickets is not None:
+                self._tickets.issue(auth.monitor.pid, account, outcome)
         elif isinstance(outcome, Denied) and not tells_why(self._state(), account):
             # This user's shell runs startup files for `-c` before the wrapper could say
             # anything: end the connection before it forks one.
@@ -213,6 +245,27 @@ class Adoption:
                               kill_after=self._state().config.sweeper.kill_after,
                               why=f"early: user={account.name} monitor={auth.monitor.pid} "
                                   f"may not be here ({outcome.reason})")
+
+    def _catch_up(self, job: int, account: Account, monitor_pid: int) -> None:
+        """Move what the session forked while it was being adopted.
+
+        OpenSSH 10 forks the user's shell about a millisecond after authentication,
+        while the first move of a burst still waits for the kernel (an RCU grace
+        period, ~10 ms): a shell forked before its parent moved stays outside. Moved
+        right now, it costs a fraction of a millisecond (the grace period is still
+        fresh); left to the wrapper's request, it would cost the whole period again.
+        """
+        node = self._state().nodename or ""
+        for _ in range(CATCH_UP_ROUNDS):
+            missing = [pid for pid in self._members(monitor_pid)
+                       if cgroups.extern_job_of(pid, node) != job]
+            if not missing:
+                return
+            try:
+                self._steps.join(job, account.uid, missing, want_x11=False)
+            except (StepdError, NoSuchProcess) as err:
+                logger().debug("early: catching up %s into job %d: %s", missing, job, err)
+                return
 
     # ------------------------------------------------------------------ the wrapper
 
