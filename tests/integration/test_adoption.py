@@ -140,11 +140,14 @@ def test_root_and_exempt_get_in_when_slurm_conf_is_broken(
         assert result.returncode == 0, result.stderr
     # A managed user meets action_generic_failure (ignore -> fallthrough=deny), and is
     # told why (the key entries need the node's jobs, so the command gate decides).
+    log = cluster.broker_log("n3")
+    mark = log.mark()
     alice = cluster.ssh("login", "n3", "echo SHOULD-NOT-RUN", user="alice")
     assert alice.returncode == 255
     assert "this host is not a Slurm compute node" in alice.stderr
     assert "SHOULD-NOT-RUN" not in alice.stdout
-    assert "NodeName is unknown" in cluster.broker_log("n3").text().splitlines()[-1]
+    decision = log.wait_for("NodeName is unknown", mark=mark).splitlines()
+    assert "alice" in next(line for line in decision if "NodeName is unknown" in line)
 
 
 def test_interactive_login_gets_a_login_shell(cluster: Cluster) -> None:

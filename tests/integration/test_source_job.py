@@ -85,12 +85,15 @@ def test_from_the_login_host_action_unknown_decides(
     cluster: Cluster, broker_policy: Callable[..., None]
 ) -> None:
     jobs = [*two_jobs_on(cluster, "alice", "n2"), cluster.submit("alice", ["n2"])]
+    log = cluster.broker_log("n2")
+    mark = log.mark()
     newest = cluster.ssh("login", "n2", "cat /proc/self/cgroup", user="alice", check=True)
     assert job_of(newest.stdout) == jobs[-1]
     # The login host runs no slurmd: nothing is sent there, action_unknown decides at once.
-    assert "source is not a Slurm node" in cluster.broker_log("n2").text().splitlines()[-1]
+    decision = log.wait_for(f"outcome=adopt job={jobs[-1]}", mark=mark).splitlines()
+    assert "source is not a Slurm node" in next(
+        line for line in decision if f"outcome=adopt job={jobs[-1]}" in line)
     broker_policy("n2", policy={"action_unknown": "deny"})
-    log = cluster.broker_log("n2")
     mark = log.mark()
     denied = cluster.ssh("login", "n2", "true", user="alice")
     assert denied.returncode == 255
