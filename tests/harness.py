@@ -59,8 +59,8 @@ CLEAN_ENV = {
 
 @dataclass(frozen=True)
 class Generation:
-    """What tests need to know of one lab generation (scripts/cluster has the full record;
-    tests/unit/test_generations.py checks that both agree)."""
+    """What tests need to know of one lab generation (scripts/_cluster/generation.py has the
+    full record; tests/unit/test_generations.py checks that both agree)."""
 
     name: str
     root: Path | None  # the chroot with the generation's userland; None: the host's own

@@ -1,8 +1,8 @@
-"""tests/harness.py's record of the lab generations agrees with scripts/cluster's."""
+"""tests/harness.py's record of the lab generations agrees with scripts/cluster's
+(scripts/_cluster/generation.py)."""
 
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import sys
 from types import ModuleType
@@ -11,12 +11,13 @@ from tests.harness import GENERATIONS, HOST_NUM, REPO
 
 
 def _cluster_script() -> ModuleType:
-    loader = importlib.machinery.SourceFileLoader("_lab_cluster", str(REPO / "scripts/cluster"))
-    spec = importlib.util.spec_from_loader("_lab_cluster", loader)
-    assert spec is not None
+    """scripts/cluster's record of the generations (a module of plain data, no lab needed)."""
+    path = REPO / "scripts/_cluster/generation.py"
+    spec = importlib.util.spec_from_file_location("_lab_cluster_generation", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["_lab_cluster"] = module  # dataclasses look their module up
-    loader.exec_module(module)
+    sys.modules["_lab_cluster_generation"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
     return module
 
 
