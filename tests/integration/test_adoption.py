@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sshd_adopt._internal.core import accounts
 from tests.harness import VENV, Cluster, process_running, remote_cgroup_job, wait_until
 
 DENIED = "Permission denied (publickey)"
@@ -323,3 +324,49 @@ def test_overrides_from_the_user_can_only_tighten_the_policy(cluster: Cluster) -
                            "action_unknown=deny --timeout=5", user="alice")
     assert stricter.returncode == 255
     assert UNKNOWN in stricter.stderr
+
+
+def test_a_session_gets_a_job_tasks_oom_score_not_sshds(cluster: Cluster) -> None:
+    """Sites run sshd at oom_score_adj -1000 (the lab: 500, the host lacks
+    CAP_SYS_RESOURCE): a session keeping it would be the one process of the job its OOM
+    killer cannot choose. sshd-adopt gives the session a job task's 0, the shell and
+    the command included; pam_slurm_adopt leaves sshd's value (a documented difference)."""
+    cluster.submit("alice", ["n1"])
+    sshd = Path(f"/proc/{cluster.daemon_pid('sshd-n1-22')}/oom_score_adj").read_text().strip()
+    assert sshd != "0"  # else this test could not fail
+    command = "cat /proc/self/oom_score_adj /proc/$PPID/oom_score_adj"
+    ours = cluster.ssh("login", "n1", command, user="alice", check=True)
+    assert ours.stdout.split() == ["0", "0"], ours.stdout
+    pam = cluster.ssh("login", "n1", command, user="alice", port=2222, check=True)
+    assert pam.stdout.split() == [sshd, sshd], pam.stdout
+
+
+def test_an_exempt_group_that_appears_later_exempts_its_members_without_a_reload(
+        cluster: Cluster, broker_policy: Callable[..., None]) -> None:
+    """[exempt] names a group the directory does not have yet (a directory service that
+    comes up after the broker): once it appears with bob in it, bob is exempt -- no
+    reload, no restart. Group lookups are cached briefly, a missing name more briefly."""
+    broker_policy("n1", exempt={"groups": ["clusteradm", "latecomers"]})
+    before = cluster.ssh("login", "n1", "true", user="bob")
+    assert before.returncode == 255, before.stderr  # managed, no job: refused
+
+    def userlands(*argv: str) -> None:
+        """The host's user database, and the generation's own when it has one."""
+        subprocess.run(argv, capture_output=True, check=True)
+        if cluster.gen.root is not None:
+            subprocess.run(["chroot", str(cluster.gen.root), *argv], capture_output=True,
+                           check=True)
+
+    userlands("groupadd", "-g", "2199", "latecomers")
+    try:
+        userlands("gpasswd", "-a", "bob", "latecomers")
+        # bob's groups were looked up (and cached, accounts.TTL) when he was refused.
+        wait_until(lambda: cluster.ssh("login", "n1", "true", user="bob").returncode == 0,
+                   accounts.TTL + 10, "bob to be exempt once the group exists", interval=1)
+        inside = cluster.ssh("login", "n1", "cat /proc/self/cgroup", user="bob", check=True)
+        assert remote_cgroup_job(inside.stdout) is None  # exempt: in no job
+    finally:
+        subprocess.run(["groupdel", "latecomers"], capture_output=True, check=False)
+        if cluster.gen.root is not None:
+            subprocess.run(["chroot", str(cluster.gen.root), "groupdel", "latecomers"],
+                           capture_output=True, check=False)

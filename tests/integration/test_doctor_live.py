@@ -61,3 +61,41 @@ def test_doctor_text_output_names_the_job(cluster: Cluster) -> None:
     )
     assert f"job {job}" in proc.stdout
     assert "OK    PrologFlags" in proc.stdout
+
+
+def doctor_as_installed(cluster: Cluster) -> tuple[int, dict[str, Any]]:
+    """The doctor as an admin runs it on a node: no ``--config`` (it asks the running
+    broker which file it loaded)."""
+    proc = cluster.exec(
+        NODE, "env", f"PYTHONPATH={REPO}", str(VENV / "bin" / "python"), "-m",
+        "sshd_adopt.cli.doctor", "--sshd-config", str(VAR / "etc" / NODE / "sshd_config-22"),
+        "--json", check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def config_check(document: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in document["checks"] if c["name"] == "config")
+
+
+def test_doctor_checks_the_config_the_running_broker_loaded(cluster: Cluster) -> None:
+    path = cluster.broker_config(NODE)
+    _, document = doctor_as_installed(cluster)
+    found = config_check(document)
+    assert found["status"] == "OK", found
+    assert str(path) in found["detail"] and "the running broker's" in found["detail"], found
+
+
+def test_doctor_fails_the_running_brokers_config_when_it_is_broken(cluster: Cluster) -> None:
+    """The file the broker loaded was broken since (an admin's edit): the doctor checks that
+    file, not the default path, and names the file and the key."""
+    path = cluster.broker_config(NODE)
+    original = path.read_text()
+    try:
+        path.write_text("no_such_setting = 1\n" + original)
+        status, document = doctor_as_installed(cluster)
+        found = config_check(document)
+        assert status == 1 and found["status"] == "FAIL", found
+        assert str(path) in found["detail"] and "no_such_setting" in found["detail"], found
+    finally:
+        path.write_text(original)

@@ -206,6 +206,8 @@ def test_a_shell_forked_during_the_adoption_is_caught_up_before_the_wrapper_asks
     world.forked_during_join = [SHELL]
     world.authenticate()
     assert world.steps.joined == [(7, ALICE.uid, (MONITOR, CHILD)), (7, ALICE.uid, (SHELL,))]
+    # ... and given a job task's OOM score too: the wrapper may never ask (its ticket).
+    assert world.oom == [(CHILD, SHELL)]
 
 
 def test_authenticated_adopts_monitor_and_child_into_the_one_job(

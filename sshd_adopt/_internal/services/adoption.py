@@ -235,7 +235,9 @@ class Adoption:
         outcome = settled.outcome
         if isinstance(outcome, Adopted):
             self._catch_up(outcome.job, account, auth.monitor.pid)
-            set_task_oom_score(auth.child.pid)
+            # All of the session, not only the child: the shell may be forked already
+            # (OpenSSH 10), and with a ticket the wrapper asks nobody to fix it later.
+            set_task_oom_score(*self._members(auth.monitor.pid))
             if self._tickets is not None:
                 self._tickets.issue(auth.monitor.pid, account, outcome)
         elif isinstance(outcome, Denied) and not tells_why(self._state(), account):
