@@ -19,11 +19,18 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+#: Below this many entries expired ones are left until the next purge.
+_MIN_PURGE = 64
+
+
 class TtlCache(Generic[K, V]):
     """Answers by key for ``ttl`` seconds, at most ``max_entries`` of them.
 
-    When full, expired entries are dropped; if that is not enough, everything is
-    (a burst of distinct keys must not grow the root daemon's memory).
+    Expired entries are dropped whenever the cache has doubled since the last purge
+    (amortised, and at most 64 entries' worth before the first), so a cache keyed by
+    connection holds about what is live, not ``max_entries`` of dead answers. When it
+    is full of live entries it is emptied (a burst of distinct keys must not grow the
+    root daemon's memory).
     """
 
     def __init__(self, ttl: float, *, max_entries: int = 4096,
@@ -34,6 +41,7 @@ class TtlCache(Generic[K, V]):
         self._lock = threading.Lock()
         self._values: dict[K, tuple[float, V]] = {}
         self._pending: dict[K, threading.Event] = {}
+        self._purge_at = min(_MIN_PURGE, max_entries)
 
     def get(self, key: K) -> V | None:
         """The cached answer for ``key``, or None when there is none (or it expired)."""
@@ -47,10 +55,11 @@ class TtlCache(Generic[K, V]):
         """Remember ``value`` for ``ttl`` seconds (default: the cache's)."""
         now = self._clock()
         with self._lock:
-            if key not in self._values and len(self._values) >= self._max:
+            if key not in self._values and len(self._values) >= self._purge_at:
                 self._values = {k: v for k, v in self._values.items() if v[0] > now}
                 if len(self._values) >= self._max:
                     self._values.clear()
+                self._purge_at = min(self._max, max(_MIN_PURGE, 2 * len(self._values)))
             self._values[key] = (now + (self._ttl if ttl is None else ttl), value)
 
     def forget(self, key: K) -> None:

@@ -272,3 +272,24 @@ def test_waiter_gives_up_after_the_wait_bound_and_computes_itself() -> None:
         slow.release.set()
         first.join(2.0)
     assert first_result == [42]
+
+
+def test_a_cache_keyed_by_connection_holds_what_is_live_not_its_bound() -> None:
+    """One entry per login, each good for 5 s, a login a second: the cache must hold a
+    few dozen entries (its purge threshold), not thousands of dead answers."""
+    clock = Clock()
+    cache: TtlCache[int, int] = TtlCache(5.0, max_entries=4096, clock=clock)
+    for login in range(10_000):
+        cache.put(login, login)
+        clock.now += 1.0
+        assert len(cache) <= 64 + 1
+    assert cache.get(9_999) == 9_999
+
+
+def test_a_purge_keeps_the_live_entries() -> None:
+    clock = Clock()
+    cache: TtlCache[int, int] = TtlCache(1000.0, max_entries=4096, clock=clock)
+    for key in range(200):
+        cache.put(key, key)
+    assert len(cache) == 200  # all live: purges dropped nothing
+    assert [cache.get(k) for k in (0, 63, 64, 199)] == [0, 63, 64, 199]
