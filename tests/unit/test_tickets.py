@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from sshd_adopt._internal import protocol
+from sshd_adopt._internal.broker.tickets import SessionTickets
 from sshd_adopt._internal.node.keyentries import UnsafeDirectory
-from sshd_adopt._internal.node.tickets import SessionTickets
 from sshd_adopt.cli import wrapper
 
 SOCKET = "/run/sshd-adopt/broker.sock"

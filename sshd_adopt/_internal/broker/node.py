@@ -16,6 +16,7 @@ from concurrent.futures import Executor
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.broker.guardian import Guardian
 from sshd_adopt._internal.broker.replies import TicketDesk
+from sshd_adopt._internal.broker.tickets import SessionTickets
 from sshd_adopt._internal.broker.watcher import Watcher
 from sshd_adopt._internal.core.accounts import Accounts
 from sshd_adopt._internal.core.login import LoginCore
@@ -25,7 +26,6 @@ from sshd_adopt._internal.node import procfs
 from sshd_adopt._internal.node.cgroupwarm import MigrationWarmer, start_warmer
 from sshd_adopt._internal.node.keyentries import UnsafeDirectory
 from sshd_adopt._internal.node.sshdconfig import ManagedQuery
-from sshd_adopt._internal.node.tickets import SessionTickets
 from sshd_adopt._internal.services.admission import Admission, entries_of
 from sshd_adopt._internal.services.adoption import Adoption
 from sshd_adopt._internal.services.sweeper import Sweeper

@@ -1,7 +1,7 @@
 """What the broker answers: a service's typed outcome turned into the wire's reply items.
 
 The server sends these replies; the ticket desk writes the reply of a connection
-adopted early where its wrapper finds it (:mod:`sshd_adopt._internal.node.tickets`),
+adopted early where its wrapper finds it (:mod:`sshd_adopt._internal.broker.tickets`),
 so that both are the same reply. A denial's text is rendered from the site's
 templates only here, where somebody will read it.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sshd_adopt._internal import protocol
+from sshd_adopt._internal.broker.tickets import SessionTickets
 from sshd_adopt._internal.core.accounts import Account
 from sshd_adopt._internal.core.decision import Message
 from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Outcome
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
-from sshd_adopt._internal.node.tickets import SessionTickets
 from sshd_adopt._internal.services.admission import Keys, KeysOutcome
 from sshd_adopt._internal.slurm import hints
 from sshd_adopt.errors import Error

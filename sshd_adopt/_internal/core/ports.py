@@ -68,7 +68,7 @@ class ExternSteps(Protocol):
 
 class Tickets(Protocol):
     """Where the wrapper of a connection adopted early finds its answer without asking
-    (the broker's ticket desk over :mod:`sshd_adopt._internal.node.tickets`)."""
+    (the broker's ticket desk over :mod:`sshd_adopt._internal.broker.tickets`)."""
 
     def issue(self, monitor_pid: int, account: Account, outcome: Adopted) -> None:
         """Leave ``outcome`` for the wrapper of ``monitor_pid``'s connection, readable by
