@@ -11,6 +11,7 @@ arguments and returns the exit status; errors are raised as ``LabError``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pwd
 import shutil
@@ -20,7 +21,9 @@ from pathlib import Path
 from . import generation as lab
 from .configs import DROPIN, broker_exe, skip_broker, skip_dropin, write_configs
 from .daemons import (
+    LAB_CGROUPS,
     apply_recorded_options,
+    broker_cgroup,
     daemons,
     entry_alive,
     load_state,
@@ -131,8 +134,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     restart_slurmds = False
     for d in wanted:
         entry = state.get(d.name)
-        changed = entry is not None and entry.get("digest") != digests.get(d.name,
-                                                                         entry.get("digest"))
+        changed = entry is not None and (
+            entry.get("digest") != digests.get(d.name, entry.get("digest"))
+            # how it is started (e.g. the brokers' privileges) counts as configuration too
+            or entry.get("argv", d.argv) != d.argv)
         if entry_alive(entry) and changed:
             say(f"{d.name}: configuration changed, restarting")
             assert entry is not None
@@ -223,7 +228,8 @@ def teardown(quiet: bool = False) -> None:
 
 
 def remove_lab_cgroups() -> None:
-    """Remove the cgroups Slurm made for the lab nodes (slurm_<NodeName>, children first)."""
+    """Remove the cgroups Slurm made for the lab nodes (slurm_<NodeName>, children first)
+    and the brokers' own (scripts/_cluster/daemons.py: broker_cgroup)."""
     root = Path("/sys/fs/cgroup")
     dirs: list[Path] = []
     for ctrl in [*CGROUP_CONTROLLERS, "systemd", "unified", ""]:
@@ -233,6 +239,11 @@ def remove_lab_cgroups() -> None:
                 top = base / name
                 if top.is_dir():
                     dirs += dirs_deepest_first(top)
+    # The brokers' own cgroups (and the two each warms the migration path in).
+    for node in COMPUTE:
+        own = broker_cgroup(node)
+        if own is not None and own.is_dir():
+            dirs += dirs_deepest_first(own)
     for path in dirs:
         for _ in range(20):
             try:
@@ -242,6 +253,8 @@ def remove_lab_cgroups() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
+    with contextlib.suppress(OSError):  # the other generation's may still be there
+        LAB_CGROUPS.rmdir()
 
 
 def cmd_down(args: argparse.Namespace) -> int:

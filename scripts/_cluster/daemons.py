@@ -27,7 +27,7 @@ from .generation import COMPUTE, sname
 from .host import SQUASHED_USER, SYSTEM_PYTHON
 from .namespaces import in_host, layout_digest, nsenter, nsenter_host_userland
 from .processes import kill_and_wait, listening, pid_matches, proc_start_time, reap
-from .util import CLEAN_ENV, LabError, tail, wait_for
+from .util import CLEAN_ENV, REPO, LabError, tail, wait_for
 
 #: The lab's helper programs (run as scripts, not imported).
 SYSLOG_SINK = Path(__file__).resolve().parent / "syslog_sink.py"
@@ -53,6 +53,8 @@ class Daemon:
     stale: list[Path] = field(default_factory=list)  # pid files / sockets to clear first
     optional: bool = False  # failure to become ready is a warning, not an error
     in_root: bool = True  # run inside the generation's root (chroot generations)
+    #: a cgroup (v2) of the lab's own to start in, as systemd's Delegate=yes gives a service
+    cgroup: Path | None = None
 
 
 def munge_ready(_pid: int) -> bool:
@@ -133,12 +135,59 @@ def daemons() -> list[Daemon]:
             sock = lab.RUN / node / "broker.sock"
             result.append(Daemon(
                 f"sshd-adoptd-{node}", node,
-                [str(broker_exe()), "--foreground", "--config",
+                [*as_the_unit_runs_it(), str(broker_exe()), "--foreground", "--config",
                  str(lab.ETC / node / "sshd-adopt.toml")],
                 lab.LOG / f"sshd-adoptd-{node}.log",
                 ready=partial(path_exists, sock), ready_timeout=10,
-                stale=[sock], optional=True))
+                stale=[sock], optional=True, cgroup=broker_cgroup(node)))
     return result
+
+
+#: The shipped systemd unit: the lab runs every broker with its privileges.
+UNIT = REPO / "packaging" / "systemd" / "sshd-adoptd.service"
+
+
+def unit_capabilities() -> list[str]:
+    """The unit's ``CapabilityBoundingSet``, as setpriv(1) names them (``sys_ptrace``...)."""
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return [cap.removeprefix("CAP_").lower() for cap in line.split("=", 1)[1].split()]
+    raise LabError(f"{UNIT}: no CapabilityBoundingSet= line")
+
+
+#: What the lab grants the broker beyond the unit: its nodes are network namespaces, and
+#: the kernel offers the proc connector in the initial one only, which the broker enters
+#: (setns) to subscribe. A real node's broker runs in the host's namespace and needs no
+#: setns (the unit sets no NetworkNamespacePath).
+LAB_ONLY_CAPABILITIES = ("sys_admin",)
+
+
+def as_the_unit_runs_it() -> list[str]:
+    """setpriv(1) giving the broker what the shipped unit gives it: its capability
+    bounding set (for root after exec, also its permitted and effective sets) plus
+    LAB_ONLY_CAPABILITIES, no inheritable capabilities, and NoNewPrivileges. The whole
+    test suite thus proves the unit's capability list (there is no systemd here)."""
+    caps = ",".join(["-all", *(f"+{cap}" for cap in
+                               [*unit_capabilities(), *LAB_ONLY_CAPABILITIES])])
+    return ["setpriv", f"--bounding-set={caps}", "--inh-caps=-all", "--no-new-privs", "--"]
+
+
+#: The lab's own cgroups (v2) for its brokers: /sys/fs/cgroup/unified on this hybrid host.
+LAB_CGROUPS = Path("/sys/fs/cgroup/unified/sshd-adopt-lab")
+
+
+def broker_cgroup(node: str) -> Path | None:
+    """The cgroup a node's broker starts in, writable by it as its own (the unit's
+    Delegate=yes): it warms the cgroup-migration path in two children of it. None when
+    this host has no cgroup v2 hierarchy where the lab expects it."""
+    if not LAB_CGROUPS.parent.is_dir():
+        return None
+    return LAB_CGROUPS / f"{lab.GEN.name}-{node}"
+
+
+def join_cgroup(cgroup: Path) -> None:
+    """In the daemon's child before exec: move itself into ``cgroup``."""
+    (cgroup / "cgroup.procs").write_text("0")
 
 
 def load_state_file() -> dict[str, object]:
@@ -195,9 +244,12 @@ def start_daemon(d: Daemon) -> dict[str, object]:
         out.write(f"==== {time.strftime('%F %T')} scripts/cluster starting {d.name}\n".encode())
         out.flush()
         enter = nsenter(d.host) if d.in_root else nsenter_host_userland(d.host)
+        if d.cgroup is not None:
+            d.cgroup.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
             [*enter, *d.argv], stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True, env=CLEAN_ENV, close_fds=True,
+            preexec_fn=partial(join_cgroup, d.cgroup) if d.cgroup is not None else None,
         )
     # nsenter execs the daemon itself (no fork), so this pid is the daemon's.
     start = None

@@ -26,6 +26,8 @@ PACKAGES = (
     "munge", "slurmctld", "slurmd", "slurm-client", "libpam-slurm-adopt", "openssh-server",
     "openssh-client", "iproute2", "iptables", "python3-venv", "xauth", "procps", "psmisc",
     "rsync", "util-linux", "zsh", "python3-fusepy",
+    # systemd-analyze and man(1): the shipped unit is verified as installed
+    "systemd", "man-db",
 )
 # Packages of a chroot generation (installed inside it, with policy-rc.d in place).
 ROOT_PACKAGES = (

@@ -70,8 +70,10 @@ class SessionTickets:
                      0o600)
         try:
             os.write(fd, frame)
-            os.fchown(fd, uid, gid)
+            # Mode first, while the file is still root's: changing the mode of another
+            # user's file needs CAP_FOWNER, which the broker's unit does not grant.
             os.fchmod(fd, 0o400)
+            os.fchown(fd, uid, gid)
         except OSError:
             os.close(fd)
             os.unlink(temp)
