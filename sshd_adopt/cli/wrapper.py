@@ -136,12 +136,22 @@ def _read(path: str, limit: int = 4096) -> bytes:
         posix.close(fd)
 
 
+def _wholly_beside(monitor: int, marker: bytes) -> bool:
+    """Whether this process is in the job in every hierarchy its monitor is (a process
+    forked while the stepd moved its parent can be in some and not in others)."""
+    theirs = [line for line in _read(f"/proc/{monitor}/cgroup", 65536).splitlines()
+              if marker in line]
+    own = set(_read("/proc/self/cgroup", 65536).splitlines())
+    return bool(theirs) and all(line in own for line in theirs)
+
+
 def read_ticket(socket_path: str) -> dict[str, str] | None:
     """The broker's answer for this session, left for it when the connection was adopted
     right after authentication; None when there is none to trust (then ask).
 
     The ticket is the monitor's (an ancestor of this process, matched by pid and
-    start time), says "adopted", and this process's cgroup is that job's extern step.
+    start time), says "adopted", and this process is in that job's extern step in
+    every hierarchy the monitor is.
     """
     directory = protocol.sessions_dir(socket_path)
     try:
@@ -159,10 +169,9 @@ def read_ticket(socket_path: str) -> dict[str, str] | None:
                 return None
             items = protocol.decode(frame[protocol.LENGTH_BYTES:])
             start = protocol.stat_identity(_read(f"/proc/{pid}/stat"))[1]
-            cgroup = _read("/proc/self/cgroup", 65536)
             if (items.get(protocol.MONITOR_START) == str(start)
                     and items.get("result") == protocol.ADOPTED
-                    and f"/job_{items.get('job')}/step_extern".encode() in cgroup):
+                    and _wholly_beside(pid, f"/job_{items.get('job')}/step_extern".encode())):
                 return items
             return None
     except (OSError, ValueError, BrokerProtocolError):

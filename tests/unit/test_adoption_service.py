@@ -189,6 +189,10 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
     monkeypatch.setattr(procfs, "proc_info", proc_info)
     monkeypatch.setattr(procfs, "descendants", descendants)
     monkeypatch.setattr(cgroups, "extern_job_of", extern_job_of)
+    monkeypatch.setattr(
+        cgroups, "outside_of",
+        lambda job, reference, pids, nodename: [
+            pid for pid in pids if extern_job_of(pid, nodename) != job])
     monkeypatch.setattr(signals, "terminate", terminate)
     return world
 

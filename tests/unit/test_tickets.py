@@ -107,11 +107,12 @@ def fake_proc(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]) -> None:
 
 
 def node(ticket: dict[str, str] | None = ADOPTED, *, start: int = START,
-         cgroup: bytes = IN_JOB) -> dict[str, bytes]:
+         cgroup: bytes = IN_JOB, monitor_cgroup: bytes = IN_JOB) -> dict[str, bytes]:
     files: dict[str, bytes] = {
         "/proc/self/stat": stat_line(WRAPPER, SESSION, 9999),
         f"/proc/{SESSION}/stat": stat_line(SESSION, MONITOR, 6000),
         f"/proc/{MONITOR}/stat": stat_line(MONITOR, 1, start),
+        f"/proc/{MONITOR}/cgroup": monitor_cgroup,
         "/proc/self/cgroup": cgroup,
     }
     if ticket is not None:
@@ -136,6 +137,19 @@ def test_a_ticket_is_not_taken_when_this_process_is_not_in_that_job(
                    b"4:memory:/slurm_n1/uid_2001/job_7/step_batch\n"):
         fake_proc(monkeypatch, node(cgroup=cgroup))
         assert wrapper.read_ticket(SOCKET) is None, cgroup
+
+
+def test_a_ticket_is_not_taken_when_this_process_is_in_the_job_only_in_part(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked while the stepd moved its parent hierarchy by hierarchy: in the job's freezer
+    cgroup, not yet in its memory cgroup (its limit would not apply)."""
+    monitor = (b"7:freezer:/slurm_n1/uid_2001/job_7/step_extern\n"
+               b"4:memory:/slurm_n1/uid_2001/job_7/step_extern\n0::/\n")
+    partly = b"7:freezer:/slurm_n1/uid_2001/job_7/step_extern\n4:memory:/\n0::/\n"
+    fake_proc(monkeypatch, node(cgroup=partly, monitor_cgroup=monitor))
+    assert wrapper.read_ticket(SOCKET) is None
+    fake_proc(monkeypatch, node(cgroup=monitor, monitor_cgroup=monitor))
+    assert wrapper.read_ticket(SOCKET) is not None
 
 
 def test_only_an_adopted_ticket_counts(monkeypatch: pytest.MonkeyPatch) -> None:

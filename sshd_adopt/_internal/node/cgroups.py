@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from typing import Final
 
 from sshd_adopt._internal.node import fsids, procfs
@@ -39,6 +40,41 @@ def extern_job_of(pid: int, nodename: str) -> int | None:
         if found and (f"/slurm_{nodename}/" in path or "slurmstepd.scope" in path):
             return int(found.group(1))
     return None
+
+
+def outside_of(job: int, reference: int, pids: Iterable[int], nodename: str) -> list[int]:
+    """Those of ``pids`` that are not wholly where ``reference`` is in ``job``.
+
+    ``reference`` is a process slurmstepd has just moved into the job's extern step (the
+    connection's monitor). The stepd moves a process one hierarchy after another (cgroup
+    v1: freezer, cpuset, memory, ...): a child forked meanwhile is in the job in some
+    hierarchies and not in others, and would escape the job's memory limit while
+    ``extern_job_of`` finds it "in the job". So a process counts as in only when every
+    line of ``reference``'s ``/proc/<pid>/cgroup`` that names the job is in its own too.
+    A process that vanished is left out; without a usable reference, ``extern_job_of``
+    decides.
+    """
+    wanted = {line for line in (_cgroup_lines(reference) or ())
+              if (found := _EXTERN.search(line)) and int(found.group(1)) == job}
+    missing = []
+    for pid in pids:
+        lines = _cgroup_lines(pid)
+        if lines is None:
+            continue
+        if not wanted:
+            if extern_job_of(pid, nodename) != job:
+                missing.append(pid)
+        elif not wanted <= set(lines):
+            missing.append(pid)
+    return missing
+
+
+def _cgroup_lines(pid: int) -> list[str] | None:
+    try:
+        with open(f"{procfs.PROCFS}/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
+            return handle.read(65536).splitlines()
+    except OSError:
+        return None
 
 
 def oom_score_adj(pid: int) -> int:

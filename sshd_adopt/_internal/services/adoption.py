@@ -259,8 +259,7 @@ class Adoption:
         """
         node = self._state().nodename or ""
         for _ in range(CATCH_UP_ROUNDS):
-            missing = [pid for pid in self._members(monitor_pid)
-                       if cgroups.extern_job_of(pid, node) != job]
+            missing = cgroups.outside_of(job, monitor_pid, self._members(monitor_pid), node)
             if not missing:
                 return
             try:
@@ -349,8 +348,8 @@ class Adoption:
                                      options, facts=early.facts, phases=phases)
         if isinstance(outcome, Adopted):
             node = self._state().nodename or ""
-            missing = [pid for pid in session.chain[1:]
-                       if cgroups.extern_job_of(pid, node) != outcome.job]
+            missing = cgroups.outside_of(outcome.job, session.monitor_pid, session.chain[1:],
+                                         node)
             if missing:
                 try:
                     self._steps.join(outcome.job, account.uid, missing,
