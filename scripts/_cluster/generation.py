@@ -91,15 +91,15 @@ DEFAULT_GENERATION = "bookworm"
 
 # The selected generation; select_generation() rebinds these module globals (read them as
 # lab.RUN etc. at call time, see the module docstring).
-GEN = GENERATIONS[DEFAULT_GENERATION]
-RUN = GEN.run
-NSDIR = RUN / "ns"
-STATE_FILE = RUN / "state.json"
-VAR = GEN.var
-ETC = VAR / "etc"
-LOG = GEN.log
-PREFIX = GEN.prefix  # inside the lab; on the host: GEN.in_root(PREFIX)
-VENV = PREFIX / "venv"
+GEN: Generation
+RUN: Path
+NSDIR: Path
+STATE_FILE: Path
+VAR: Path
+ETC: Path
+LOG: Path
+PREFIX: Path  # inside the lab; on the host: GEN.in_root(PREFIX)
+VENV: Path
 
 
 def select_generation(name: str) -> None:
@@ -114,6 +114,9 @@ def select_generation(name: str) -> None:
     LOG = GEN.log
     PREFIX = GEN.prefix
     VENV = PREFIX / "venv"
+
+
+select_generation(DEFAULT_GENERATION)
 
 
 def sname(host: str) -> str:

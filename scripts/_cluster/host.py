@@ -70,12 +70,7 @@ def ensure_packages() -> None:
     if not missing:
         return
     say(f"installing packages: {' '.join(missing)}")
-    env = dict(CLEAN_ENV, DEBIAN_FRONTEND="noninteractive")
-    for argv in (["apt-get", "update"],
-                 ["apt-get", "install", "-y", "--no-install-recommends", *missing]):
-        proc = subprocess.run(argv, env=env, check=False, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise LabError(f"{' '.join(argv)} failed:\n{proc.stdout[-3000:]}{proc.stderr}")
+    ensure_host_packages(missing)
 
 
 def root_exec(argv: Sequence[str], *, timeout: float = 600, check: bool = True,

@@ -79,16 +79,21 @@ def remove_namespaces() -> None:
         run(["umount", "-l", str(lab.NSDIR)], check=False)
 
 
-def mount_script_root(host: str, root: Path) -> str:
-    """Namespaces of a chroot generation: the same view as mount_script() gives a host,
-    built under `root` (nothing is mounted under it outside the lab's mount namespaces)."""
-    r = str(root)
-    binds = [
+def etc_binds() -> list[tuple[Path, str]]:
+    """The lab's files bound over a host's /etc (the same for every host and generation)."""
+    return [
         (lab.ETC / "slurm", "/etc/slurm"),
         (lab.ETC / "hosts", "/etc/hosts"),
         (lab.ETC / "ssh_config", "/etc/ssh/ssh_config"),
         (lab.ETC / "pam.d", "/etc/pam.d"),
     ]
+
+
+def mount_script_root(host: str, root: Path) -> str:
+    """Namespaces of a chroot generation: the same view as mount_script() gives a host,
+    built under `root` (nothing is mounted under it outside the lab's mount namespaces)."""
+    r = str(root)
+    binds = etc_binds()
     lines = [
         "set -e",
         f"hostname {host}",
@@ -126,12 +131,7 @@ def mount_script(host: str) -> str:
     if lab.GEN.root is not None:
         return mount_script_root(host, lab.GEN.root)
     stage = lab.VAR / "stage" / host
-    binds = [
-        (lab.ETC / "slurm", "/etc/slurm"),
-        (lab.ETC / "hosts", "/etc/hosts"),
-        (lab.ETC / "ssh_config", "/etc/ssh/ssh_config"),
-        (lab.ETC / "pam.d", "/etc/pam.d"),
-    ]
+    binds = etc_binds()
     lines = [
         "set -e",
         f"hostname {host}",

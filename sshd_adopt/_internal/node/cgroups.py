@@ -29,12 +29,7 @@ def extern_job_of(pid: int, nodename: str) -> int | None:
     Other nodes' jobs never count (the lab runs several nodes on one kernel; a v1
     path names its node). A process that vanished is in no job.
     """
-    try:
-        with open(f"{procfs.PROCFS}/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
-            text = handle.read(65536)
-    except OSError:
-        return None
-    for line in text.splitlines():
+    for line in _cgroup_lines(pid) or ():
         path = line.split(":", 2)[-1]
         found = _EXTERN.search(path)
         if found and (f"/slurm_{nodename}/" in path or "slurmstepd.scope" in path):
