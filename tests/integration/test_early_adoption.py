@@ -72,7 +72,13 @@ class CgroupSampler:
 
 
 def _job_steps(cluster: Cluster, host: str, user: str, job: int) -> list[Path]:
+    """The job's step cgroups (memory hierarchy), once slurmstepd has made both the extern
+    and the batch step: a job is RUNNING in squeue a moment before they exist, and a
+    sampler given no step would see nothing at all."""
     extern = cluster.job_cgroup_dir(host, cluster.uid(user), job)
+    batch = extern.parent / "step_batch"
+    wait_until(lambda: extern.is_dir() and batch.is_dir(), timeout=10,
+               what=f"job {job}'s step cgroups under {extern.parent}")
     return sorted(extern.parent.glob("step_*"))
 
 
