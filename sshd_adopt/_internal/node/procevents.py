@@ -3,7 +3,8 @@
 The broker follows logins by these events: a root sshd listener forking a connection's
 monitor, the monitor switching its effective uid to read the user's key files (the
 pre-authentication key check), the monitor's post-authentication child taking the
-user's uid (authentication is over), a slurmstepd exiting. Subscribing needs
+user's uid (authentication is over), a slurmstepd exiting. On kernels that filter
+(6.6 and later) it subscribes to those four event types only. Subscribing needs
 CAP_NET_ADMIN, and the kernel offers the connector in the initial network namespace
 only: a broker running in another one (the lab's nodes) opens its socket there through
 a throwaway thread that ``setns()``es, so no other thread ever changes namespace.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import socket
 import struct
 import threading
@@ -46,6 +48,14 @@ PROC_EVENT_EXEC: Final = 0x2
 PROC_EVENT_UID: Final = 0x4
 PROC_EVENT_EXIT: Final = 0x80000000
 _CLONE_NEWNET: Final = 0x40000000
+#: The events the broker reads. From Linux 6.6 a listener may name them
+#: (``struct proc_input`` instead of the bare ``enum proc_cn_mcast_op``;
+#: ``drivers/connector/cn_proc.c``, ``cn_proc_mcast_ctl`` and ``cn_filter``), and the
+#: kernel drops gid, sid, comm, ptrace and coredump events before they are queued.
+FOLLOWED_EVENTS: Final = PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_UID | PROC_EVENT_EXIT
+#: The first kernel release that reads an event mask. Older ones ignore a subscription
+#: of any other length than the bare operation, silently: no events at all.
+FILTER_SINCE: Final = (6, 6)
 #: Receive buffer asked for: bursts of forks (an MPI launch) must not overflow it.
 RECEIVE_BUFFER: Final = 4 * 1024 * 1024
 
@@ -66,11 +76,23 @@ class ProcEvent:
     timestamp_ns: int = 0
 
 
+def subscription(release: str) -> bytes:
+    """The ``PROC_CN_MCAST_LISTEN`` payload for a kernel of ``release`` (``uname -r``).
+
+    With an event mask (:data:`FOLLOWED_EVENTS`) from :data:`FILTER_SINCE` on, the
+    bare operation before, or when the release cannot be read.
+    """
+    found = re.match(r"(\d+)\.(\d+)", release)
+    if found is not None and (int(found[1]), int(found[2])) >= FILTER_SINCE:
+        return struct.pack("=II", _PROC_CN_MCAST_LISTEN, FOLLOWED_EVENTS)
+    return struct.pack("=I", _PROC_CN_MCAST_LISTEN)
+
+
 def _connector_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_CONNECTOR)
     try:
         sock.bind((0, _CN_IDX_PROC))
-        payload = struct.pack("=I", _PROC_CN_MCAST_LISTEN)
+        payload = subscription(os.uname().release)
         cn = _CN_MSG.pack(_CN_IDX_PROC, _CN_VAL_PROC, 0, 0, len(payload), 0)
         header = _NLMSG.pack(_NLMSG.size + len(cn) + len(payload), _NLMSG_DONE, 0, 0, 0)
         sock.send(header + cn + payload)
