@@ -120,6 +120,7 @@ class World:
     table: dict[int, ProcInfo]
     in_job: dict[int, int | None] = field(default_factory=dict)
     terminated: list[tuple[list[int], float]] = field(default_factory=list)
+    full_passes: int = 0
 
     @property
     def tree(self) -> procfs.ProcessTree:
@@ -188,7 +189,12 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
         world.terminated.append((list(pids), kill_after))
         return list(pids)
 
+    def children_of(pid: int) -> list[int]:
+        proc_info(pid)
+        return list(world.tree.children(pid))
+
     def process_iter(attrs: list[str]) -> Iterator[FakeProcess]:
+        world.full_passes += 1
         for info in list(world.table.values()):
             yield FakeProcess(info.pid, {"name": info.name, "ppid": info.ppid,
                                          "create_time": info.start_time})
@@ -197,6 +203,7 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
     monkeypatch.setattr(procfs, "started_at", started_at)
     monkeypatch.setattr(procfs, "still_running", still_running)
     monkeypatch.setattr(procfs, "descendants", descendants)
+    monkeypatch.setattr(procfs, "children_of", children_of)
     monkeypatch.setattr(procfs, "connection_of", lambda pid: CONN)
     monkeypatch.setattr(procfs, "netns_of", lambda pid: NETNS)
     monkeypatch.setattr(cgroups, "extern_job_of", extern_job_of)
@@ -395,3 +402,70 @@ def test_scan_finds_listeners_and_judges_monitors(monkeypatch: pytest.MonkeyPatc
     world.sweeper.scan()
     assert world.sweeper.listeners == frozenset({LISTENER})
     assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
+
+
+def test_between_full_passes_a_scan_reads_only_the_listeners_children(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(10)
+    world.sweeper.scan(full=True)
+    assert world.full_passes == 1
+    world.steps.joined.clear()
+    world.in_job.clear()
+    world.sweeper.scan(full=False)
+    assert world.full_passes == 1  # no pass over every process
+    assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
+
+
+def test_a_listener_that_ended_brings_the_full_pass_forward(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.opened(10)
+    world.sweeper.scan(full=True)
+    # sshd restarted: a new listener (new pid), the connection now its child.
+    del world.table[LISTENER]
+    world.table[11] = proc(11, 1, 0, "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups",
+                           50.0)
+    world.table[MONITOR] = proc(MONITOR, 11, 0, f"sshd: {world.user} [priv]", MONITOR_START)
+    world.steps.joined.clear()
+    world.in_job.clear()
+    world.sweeper.scan(full=False)
+    assert world.full_passes == 2
+    assert world.sweeper.listeners == frozenset({11})
+    assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
+
+
+def test_a_pid_reused_by_another_process_is_not_taken_for_the_listener(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    world.sweeper.scan(full=True)
+    world.table[LISTENER] = proc(LISTENER, 1, 0, "sshd: /usr/sbin/sshd -D [listener] 0 of "
+                                 "10-100 startups", 99.0)  # same pid, later start
+    world.sweeper.scan(full=False)
+    assert world.full_passes == 2
+
+
+def test_the_thread_passes_over_every_process_once_per_full_scan_every(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch)
+    scans = 0
+    real_scan = world.sweeper.scan
+
+    def counted(*, full: bool) -> None:
+        nonlocal scans
+        scans += 1
+        if scans == 40:
+            world.sweeper._stop.set()
+        real_scan(full=full)
+
+    def wait(timeout: float | None = None) -> bool:
+        world.clock.now += timeout or 0
+        return False
+
+    monkeypatch.setattr(world.sweeper, "scan", counted)
+    monkeypatch.setattr(world.sweeper._wake, "wait", wait)
+    assert world.state.config.sweeper.interval == 2.0
+    assert sweeper_module.FULL_SCAN_EVERY == 30.0
+    world.sweeper._run()
+    # 40 scans 2 s apart span 78 s: full passes at 0, 30 and 60 s, lighter ones between.
+    assert (scans, world.full_passes) == (40, 3)

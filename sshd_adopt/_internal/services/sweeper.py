@@ -52,6 +52,12 @@ from sshd_adopt.errors import NoSuchProcess, NotAnSshSession, ProcError, StepdEr
 #: How many remembered (reparented) processes we keep at most: a fork bomb must not
 #: grow the broker's memory without bound.
 MAX_TRACKED: Final = 65536
+#: Seconds between two scans of every process of the node. In between, a scan reads
+#: only the children of the listeners the last full one found (microseconds where a
+#: full pass costs milliseconds per hundred processes); a listener that ended or was
+#: replaced brings the full pass forward. A listener started beside the known ones is
+#: found by the next full pass, at most this long after it started.
+FULL_SCAN_EVERY: Final = 30.0
 
 
 @dataclass
@@ -103,6 +109,8 @@ class Sweeper:
         # from the boot time and can be off by a second on VMs, enough to skip a grace)
         self._first_seen: dict[tuple[int, float], float] = {}
         self.listeners: frozenset[int] = frozenset()
+        self._listener_starts: dict[int, float] = {}  # from the last full pass
+        self._next_full = 0.0
 
     # ------------------------------------------------------------------ events
 
@@ -176,40 +184,28 @@ class Sweeper:
             with self._lock:
                 self._due = None
             try:
-                self.scan()
+                self.scan(full=now >= self._next_full)
             except Exception:  # the safety net must survive anything
                 logger().exception("sweeper: scan failed")
             next_scan = self._clock() + self._state().config.sweeper.interval
 
     # ------------------------------------------------------------------ judging
 
-    def scan(self) -> None:
-        """One full pass over this node's ssh connections."""
+    def scan(self, *, full: bool = True) -> None:
+        """One pass over this node's ssh connections.
+
+        ``full``: look at every process of the node (finds listeners). Otherwise only
+        at the children of the listeners the last full pass found, unless one of them
+        ended (then the pass is full after all).
+        """
         state = self._state()
         executables = frozenset(state.config.sshd.executables)
-        listeners: set[int] = set()
-        monitors: list[_Monitor] = []
-        links: list[tuple[int, int, float]] = []
-        # One pass over /proc reads each process's stat once (name, ppid, start);
-        # status and cmdline only for sshd's root processes.
-        for proc in psutil.process_iter(["name", "ppid", "create_time"]):
-            info = proc.info
-            if info["ppid"] is not None and info["create_time"] is not None:
-                links.append((proc.pid, info["ppid"], info["create_time"]))
-            if not info["name"] or not info["name"].startswith("sshd"):
-                continue
-            with contextlib.suppress(ProcError):
-                found = procfs.proc_info(proc.pid)
-                if found.real_uid != 0 or procfs.netns_of(found.pid) != self._netns:
-                    continue
-                if is_listener_title(found.title):
-                    listeners.add(found.pid)
-                    continue
-                user = monitor_user(found.title)
-                if user is not None:
-                    monitors.append(_Monitor(found, user))
-        self.listeners = frozenset(listeners)
-        tree = procfs.ProcessTree.of(links)
+        found: tuple[list[_Monitor], procfs.ProcessTree | None] | None = (
+            None if full else self._listener_pass())
+        if found is None:
+            found = self._full_pass()
+            self._next_full = self._clock() + FULL_SCAN_EVERY
+        monitors, tree = found
         live: set[tuple[int, float]] = set()
         for monitor in monitors:
             key = (monitor.info.pid, monitor.info.start_time)
@@ -228,7 +224,55 @@ class Sweeper:
         with self._lock:
             self._owner = {pid: t for pid, t in self._owner.items() if pid in alive}
 
-    def _judge(self, state: BrokerState, monitor: _Monitor, tree: procfs.ProcessTree,
+    def _full_pass(self) -> tuple[list[_Monitor], procfs.ProcessTree]:
+        """Every process of the node: listeners, monitors and the parent links."""
+        listeners: dict[int, float] = {}
+        monitors: list[_Monitor] = []
+        links: list[tuple[int, int, float]] = []
+        # One pass over /proc reads each process's stat once (name, ppid, start);
+        # status and cmdline only for sshd's root processes.
+        for proc in psutil.process_iter(["name", "ppid", "create_time"]):
+            info = proc.info
+            if info["ppid"] is not None and info["create_time"] is not None:
+                links.append((proc.pid, info["ppid"], info["create_time"]))
+            if not info["name"] or not info["name"].startswith("sshd"):
+                continue
+            with contextlib.suppress(ProcError):
+                found = procfs.proc_info(proc.pid)
+                if found.real_uid != 0 or procfs.netns_of(found.pid) != self._netns:
+                    continue
+                if is_listener_title(found.title):
+                    listeners[found.pid] = found.start_time
+                    continue
+                user = monitor_user(found.title)
+                if user is not None:
+                    monitors.append(_Monitor(found, user))
+        self._listener_starts = listeners
+        self.listeners = frozenset(listeners)
+        return monitors, procfs.ProcessTree.of(links)
+
+    def _listener_pass(self) -> tuple[list[_Monitor], None] | None:
+        """The monitors among the known listeners' children; None if a listener is gone
+        (or none is known): the caller makes a full pass instead."""
+        if not self._listener_starts:
+            return None
+        monitors: list[_Monitor] = []
+        for pid, start in self._listener_starts.items():
+            try:
+                children = procfs.children_of(pid)
+            except ProcError:
+                return None
+            if not procfs.still_running(pid, start):
+                return None
+            for child in children:
+                with contextlib.suppress(ProcError):
+                    found = procfs.proc_info(child)
+                    user = monitor_user(found.title) if found.real_uid == 0 else None
+                    if user is not None:
+                        monitors.append(_Monitor(found, user))
+        return monitors, None
+
+    def _judge(self, state: BrokerState, monitor: _Monitor, tree: procfs.ProcessTree | None,
                executables: frozenset[str]) -> None:
         info = monitor.info
         check_root_sshd(info, executables, "monitor")
@@ -237,7 +281,7 @@ class Sweeper:
         account = self._core.accounts.by_name(monitor.user)
         if account is None or self._core.exempt(account):
             return  # never touched
-        children = tree.children(info.pid)
+        children = tree.children(info.pid) if tree is not None else procfs.children_of(info.pid)
         session = next((c for c in children if self._is_session(c, account.name)), None)
         if session is None:
             return  # still authenticating (admission's business) or closing
@@ -326,12 +370,12 @@ class Sweeper:
         except ProcError:
             return False
 
-    def _members(self, monitor: ProcInfo, tree: procfs.ProcessTree) -> list[int]:
+    def _members(self, monitor: ProcInfo, tree: procfs.ProcessTree | None) -> list[int]:
         """The monitor, its descendants, and its remembered strays (still running)."""
         try:
             descendants = procfs.descendants(monitor.pid)
         except NoSuchProcess:
-            descendants = tree.descendants(monitor.pid)
+            descendants = tree.descendants(monitor.pid) if tree is not None else []
         with self._lock:
             for pid in descendants:
                 if pid not in self._owner and len(self._owner) < MAX_TRACKED:
