@@ -420,6 +420,7 @@ def test_the_credential_is_the_users_bound_to_the_body_and_only_slurmd_can_read_
     as_root = cluster.exec("n1", "sh", "-c", "unmunge -m /dev/stderr | od -An -tx1 -v",
                            input=credential.decode())
     assert "UID:             alice (2001)" in as_root.stderr, as_root.stderr
+    assert "GID:             alice (2001)" in as_root.stderr, as_root.stderr
     payload = bytes.fromhex("".join(as_root.stdout.split()))
     digest = cluster.exec("n2", str(cluster.venv / "bin" / "python"), "-c",
                           "import sys\n"

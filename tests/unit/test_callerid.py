@@ -26,6 +26,7 @@ from Crypto.Hash import KangarooTwelve
 from sshd_adopt._internal import run
 from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.core.decision import CallerIdAnswer, CallerIdOutcome
+from sshd_adopt._internal.node import fsids
 from sshd_adopt._internal.slurm import callerid, callerid_wire, munge
 from sshd_adopt._internal.slurm.callerid import CallerIdRequest, query_callerid
 from sshd_adopt._internal.slurm.callerid_wire import (
@@ -660,6 +661,12 @@ def test_mixed_families_are_not_queried() -> None:
 # --- munge -----------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def cli_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node where libmunge does not load: the ``munge`` CLI mints the credential."""
+    monkeypatch.setattr(munge, "_libmunge", lambda: None)
+
+
 def fake_munge_cli(tmp_path: Path, body: str) -> str:
     path = tmp_path / "munge"
     path.write_text("#!/bin/sh\n" + body + "\n")
@@ -667,7 +674,8 @@ def fake_munge_cli(tmp_path: Path, body: str) -> str:
     return str(path)
 
 
-def test_munge_cli_gets_the_restriction_ttl_socket_and_payload(tmp_path: Path) -> None:
+def test_munge_cli_gets_the_restriction_ttl_socket_and_payload(
+        tmp_path: Path, cli_only: None) -> None:
     argv = tmp_path / "argv"
     cli = fake_munge_cli(tmp_path, f'echo "$@" > {argv}\n'
                          '[ "$(od -An -tx1 | tr -d " \\n")" = 02aabb ] || exit 3\n'
@@ -684,7 +692,7 @@ def test_munge_defaults_leave_ttl_and_socket_to_munged() -> None:
         "/usr/bin/munge", "--restrict-uid", "64030"]
 
 
-def test_munge_cli_timeout(tmp_path: Path) -> None:
+def test_munge_cli_timeout(tmp_path: Path, cli_only: None) -> None:
     cli = fake_munge_cli(tmp_path, "exec sleep 30")
     start = time.monotonic()
     with pytest.raises(munge.MungeError, match="killed after"):
@@ -693,17 +701,46 @@ def test_munge_cli_timeout(tmp_path: Path) -> None:
     assert time.monotonic() - start < 0.3 + SLACK
 
 
-def test_munge_cli_missing(tmp_path: Path) -> None:
+def test_munge_cli_missing(tmp_path: Path, cli_only: None) -> None:
     with pytest.raises(munge.MungeError, match="not installed"):
         munge.encode(b"x", requester=ME, options=munge.CredentialOptions(0), timeout=1,
                      munge=str(tmp_path / "nope"))
 
 
-def test_munge_cli_refusal_is_an_error(tmp_path: Path) -> None:
+def test_munge_cli_refusal_is_an_error(tmp_path: Path, cli_only: None) -> None:
     cli = fake_munge_cli(tmp_path, "echo 'munge: Error: Failed to access socket' >&2; exit 6")
     with pytest.raises(munge.MungeError, match="Failed to access"):
         munge.encode(b"x", requester=ME, options=munge.CredentialOptions(0), timeout=1,
                      munge=cli)
+
+
+def test_with_libmunge_the_encode_runs_on_a_thread_with_the_users_ids(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where libmunge loads, nothing is forked: the minting thread takes the requester's
+    uid and primary gid (what munged reads from its socket), and no CLI runs."""
+    taken: list[tuple[int, int]] = []
+
+    def call_as_peer(uid: int, gid: int, work: object, **_: object) -> bytes:
+        taken.append((uid, gid))
+        return b"MUNGE:BBBB:"
+
+    def no_cli(*_a: object, **_k: object) -> run.Finished:
+        raise AssertionError("the CLI ran although libmunge loaded")
+
+    monkeypatch.setattr(munge, "_libmunge", lambda: object())
+    monkeypatch.setattr(fsids, "peer_ids_supported", lambda: True)
+    monkeypatch.setattr(fsids, "call_as_peer", call_as_peer)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(run, "run", no_cli)
+    alice = run.Identity(2001, 2002, (2002, 100))
+    assert munge.encode(b"x", requester=alice, options=munge.CredentialOptions(0),
+                        timeout=1) == b"MUNGE:BBBB:"
+    assert taken == [(2001, 2002)]
+
+
+def test_libmunge_loads_on_this_machine() -> None:
+    """Debian's libmunge2 comes with Slurm; the broker finds it by its soname."""
+    assert munge._libmunge() is not None
 
 
 def test_source_jobs_ask_once_per_connection_and_user(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,6 +84,8 @@ class CallerIdSettings:
     cost a login (pam_slurm_adopt: 2 s to 10 s, from Slurm's own timeouts).
     ``scontrol_path`` and ``munge_path`` are absolute: the broker runs them as
     the connecting user, with a fixed environment, never found on a PATH.
+    ``munge_path`` is the fallback for nodes where libmunge (``libmunge.so.2``)
+    does not load; otherwise the credential is minted in-process.
     """
 
     deadline: float = 1.0
