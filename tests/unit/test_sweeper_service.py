@@ -469,3 +469,26 @@ def test_the_thread_passes_over_every_process_once_per_full_scan_every(
     world.sweeper._run()
     # 40 scans 2 s apart span 78 s: full passes at 0, 30 and 60 s, lighter ones between.
     assert (scans, world.full_passes) == (40, 3)
+
+
+def test_a_monitor_seen_before_is_not_read_again_but_a_new_one_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between full passes a known monitor costs one start-time read: its title (the user,
+    fixed once named), ids and parent do not change; a reused pid is read afresh."""
+    world = make(monkeypatch)
+    world.opened(10)
+    world.sweeper.scan(full=True)
+    read: list[int] = []
+    proc_info = procfs.proc_info
+
+    def counting(pid: int) -> ProcInfo:
+        read.append(pid)
+        return proc_info(pid)
+
+    monkeypatch.setattr(procfs, "proc_info", counting)
+    world.sweeper.scan(full=False)
+    assert MONITOR not in read
+    world.table[MONITOR] = proc(MONITOR, LISTENER, 0, "sshd: bob [priv]", MONITOR_START + 1)
+    world.sweeper.scan(full=False)
+    assert MONITOR in read
+    assert world.sweeper._monitors[MONITOR].user == "bob"

@@ -110,6 +110,7 @@ class Sweeper:
         self._first_seen: dict[tuple[int, float], float] = {}
         self.listeners: frozenset[int] = frozenset()
         self._listener_starts: dict[int, float] = {}  # from the last full pass
+        self._monitors: dict[int, _Monitor] = {}  # pid -> as the last pass found it
         self._next_full = 0.0
 
     # ------------------------------------------------------------------ events
@@ -206,6 +207,7 @@ class Sweeper:
             found = self._full_pass()
             self._next_full = self._clock() + FULL_SCAN_EVERY
         monitors, tree = found
+        self._monitors = {monitor.info.pid: monitor for monitor in monitors}
         live: set[tuple[int, float]] = set()
         for monitor in monitors:
             key = (monitor.info.pid, monitor.info.start_time)
@@ -220,6 +222,8 @@ class Sweeper:
             self._settled = {k: why for k, why in self._settled.items() if k in live}
             self._first_seen = {k: t for k, t in self._first_seen.items() if k in live}
             owners = dict(self._owner)
+        if tree is None:
+            return  # exit events keep the followed processes current between full passes
         alive = {pid: t for pid, t in owners.items() if procfs.still_running(pid, t.start)}
         with self._lock:
             self._owner = {pid: t for pid, t in self._owner.items() if pid in alive}
@@ -265,6 +269,10 @@ class Sweeper:
             if not procfs.still_running(pid, start):
                 return None
             for child in children:
+                known = self._monitors.get(child)
+                if known is not None and procfs.still_running(child, known.info.start_time):
+                    monitors.append(known)  # its title, ids and parent do not change
+                    continue
                 with contextlib.suppress(ProcError):
                     found = procfs.proc_info(child)
                     user = monitor_user(found.title) if found.real_uid == 0 else None
