@@ -45,3 +45,37 @@ def test_without_a_reference_in_the_job_the_job_path_decides(proc: Path) -> None
     process(proc, MONITOR, OUTSIDE)  # not (yet) in the job: no lines to compare with
     assert cgroups.outside_of(7, MONITOR, [process(proc, 102, PARTLY),
                                            process(proc, 103, OUTSIDE)], "n1") == [103]
+
+
+@pytest.mark.parametrize(("line", "job"), [
+    ("4:memory:/slurm_n1/uid_2001/job_7/step_extern", 7),  # v1, several slurmds per host
+    ("4:memory:/slurm/uid_2001/job_7/step_extern", 7),  # v1, one slurmd per host
+    ("4:memory:/slurm_n1/uid_2001/job_7/step_extern/task_special", 7),
+    ("0::/system.slice/n1_slurmstepd.scope/job_7/step_extern/user/task_special", 7),  # v2
+    ("0::/system.slice/slurmstepd.scope/job_7/step_extern/slurm", 7),
+    ("0::/slurmstepd.scope/job_7/step_extern", 7),  # v2 in a cgroup namespace
+    # Another node's job on the same kernel (the lab; multi-slurmd nodes):
+    ("4:memory:/slurm_n2/uid_2001/job_7/step_extern", None),
+    ("4:memory:/slurm_n11/uid_2001/job_7/step_extern", None),
+    ("0::/system.slice/n2_slurmstepd.scope/job_7/step_extern/user/task_special", None),
+    ("0::/system.slice/xn1_slurmstepd.scope/job_7/step_extern", None),
+    # Not the extern step, or a look-alike a user made in their delegated subtree:
+    ("4:memory:/slurm_n1/uid_2001/job_7/step_batch", None),
+    ("0::/system.slice/n1_slurmstepd.scope/job_7/step_0/user/task_0", None),
+    ("0::/user.slice/user-2001.slice/user@2001.service/n1_slurmstepd.scope/job_7/step_extern",
+     None),
+    ("0::/user.slice/user-2001.slice/user@2001.service/app.slice/slurm_n1/uid_2001/job_7/"
+     "step_extern", None),
+    ("4:memory:/jobs/slurm_n1/uid_2001/job_7/step_extern", None),
+    ("0::/", None),
+])
+def test_only_this_nodes_extern_step_counts(proc: Path, line: str, job: int | None) -> None:
+    pid = process(proc, 200, f"12:pids:/\n{line}\n")
+    assert cgroups.extern_job_of(pid, "n1") == job
+
+
+def test_outside_of_compares_only_this_nodes_job_lines(proc: Path) -> None:
+    """A reference also in another node's job 7 (impossible, but a line that merely looks
+    like one) does not widen what "in the job" asks of the others."""
+    process(proc, MONITOR, IN_JOB + "9:pids:/slurm_n2/uid_2001/job_7/step_extern\n")
+    assert cgroups.outside_of(7, MONITOR, [process(proc, 101, IN_JOB)], "n1") == []

@@ -2,13 +2,20 @@
 
 Membership is read, never written: processes enter a job only through its slurmstepd
 (:mod:`sshd_adopt._internal.slurm.extern`). Paths follow Slurm's layouts
-(``src/plugins/cgroup/v1``, ``src/plugins/cgroup/v2``): cgroup v1 names the node
-(``/slurm_<NodeName>/uid_<u>/job_<j>/step_extern``), v2 lives under a
-``slurmstepd.scope`` (``<NodeName>_slurmstepd.scope`` with several slurmds per host).
+(``src/plugins/cgroup/v1``, ``src/plugins/cgroup/v2``), and only **this node's** count:
+
+* cgroup v1: ``/slurm/uid_<u>/job_<j>/step_extern``, or ``/slurm_<NodeName>/...`` when
+  Slurm is built for several slurmds per host (Debian's packages are);
+* cgroup v2 (the ``0::`` line): ``.../slurmstepd.scope/job_<j>/step_extern/...``, or
+  ``<NodeName>_slurmstepd.scope`` with several slurmds per host.
+
+Several slurmds on one kernel (the lab, multi-slurmd nodes) share the hierarchies, so a
+path naming another node's prefix or scope is another node's job, never this one's.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -17,7 +24,6 @@ from typing import Final
 from sshd_adopt._internal.node import fsids, procfs
 from sshd_adopt.errors import NoSuchProcess, ProcError
 
-_EXTERN: Final = re.compile(r"/job_(\d+)/step_extern(?:/|$)")
 #: What a job's tasks get: slurmstepd resets them to 0 before exec
 #: (``_pre_task_child_privileged``: ``set_oom_adj(0)``, 22.05 → 26.05).
 TASK_OOM_SCORE_ADJ: Final = 0
@@ -26,15 +32,31 @@ TASK_OOM_SCORE_ADJ: Final = 0
 def extern_job_of(pid: int, nodename: str) -> int | None:
     """The job whose extern step ``pid`` is in on this node, or None.
 
-    Other nodes' jobs never count (the lab runs several nodes on one kernel; a v1
-    path names its node). A process that vanished is in no job.
+    Read from ``/proc/<pid>/cgroup``, any hierarchy (v1 lines or the v2 ``0::`` line).
+    Other nodes' jobs never count, nor look-alike paths a user made. A process that
+    vanished is in no job.
     """
+    pattern = _extern_path(nodename)
     for line in _cgroup_lines(pid) or ():
-        path = line.split(":", 2)[-1]
-        found = _EXTERN.search(path)
-        if found and (f"/slurm_{nodename}/" in path or "slurmstepd.scope" in path):
-            return int(found.group(1))
+        found = pattern.search(line.split(":", 2)[-1])
+        if found:
+            return int(found.group("job"))
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _extern_path(nodename: str) -> re.Pattern[str]:
+    """A job's extern step of node ``nodename``, v1 or v2 (see the module's description).
+
+    Anchored at the hierarchy's root: Slurm makes its v1 tree there, and its v2 scope
+    beside slurmd, one slice deep (``system.slice``). A user may make cgroups of their
+    own, deeper, in a subtree systemd delegates to them (``user@<uid>.service``): a path
+    that merely ends like a job's there is not in any job.
+    """
+    node = re.escape(nodename)
+    return re.compile(
+        rf"^/(?:(?:slurm|slurm_{node})/uid_\d+|(?:[^/]+\.slice/)?(?:{node}_)?slurmstepd\.scope)"
+        rf"/job_(?P<job>\d+)/step_extern(?:/|$)")
 
 
 def outside_of(job: int, reference: int, pids: Iterable[int], nodename: str) -> list[int]:
@@ -49,8 +71,10 @@ def outside_of(job: int, reference: int, pids: Iterable[int], nodename: str) -> 
     A process that vanished is left out; without a usable reference, ``extern_job_of``
     decides.
     """
+    pattern = _extern_path(nodename)
     wanted = {line for line in (_cgroup_lines(reference) or ())
-              if (found := _EXTERN.search(line)) and int(found.group(1)) == job}
+              if (found := pattern.search(line.split(":", 2)[-1]))
+              and int(found.group("job")) == job}
     missing = []
     for pid in pids:
         lines = _cgroup_lines(pid)
