@@ -540,3 +540,21 @@ def test_round_trip_over_a_real_unix_socket(make_broker: MakeBroker, short_dir: 
     reply = asyncio.run(run())
     assert reply == {"v": "1", "result": "adopted", "job": "44", "env.SLURM_JOB_ID": "44"}
     assert node.adoption.asked == [(Peer(os.getpid(), os.getuid(), os.getgid()), {"x11": "no"})]
+
+
+def test_every_worker_thread_starts_with_the_broker() -> None:
+    """The thread count must not follow the largest burst the broker has met (the soak's
+    "flat" threads): all ``broker.workers`` threads exist before the first request."""
+    state = broker_state()
+    broker = Broker(lambda: state)
+    before = {t.ident for t in threading.enumerate()}
+    try:
+        broker.start_workers(timeout=5)
+        started = [t for t in threading.enumerate()
+                   if t.ident not in before and t.name.startswith("worker")]
+        assert len(started) == state.config.broker.workers
+        broker.start_workers(timeout=5)  # once more: the same threads, no new ones
+        assert len([t for t in threading.enumerate() if t.ident not in before
+                    and t.name.startswith("worker")]) == state.config.broker.workers
+    finally:
+        broker._pool.shutdown(wait=True)

@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -111,6 +112,26 @@ class Broker:
         else:
             logger().info("configuration and Slurm facts reloaded")
 
+    def start_workers(self, timeout: float = 5.0) -> None:
+        """Start all ``broker.workers`` worker threads now, not as load first needs them.
+
+        ``ThreadPoolExecutor`` adds a thread whenever work arrives and none is idle, so
+        the broker's thread count would follow the largest burst it has met; started
+        at once, its footprint after a burst is what it was before. Each of the first
+        tasks waits on a barrier until every thread is there. Waits at most ``timeout``
+        seconds (a pool that cannot start threads then grows as before).
+        """
+        workers = self._state.config.broker.workers
+        gate = threading.Barrier(workers + 1, timeout=timeout)
+
+        def wait() -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                gate.wait()
+
+        for _ in range(workers):
+            self._pool.submit(wait)
+        wait()
+
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         """Listen until SIGTERM/SIGINT, then finish the requests in flight and return.
 
@@ -120,6 +141,7 @@ class Broker:
         settings = self._state.config.broker
         path = settings.socket_path
         _prepare_socket_path(path)
+        self.start_workers()
         self.node.start()
         try:
             server = await asyncio.start_unix_server(self._on_client, path=path)
