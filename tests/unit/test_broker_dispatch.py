@@ -558,3 +558,27 @@ def test_every_worker_thread_starts_with_the_broker() -> None:
                     and t.name.startswith("worker")]) == state.config.broker.workers
     finally:
         broker._pool.shutdown(wait=True)
+
+
+def test_missing_slurm_facts_are_read_again_until_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configless node's slurm.conf appears only once slurmd has fetched it: the broker,
+    started before, picks the facts up by itself (no SIGHUP), then stops asking."""
+    missing = dataclasses.replace(broker_state(slurm=False),
+                                  slurm_problem="no slurm.conf: /run/slurm/conf/slurm.conf")
+    found = broker_state()
+    answers = [missing, missing, found]
+    loads: list[int] = []
+
+    def load() -> BrokerState:
+        loads.append(1)
+        return answers.pop(0)
+
+    broker = Broker(load)
+    reloaded: list[BrokerState] = []
+    monkeypatch.setattr(broker.node, "reloaded", reloaded.append)
+    assert broker.state.slurm is None
+    assert broker.retry_slurm() is False  # still missing: nothing swapped
+    assert broker.state is missing and reloaded == []
+    assert broker.retry_slurm() is True
+    assert broker.state is found and broker.state.nodename == "n1" and reloaded == [missing]
+    assert broker.retry_slurm() is True and len(loads) == 3  # found: not read again

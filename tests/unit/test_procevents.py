@@ -82,3 +82,29 @@ def test_on_this_kernel_only_the_followed_events_arrive() -> None:
     else:
         assert others, "without a mask the gid and sid events should have come too"
     assert PROC_EVENT_FORK in {what for what, _ in seen}
+
+
+def test_this_test_runs_in_the_initial_namespaces() -> None:
+    """The lab's brokers and this host: the connector is usable here."""
+    assert procevents.foreign_namespace() is None
+
+
+@pytest.mark.parametrize(("kind", "name"), [("pid", "pid:[4026532301]"),
+                                            ("user", "user:[4026532299]")])
+def test_in_a_pid_or_user_namespace_of_its_own_the_broker_does_without(
+        monkeypatch: pytest.MonkeyPatch, kind: str, name: str) -> None:
+    """A container's broker would get the host's pids: it must not subscribe at all (the
+    kernel would ignore it, and other listeners' events would still arrive)."""
+    real = os.readlink
+
+    def readlink(path: str) -> str:
+        return name if path == f"/proc/self/ns/{kind}" else real(path)
+
+    monkeypatch.setattr(os, "readlink", readlink)
+    assert f"not in the initial {kind} namespace ({name})" in (
+        procevents.foreign_namespace() or "")
+    opened: list[bool] = []
+    monkeypatch.setattr(procevents, "_connector_socket", lambda: opened.append(True))
+    with pytest.raises(OSError, match=f"initial {kind} namespace"):
+        procevents.open_proc_connector()
+    assert opened == []

@@ -41,6 +41,8 @@ from sshd_adopt._internal.services.adoption import Peer
 from sshd_adopt.errors import BrokerProtocolError, Error
 
 _PEERCRED = struct.Struct("3i")
+#: While slurm.conf cannot be read, how often it is read again (seconds).
+SLURM_RETRY_EVERY = 5.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,38 @@ class Broker:
         else:
             logger().info("configuration and Slurm facts reloaded")
 
+    def retry_slurm(self) -> bool:
+        """Read the configuration and slurm.conf again while the Slurm facts are missing.
+
+        A configless node's slurm.conf appears when slurmd has fetched it, and the unit
+        does not wait for slurmd (sshd would wait too): until then the broker decides
+        without a node (root and exempt users in, others ``action_generic_failure``).
+        Returns True when the facts were found (logged like a reload); nothing changes
+        and nothing is logged above debug while they are still missing.
+        """
+        if self._state.slurm is not None:
+            return True
+        try:
+            new = self._load_state()
+        except Error as err:
+            logger().debug("Slurm facts still missing; configuration: %s", err)
+            return False
+        if new.slurm is None:
+            logger().debug("Slurm facts still missing: %s", new.slurm_problem)
+            return False
+        old = self._state
+        self._state = new
+        self.node.reloaded(old)
+        logger().info("Slurm facts found (node %s, slurm %s)%s", new.nodename or "?",
+                      new.slurm.version, f"; Slurm problem: {new.slurm_problem}"
+                      if new.slurm_problem else "")
+        return True
+
+    async def _retry_slurm_until_found(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not await loop.run_in_executor(self._pool, self.retry_slurm):
+            await asyncio.sleep(SLURM_RETRY_EVERY)
+
     def start_workers(self, timeout: float = 5.0) -> None:
         """Start all ``broker.workers`` worker threads now, not as load first needs them.
 
@@ -167,9 +201,11 @@ class Broker:
         )
         if ready is not None:
             ready()
+        retrying = asyncio.create_task(self._retry_slurm_until_found())
         try:
             await self._stopping.wait()
         finally:
+            retrying.cancel()
             # Stop accepting first, then answer what is in flight, and only then stop the
             # node's threads: they may be mid-decision, and joining them must not block the
             # event loop that is answering those requests.

@@ -8,6 +8,10 @@ user's uid (authentication is over), a slurmstepd exiting. On kernels that filte
 CAP_NET_ADMIN, and the kernel offers the connector in the initial network namespace
 only: a broker running in another one (the lab's nodes) opens its socket there through
 a throwaway thread that ``setns()``es, so no other thread ever changes namespace.
+It must run in the initial pid and user namespaces, though: events name processes by
+their pids there, and the kernel ignores subscriptions from anywhere else
+(``cn_proc_mcast_ctl``). A broker in a container with a pid namespace of its own would
+read other processes' pids (seen: a node's pid 630 reported as 2122), so it does without.
 
 Message layout: ``include/uapi/linux/cn_proc.h`` (``struct proc_event``, which follows
 a ``struct cn_msg`` inside a netlink message). Datagrams are parsed with bounds checks
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import re
 import socket
@@ -56,6 +61,9 @@ FOLLOWED_EVENTS: Final = PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_UID | PR
 #: The first kernel release that reads an event mask. Older ones ignore a subscription
 #: of any other length than the bare operation, silently: no events at all.
 FILTER_SINCE: Final = (6, 6)
+#: The initial pid and user namespaces, as /proc/self/ns names them: their inode numbers
+#: are fixed (``include/linux/proc_ns.h``: PROC_PID_INIT_INO, PROC_USER_INIT_INO).
+INITIAL_NAMESPACES: Final = {"pid": "pid:[4026531836]", "user": "user:[4026531837]"}
 #: Receive buffer asked for: bursts of forks (an MPI launch) must not overflow it.
 RECEIVE_BUFFER: Final = 4 * 1024 * 1024
 
@@ -166,8 +174,29 @@ def _other_netns(limit: int = 16) -> list[str]:
     return paths
 
 
+def foreign_namespace() -> str | None:
+    """Why this process may not follow the connector: it runs in a pid or user namespace
+    other than the initial one (or cannot tell). None where it may."""
+    for kind, initial in INITIAL_NAMESPACES.items():
+        try:
+            name = os.readlink(f"/proc/self/ns/{kind}")
+        except OSError as err:
+            return f"cannot read /proc/self/ns/{kind}: {err.strerror}"
+        if name != initial:
+            return (f"not in the initial {kind} namespace ({name}): the kernel's events would "
+                    "name other processes")
+    return None
+
+
 def open_proc_connector() -> socket.socket:
-    """A subscribed, non-blocking proc connector socket; OSError if the kernel will not give one."""
+    """A subscribed, non-blocking proc connector socket.
+
+    Raises OSError if the kernel will not give one, or (EOPNOTSUPP) when this process
+    runs in a pid or user namespace of its own (:func:`foreign_namespace`).
+    """
+    why = foreign_namespace()
+    if why is not None:
+        raise OSError(errno.EOPNOTSUPP, why)
     try:
         return _connector_socket()
     except OSError as first:
