@@ -38,7 +38,7 @@ def test_doctor_reports_slurm_prerequisites_ok(cluster: Cluster) -> None:
     _, document = doctor(cluster)
     seen = statuses(document)
     for name in ("config", "slurm.conf", "PrologFlags", "ProctrackType", "TaskPlugin",
-                 "NodeName", "spool dir", "sshd (root)"):
+                 "NodeName", "spool dir", "sshd (root)", "broker", "process events"):
         assert seen[name] == "OK", document["checks"]
 
 

@@ -92,6 +92,9 @@ class FakeNode:
     def asked(self) -> int:
         return len(self.adoption.asked) + len(self.admission.asked)
 
+    def events(self) -> str:
+        return "proc connector"
+
 
 class FakeSocket:
     """A connected socket as far as SO_PEERCRED goes."""
@@ -218,7 +221,7 @@ def test_ping_answers_from_the_state_and_asks_no_service() -> None:
     node = FakeNode(lambda: broker_state(Config(path=CONFIG_PATH)), ThreadPoolExecutor(1))
     reply = REQUESTS["ping"].serve(cast(Node, node), ALICE_PEER, {})
     assert reply == {"v": "1", "result": "pong", "version": __version__, "node": "n1",
-                     "config": CONFIG_PATH}
+                     "config": CONFIG_PATH, "events": "proc connector"}
     assert node.asked() == 0
 
 
@@ -368,7 +371,7 @@ def test_ping_round_trip(make_broker: MakeBroker) -> None:
     broker, node = make_broker()
     writer = talk(broker, frame(protocol.ping_request()))
     assert writer.reply() == {"v": "1", "result": "pong", "version": __version__, "node": "n1",
-                              "config": CONFIG_PATH}
+                              "config": CONFIG_PATH, "events": "proc connector"}
     assert node.asked() == 0
 
 

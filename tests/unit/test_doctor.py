@@ -116,6 +116,24 @@ def test_broker_version_and_node_mismatch_warn() -> None:
     assert [c.status for c in checks] == [Status.OK, Status.WARN, Status.WARN]
 
 
+def test_the_brokers_process_events_are_reported() -> None:
+    following = doctor.check_broker(PingResult("/s", version="1", node="n1",
+                                                events="proc connector"),
+                                     our_version="1", nodename="n1")
+    assert [(c.name, c.status) for c in following] == [("broker", Status.OK),
+                                                        ("process events", Status.OK)]
+    (_, without) = doctor.check_broker(
+        PingResult("/s", version="1", node="n1",
+                   events="none: not in the initial pid namespace (pid:[4026532301])"),
+        our_version="1", nodename="n1")
+    assert without.status is Status.WARN
+    assert "not in the initial pid namespace" in without.detail
+    assert "sweeper.interval" in without.detail and "CAP_NET_ADMIN" in without.fix
+    older = doctor.check_broker(PingResult("/s", version="1", node="n1"), our_version="1",
+                                nodename="n1")
+    assert [c.name for c in older] == ["broker"]  # an older broker says nothing: no line
+
+
 def test_ping_broker_speaks_the_wire_format(tmp_path: Path) -> None:
     path = str(tmp_path / "b.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -128,7 +146,8 @@ def test_ping_broker_speaks_the_wire_format(tmp_path: Path) -> None:
         with conn:
             length = protocol.frame_length(conn.recv(4))
             seen.append(protocol.parse_request(conn.recv(length)))
-            conn.sendall(protocol.encode(protocol.reply("pong", version="9.9", node="n7")))
+            conn.sendall(protocol.encode(protocol.reply("pong", version="9.9", node="n7",
+                                                        events="proc connector")))
 
     thread = threading.Thread(target=serve)
     thread.start()
@@ -136,7 +155,7 @@ def test_ping_broker_speaks_the_wire_format(tmp_path: Path) -> None:
     thread.join()
     server.close()
     assert seen == [("ping", {})]
-    assert result == PingResult(path, version="9.9", node="n7")
+    assert result == PingResult(path, version="9.9", node="n7", events="proc connector")
 
 
 def test_ping_broker_reports_errors_as_data(tmp_path: Path) -> None:

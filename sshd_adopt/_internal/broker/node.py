@@ -57,6 +57,11 @@ class Node:
         self.guardian: Guardian | None = None
         self.warmer: MigrationWarmer | None = None
 
+    def events(self) -> str:
+        """How the node learns of processes: "proc connector", or "none: <why>"."""
+        problem = self.watcher.connector_problem
+        return "proc connector" if problem is None else f"none: {problem}"
+
     def start(self) -> None:
         """Check the entry directories, start the guardian, rebuild the entries, watch.
 

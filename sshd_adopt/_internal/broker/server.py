@@ -65,7 +65,7 @@ def _keys(node: Node, peer: Peer, arguments: dict[str, str]) -> dict[str, str]:
 def _ping(node: Node, _peer: Peer, _arguments: dict[str, str]) -> dict[str, str]:
     state = node.state()
     return protocol.reply("pong", version=__version__, node=state.nodename or "",
-                          config=state.config.path)
+                          config=state.config.path, events=node.events())
 
 
 #: Every request the broker serves. "adopt": the wrapper asks for its session;

@@ -72,6 +72,8 @@ class Watcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connector: socket.socket | None = None
+        #: Why the proc connector is not followed (None while it is).
+        self.connector_problem: str | None = "not started"
         self._spool: DirWatch | None = None
         self._monitors: dict[int, float] = {}  # monitor pid -> start time
         self._children: dict[int, int] = {}  # child pid -> its monitor
@@ -84,11 +86,15 @@ class Watcher:
         return self._connector is not None
 
     def start(self, *, proc_events: bool) -> None:
-        if proc_events:
+        if not proc_events:
+            self.connector_problem = "turned off (broker.proc_events = false)"
+        else:
             try:
                 self._connector = open_proc_connector()
+                self.connector_problem = None
                 logger().info("following the proc connector (early adoption, stepd exits)")
             except OSError as err:
+                self.connector_problem = err.strerror or str(err)
                 logger().warning("no proc connector (%s): adoption waits for the wrapper, "
                                  "the sweeper scans periodically", err)
         self._watch_spool()

@@ -219,6 +219,7 @@ class PingResult:
     node: str | None = None
     error: str | None = None
     config: str | None = None  # the configuration file the running broker loaded
+    events: str | None = None  # "proc connector", or "none: why" (None: an older broker)
 
 
 def check_broker(ping: PingResult, *, our_version: str, nodename: str | None) -> list[Check]:
@@ -241,8 +242,22 @@ def check_broker(ping: PingResult, *, our_version: str, nodename: str | None) ->
                             f"slurm.conf says {nodename}",
                             "reload the broker (systemctl reload sshd-adoptd) or make "
                             "policy.nodename agree"))
+    if ping.events is not None:
+        checks.append(check_events(ping.events))
     return checks
 
+
+def check_events(events: str) -> Check:
+    """Whether the broker follows the kernel's process events (the ping's ``events``)."""
+    if events == "proc connector":
+        return ok("process events", "the broker follows the proc connector: sessions enter "
+                  "their job at authentication, forwarding-only connections too")
+    return Check("process events", Status.WARN,
+                 f"the broker does not follow the proc connector ({events.removeprefix('none: ')}):"
+                 " sessions enter their job at the wrapper's request, and connections that "
+                 "never run it (ssh -N) only at the sweeper's next scan (sweeper.interval)",
+                 "run the broker in the host's pid and user namespaces with CAP_NET_ADMIN "
+                 "(the shipped unit does), and broker.proc_events = true")
 
 def ping_broker(socket_path: str, timeout: float = 2.0) -> PingResult:
     """Send one "ping" frame and read the reply; failures become ``error``, never raise."""
@@ -255,7 +270,7 @@ def ping_broker(socket_path: str, timeout: float = 2.0) -> PingResult:
     if reply.get("result") != "pong":
         return PingResult(socket_path, error=f"unexpected reply {reply.get('result')!r}")
     return PingResult(socket_path, version=reply.get("version", "?"), node=reply.get("node", ""),
-                      config=reply.get("config") or None)
+                      config=reply.get("config") or None, events=reply.get("events") or None)
 
 
 # --------------------------------------------------------------------------- paths
