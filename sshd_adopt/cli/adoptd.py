@@ -102,15 +102,18 @@ def _summary(state: BrokerState) -> str:
     return "\n".join(lines)
 
 
-def _notify_ready() -> None:
-    """Tell systemd (Type=notify) we are listening; a no-op without NOTIFY_SOCKET."""
+def _notify_ready(status: str) -> None:
+    """Tell systemd (Type=notify) we are listening, with a status line for ``systemctl
+    status``; a no-op without NOTIFY_SOCKET (``sd_notify(3)``: newline-separated
+    assignments in one datagram)."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
+    line = status.replace("\n", " ")[:400]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(b"READY=1", address)
+        sock.sendto(f"READY=1\nSTATUS={line}".encode(errors="replace"), address)
 
 
 def _fatal(message: str, status: int) -> NoReturn:

@@ -93,6 +93,7 @@ class Broker:
         self._total = 0
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Event | None = None
+        self._ready: Callable[[str], None] | None = None  # also takes status updates
 
     @property
     def state(self) -> BrokerState:
@@ -113,6 +114,12 @@ class Broker:
             logger().error("configuration reloaded; Slurm problem: %s", new.slurm_problem)
         else:
             logger().info("configuration and Slurm facts reloaded")
+        self._tell_status()
+
+    def _tell_status(self) -> None:
+        if self._ready is not None:
+            with contextlib.suppress(OSError):
+                self._ready(self.status())
 
     def retry_slurm(self) -> bool:
         """Read the configuration and slurm.conf again while the Slurm facts are missing.
@@ -139,6 +146,7 @@ class Broker:
         logger().info("Slurm facts found (node %s, slurm %s)%s", new.nodename or "?",
                       new.slurm.version, f"; Slurm problem: {new.slurm_problem}"
                       if new.slurm_problem else "")
+        self._tell_status()
         return True
 
     async def _retry_slurm_until_found(self) -> None:
@@ -166,11 +174,19 @@ class Broker:
             self._pool.submit(wait)
         wait()
 
-    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+    def status(self) -> str:
+        """One line for ``systemctl status``: the node, the events source, any Slurm problem."""
+        state = self._state
+        line = f"node {state.nodename or '?'}; process events: {self.node.events()}"
+        return f"{line}; Slurm problem: {state.slurm_problem}" if state.slurm_problem else line
+
+    async def serve(self, ready: Callable[[str], None] | None = None) -> None:
         """Listen until SIGTERM/SIGINT, then finish the requests in flight and return.
 
         The key entries are rebuilt from the node's jobs before the socket accepts
-        anything, and wiped when the broker stops.
+        anything, and wiped when the broker stops. ``ready`` is called with
+        :meth:`status` once the socket listens (systemd's READY=1 and STATUS=), and again
+        with the new status after a reload or when missing Slurm facts are found.
         """
         settings = self._state.config.broker
         path = settings.socket_path
@@ -200,7 +216,8 @@ class Broker:
             f"; slurm problem: {self._state.slurm_problem}" if self._state.slurm_problem else "",
         )
         if ready is not None:
-            ready()
+            ready(self.status())
+            self._ready = ready
         retrying = asyncio.create_task(self._retry_slurm_until_found())
         try:
             await self._stopping.wait()

@@ -259,6 +259,7 @@ def check_events(events: str) -> Check:
                  "run the broker in the host's pid and user namespaces with CAP_NET_ADMIN "
                  "(the shipped unit does), and broker.proc_events = true")
 
+
 def ping_broker(socket_path: str, timeout: float = 2.0) -> PingResult:
     """Send one "ping" frame and read the reply; failures become ``error``, never raise."""
     try:
