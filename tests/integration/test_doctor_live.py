@@ -50,6 +50,9 @@ def test_doctor_lists_the_users_job_on_this_node(cluster: Cluster) -> None:
     assert [j["job_id"] for j in dry["jobs"]] == [job]
     assert dry["decision"].startswith(f"adopt into job {job}")
     assert statuses(document)["dry run (alice)"] == "OK"
+    # The lab's drop-in, as shipped: alice can only log in with a key.
+    methods = next(c for c in document["checks"] if c["name"] == "auth methods (alice)")
+    assert methods["status"] == "OK" and "publickey" in methods["detail"], methods
 
 
 def test_doctor_text_output_names_the_job(cluster: Cluster) -> None:

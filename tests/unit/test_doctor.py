@@ -411,3 +411,45 @@ def test_limits_conf_without_pam_warns_with_an_example() -> None:
     assert "@slurmusers hard nofile 4096" in check.detail
     assert sshd_checks.check_limits("yes", lines) is None
     assert sshd_checks.check_limits("no", []) is None
+
+
+# --------------------------------------------------------------------------- auth methods
+
+SWITCHES_ON = {"pubkeyauthentication": "yes", "hostbasedauthentication": "yes",
+               "gssapiauthentication": "yes", "passwordauthentication": "yes",
+               "kbdinteractiveauthentication": "yes"}
+
+
+@pytest.mark.parametrize(("changes", "ways"), [
+    # The shipped drop-in: publickey only, whatever else is switched on.
+    ({"authenticationmethods": "publickey", **SWITCHES_ON}, []),
+    # Every way needs a key (a second factor after it does not matter here).
+    ({"authenticationmethods": "publickey,keyboard-interactive:pam publickey,password",
+      **SWITCHES_ON}, []),
+    # any: each switched-on method is a way in by itself.
+    ({"authenticationmethods": "any", **SWITCHES_ON},
+     ["hostbased", "gssapi-with-mic", "password", "keyboard-interactive"]),
+    ({"authenticationmethods": "any", "pubkeyauthentication": "yes",
+      "hostbasedauthentication": "yes", "gssapiauthentication": "no",
+      "passwordauthentication": "no", "kbdinteractiveauthentication": "no"}, ["hostbased"]),
+    # A list without publickey is a way in when its methods are on.
+    ({"authenticationmethods": "publickey hostbased", **SWITCHES_ON}, ["hostbased"]),
+    ({"authenticationmethods": "publickey hostbased", "pubkeyauthentication": "yes",
+      "hostbasedauthentication": "no"}, []),
+    ({"authenticationmethods": "gssapi-with-mic,keyboard-interactive:pam", **SWITCHES_ON},
+     ["gssapi-with-mic,keyboard-interactive:pam"]),
+])
+def test_ways_in_without_a_key(changes: dict[str, str], ways: list[str]) -> None:
+    assert sshd_checks.ways_in_without_a_key(view(**changes)) == ways
+
+
+def test_auth_methods_ok_for_publickey_only_and_warned_otherwise() -> None:
+    shipped = sshd_checks.check_auth_methods(view(authenticationmethods="publickey"))
+    assert shipped is not None and shipped.status is Status.OK
+    assert shipped.name == "auth methods (alice)"
+    open_door = sshd_checks.check_auth_methods(
+        view(authenticationmethods="any", **SWITCHES_ON))
+    assert open_door is not None and open_door.status is Status.WARN
+    assert "hostbased" in open_door.detail and "after authentication" in open_door.detail
+    assert "AuthenticationMethods publickey" in open_door.fix
+    assert sshd_checks.check_auth_methods(SshdView("alice", error="no sshd")) is None

@@ -219,6 +219,9 @@ def _user_checks(request: Request, config: Config | None, slurm: SlurmFacts | No
         found = sshd_checks.check_sshd_exempt(view)
     else:
         found = sshd_checks.check_sshd_managed(view, config.admission)
+        methods = sshd_checks.check_auth_methods(view)
+        if methods is not None:
+            found.append(methods)
     dry, check = _dry_run(request.user, config, slurm)
     return [*found, check], dry
 

@@ -136,6 +136,65 @@ def check_sshd_managed(view: SshdView, admission: AdmissionSettings) -> list[Che
     return checks
 
 
+#: ``sshd -T`` switches of the methods a login can complete with, by method name
+#: (``AuthenticationMethods`` names, ``sshd_config(5)``).
+_METHOD_SWITCHES: dict[str, str] = {
+    "publickey": "pubkeyauthentication",
+    "hostbased": "hostbasedauthentication",
+    "gssapi-with-mic": "gssapiauthentication",
+    "password": "passwordauthentication",
+    "keyboard-interactive": "kbdinteractiveauthentication",
+}
+
+
+def ways_in_without_a_key(view: SshdView) -> list[str]:
+    """The ways a login of ``view``'s user completes without publickey, as sshd names them.
+
+    With ``AuthenticationMethods any`` each enabled method is a way in by itself; with
+    lists, a list that names no publickey is one (every method in it enabled).
+    """
+    def enabled(method: str) -> bool:
+        switch = _METHOD_SWITCHES.get(method.split(":", 1)[0])
+        return switch is None or view.get(switch).lower() == "yes"
+
+    methods = view.get("authenticationmethods")
+    if methods.lower() in ("any", "none", ""):
+        return [m for m in _METHOD_SWITCHES if m != "publickey" and enabled(m)]
+    ways = []
+    for chain in methods.split():
+        steps = chain.split(",")
+        if all(enabled(step) for step in steps) and not any(
+                step.split(":", 1)[0] == "publickey" for step in steps):
+            ways.append(chain)
+    return ways
+
+
+def check_auth_methods(view: SshdView) -> Check | None:
+    """How a managed user can authenticate, and what enforces admission for each way.
+
+    A publickey login passes the broker's key entries or its gate before sshd accepts
+    it, and a refused user is told why. Any other way in (hostbased, GSSAPI, password,
+    keyboard-interactive) consults neither: the broker enforces admission only after
+    authentication (early adoption refuses and ends the connection; without the proc
+    connector, the wrapper and the sweeper's next scan), so forwarded ports may carry
+    data meanwhile. None when sshd could not be asked.
+    """
+    if view.error is not None:
+        return None
+    name = f"auth methods ({view.user})"
+    ways = ways_in_without_a_key(view)
+    methods = view.get("authenticationmethods")
+    if not ways:
+        return ok(name, f"AuthenticationMethods {methods}: every login passes the key "
+                  "entries or the gate, before sshd accepts it")
+    return Check(name, Status.WARN,
+                 f"AuthenticationMethods {methods}: {', '.join(ways)} log in without a key; "
+                 "for them admission is enforced only after authentication (the broker ends "
+                 "the connection), so forwarded ports may carry data until then",
+                 "AuthenticationMethods publickey in the drop-in's Match block, unless the "
+                 "post-authentication bound is accepted (docs/threat-model.md)")
+
+
 def check_entries(problems: Sequence[str], admitted: Iterable[str], keys_dir: str) -> Check:
     """The entry directories are root's alone (else anyone could plant an entry)."""
     if problems:
