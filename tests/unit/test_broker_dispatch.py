@@ -585,3 +585,30 @@ def test_missing_slurm_facts_are_read_again_until_found(monkeypatch: pytest.Monk
     assert broker.retry_slurm() is True
     assert broker.state is found and broker.state.nodename == "n1" and reloaded == [missing]
     assert broker.retry_slurm() is True and len(loads) == 3  # found: not read again
+
+
+def test_node_names_that_did_not_resolve_are_resolved_again_and_swapped_in_when_better(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """DNS not up at boot: the nodes whose names did not resolve count as not Slurm nodes
+    (no callerid) until a later try resolves them; a try that resolves nothing more
+    changes nothing."""
+    facts = broker_state().slurm
+    assert facts is not None
+
+    def with_unresolved(*names: str) -> BrokerState:
+        return dataclasses.replace(broker_state(),
+                                   slurm=dataclasses.replace(facts, unresolved=names))
+
+    start, same, better, complete = (with_unresolved("n2", "n3"), with_unresolved("n3", "n2"),
+                                     with_unresolved("n3"), with_unresolved())
+    answers = [start, same, better, complete]
+    broker = Broker(lambda: answers.pop(0))
+    monkeypatch.setattr(broker.node, "reloaded", lambda old: None)
+    assert "2 node name(s) unresolved" in broker.status()
+    assert broker.retry_slurm() is False and broker.state is start  # nothing more resolved
+    with caplog.at_level("INFO", logger="sshd-adopt"):
+        assert broker.retry_slurm() is False and broker.state is better
+        assert broker.retry_slurm() is True and broker.state is complete
+    assert "1 more node name(s) resolved" in caplog.text
+    assert "unresolved" not in broker.status()
+    assert broker.retry_slurm() is True and answers == []  # complete: not read again

@@ -43,6 +43,18 @@ from sshd_adopt.errors import BrokerProtocolError, Error
 _PEERCRED = struct.Struct("3i")
 #: While slurm.conf cannot be read, how often it is read again (seconds).
 SLURM_RETRY_EVERY = 5.0
+#: The longest wait between two tries to resolve node names that did not (seconds).
+SLURM_RETRY_MAX = 300.0
+
+
+def _warn_unresolved(state: BrokerState) -> None:
+    """One warning naming the nodes whose names did not resolve (a few of them)."""
+    if state.slurm is not None and state.slurm.unresolved:
+        names = state.slurm.unresolved
+        logger().warning("%d node name(s) of slurm.conf did not resolve (%s%s): connections "
+                         "from them count as not from a Slurm node (no callerid) until they "
+                         "do; tried again", len(names), ", ".join(names[:5]),
+                         ", ..." if len(names) > 5 else "")
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class Broker:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Event | None = None
         self._ready: Callable[[str], None] | None = None  # also takes status updates
+        self._completing: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> BrokerState:
@@ -114,7 +127,19 @@ class Broker:
             logger().error("configuration reloaded; Slurm problem: %s", new.slurm_problem)
         else:
             logger().info("configuration and Slurm facts reloaded")
+        _warn_unresolved(new)
         self._tell_status()
+        self._keep_completing()
+
+    def _keep_completing(self) -> None:
+        """Start :meth:`_complete_slurm_facts` again if the facts are incomplete and it has
+        ended (a reload brought back unresolved names); only inside the event loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._completing is None or self._completing.done():
+            self._completing = loop.create_task(self._complete_slurm_facts())
 
     def _tell_status(self) -> None:
         if self._ready is not None:
@@ -122,37 +147,54 @@ class Broker:
                 self._ready(self.status())
 
     def retry_slurm(self) -> bool:
-        """Read the configuration and slurm.conf again while the Slurm facts are missing.
+        """Read the configuration and slurm.conf again while the Slurm facts are incomplete.
 
-        A configless node's slurm.conf appears when slurmd has fetched it, and the unit
-        does not wait for slurmd (sshd would wait too): until then the broker decides
-        without a node (root and exempt users in, others ``action_generic_failure``).
-        Returns True when the facts were found (logged like a reload); nothing changes
-        and nothing is logged above debug while they are still missing.
+        Incomplete: slurm.conf could not be read (a configless node's copy appears when
+        slurmd has fetched it, and the unit does not wait for slurmd, since sshd would
+        wait too; meanwhile root and exempt users get in, others
+        ``action_generic_failure``), or some nodes' names did not resolve (DNS not up
+        yet at boot: a connection from such a node counts as not from a Slurm node, so
+        callerid is not asked). The new facts replace the old only when they are more
+        complete (logged like a reload); otherwise nothing changes and nothing is logged
+        above debug. Returns True once nothing is missing.
         """
-        if self._state.slurm is not None:
+        old = self._state
+        if old.slurm is not None and not old.slurm.unresolved:
             return True
         try:
             new = self._load_state()
         except Error as err:
-            logger().debug("Slurm facts still missing; configuration: %s", err)
+            logger().debug("Slurm facts still incomplete; configuration: %s", err)
             return False
         if new.slurm is None:
             logger().debug("Slurm facts still missing: %s", new.slurm_problem)
             return False
-        old = self._state
+        if old.slurm is not None and len(new.slurm.unresolved) >= len(old.slurm.unresolved):
+            logger().debug("node names still unresolved: %s", ", ".join(new.slurm.unresolved))
+            return False
         self._state = new
         self.node.reloaded(old)
-        logger().info("Slurm facts found (node %s, slurm %s)%s", new.nodename or "?",
-                      new.slurm.version, f"; Slurm problem: {new.slurm_problem}"
-                      if new.slurm_problem else "")
+        if old.slurm is None:
+            logger().info("Slurm facts found (node %s, slurm %s)%s", new.nodename or "?",
+                          new.slurm.version, f"; Slurm problem: {new.slurm_problem}"
+                          if new.slurm_problem else "")
+        else:
+            logger().info("%d more node name(s) resolved",
+                          len(old.slurm.unresolved) - len(new.slurm.unresolved))
+        _warn_unresolved(new)
         self._tell_status()
-        return True
+        return not new.slurm.unresolved
 
-    async def _retry_slurm_until_found(self) -> None:
+    async def _complete_slurm_facts(self) -> None:
+        """:meth:`retry_slurm` until nothing is missing: every 5 s while slurm.conf is
+        unread, then, for names that do not resolve, backing off to every 5 minutes (a
+        decommissioned node left in slurm.conf must not cost a lookup every 5 s)."""
         loop = asyncio.get_running_loop()
+        delay = SLURM_RETRY_EVERY
         while not await loop.run_in_executor(self._pool, self.retry_slurm):
-            await asyncio.sleep(SLURM_RETRY_EVERY)
+            await asyncio.sleep(delay)
+            if self._state.slurm is not None:
+                delay = min(delay * 2, SLURM_RETRY_MAX)
 
     def start_workers(self, timeout: float = 5.0) -> None:
         """Start all ``broker.workers`` worker threads now, not as load first needs them.
@@ -178,6 +220,8 @@ class Broker:
         """One line for ``systemctl status``: the node, the events source, any Slurm problem."""
         state = self._state
         line = f"node {state.nodename or '?'}; process events: {self.node.events()}"
+        if state.slurm is not None and state.slurm.unresolved:
+            line += f"; {len(state.slurm.unresolved)} node name(s) unresolved"
         return f"{line}; Slurm problem: {state.slurm_problem}" if state.slurm_problem else line
 
     async def serve(self, ready: Callable[[str], None] | None = None) -> None:
@@ -218,11 +262,13 @@ class Broker:
         if ready is not None:
             ready(self.status())
             self._ready = ready
-        retrying = asyncio.create_task(self._retry_slurm_until_found())
+        _warn_unresolved(self._state)
+        self._keep_completing()
         try:
             await self._stopping.wait()
         finally:
-            retrying.cancel()
+            if self._completing is not None:
+                self._completing.cancel()
             # Stop accepting first, then answer what is in flight, and only then stop the
             # node's threads: they may be mid-decision, and joining them must not block the
             # event loop that is answering those requests.
