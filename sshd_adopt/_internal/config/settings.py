@@ -239,10 +239,12 @@ class AdoptionSettings:
 class SweeperSettings:
     """The session sweeper: connections of managed users found outside any job.
 
-    ``interval`` is the period of the full scan (the safety net behind the
-    proc connector's events); ``grace`` is how old a connection must be before
-    the sweeper acts on it; ``kill_after`` is how long a connection to be ended
-    gets between SIGTERM and SIGKILL. Times in seconds.
+    ``interval`` is the period of the sweeper's scan of the known listeners'
+    connections (the safety net behind the proc connector's events; every
+    process is looked at every 30 s, ``sweeper.FULL_SCAN_EVERY``); ``grace`` is
+    how old a connection must be before the sweeper acts on it; ``kill_after`` is
+    how long a connection to be ended gets between SIGTERM and SIGKILL. Times in
+    seconds.
     """
 
     enabled: bool = True
