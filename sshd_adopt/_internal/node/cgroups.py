@@ -36,8 +36,12 @@ def extern_job_of(pid: int, nodename: str) -> int | None:
     Other nodes' jobs never count, nor look-alike paths a user made. A process that
     vanished is in no job.
     """
-    pattern = _extern_path(nodename)
-    for line in _cgroup_lines(pid) or ():
+    return _job_named(_cgroup_lines(pid) or (), _extern_path(nodename))
+
+
+def _job_named(lines: Iterable[str], pattern: re.Pattern[str]) -> int | None:
+    """The job of the first of ``lines`` (``/proc/<pid>/cgroup``) that is in an extern step."""
+    for line in lines:
         found = pattern.search(line.split(":", 2)[-1])
         if found:
             return int(found.group("job"))
@@ -73,15 +77,14 @@ def outside_of(job: int, reference: int, pids: Iterable[int], nodename: str) -> 
     """
     pattern = _extern_path(nodename)
     wanted = {line for line in (_cgroup_lines(reference) or ())
-              if (found := pattern.search(line.split(":", 2)[-1]))
-              and int(found.group("job")) == job}
+              if _job_named((line,), pattern) == job}
     missing = []
     for pid in pids:
         lines = _cgroup_lines(pid)
         if lines is None:
             continue
         if not wanted:
-            if extern_job_of(pid, nodename) != job:
+            if _job_named(lines, pattern) != job:  # this file read once, not twice
                 missing.append(pid)
         elif not wanted <= set(lines):
             missing.append(pid)
