@@ -1,16 +1,17 @@
 """The shipped systemd unit, as far as this machine can prove it without systemd as init.
 
-systemd cannot boot a lab node here: the host's cgroups are hybrid, and systemd as a
-container's init (systemd-nspawn --boot, or PID 1 in a namespace) creates its own
-subtree in every mounted hierarchy, v1 controllers included, which the lab must never
-write. So the unit is proven in two parts: ``systemd-analyze verify`` accepts the file
-as ``scripts/install`` fills it in, and the lab starts every broker with exactly the
-unit's privileges (``setpriv``: its CapabilityBoundingSet, no inheritable
-capabilities, NoNewPrivileges; ``scripts/_cluster/daemons.py``), so that every test on
-the cluster -- adoption, the sweeper's signals, the proc connector, the keys read as
-the user, the callerid credential minted as the user -- runs the broker as the unit
-would (with one addition, LAB_ONLY below), each in a cgroup of its own as Delegate=yes
-gives it. This module checks that the brokers really hold that set and nothing more.
+No lab node boots systemd yet: Slurm's cgroup plugins cannot run under a systemd
+container's pure cgroup2 view of this hybrid host (the unit itself was run under a
+systemd booted as PID 1 of a namespace container, by hand: docs/testing.md, "A node
+booted with systemd"). So in CI the unit is proven in two parts: ``systemd-analyze
+verify`` accepts the file as ``scripts/install`` fills it in, and the lab starts every
+broker with exactly the unit's privileges (``setpriv``: its CapabilityBoundingSet, no
+inheritable capabilities, NoNewPrivileges; ``scripts/_cluster/daemons.py``), so that
+every test on the cluster -- adoption, the sweeper's signals, the proc connector, the
+keys read as the user, the callerid credential minted as the user -- runs the broker as
+the unit would (with one addition, LAB_ONLY below), each in a cgroup of its own as
+Delegate=yes gives it. This module checks that the brokers really hold that set and
+nothing more.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ SSHD = "/usr/sbin/sshd"
 CONN = Connection(ipaddress.IPv4Address("10.0.0.11"), 22,
                   ipaddress.IPv4Address("10.0.0.12"), 40000)
 LISTENER, MONITOR, SESSION, SHELL = 10, 20, 30, 40
+LISTENER_TITLE = "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups"
 MONITOR_START = 20.0
 GRACE = 0.5  # sweeper.grace's default
 JOB = (LocalJob(7, 1000.0),)
@@ -137,6 +138,11 @@ class World:
         self.sweeper.connection_opened(MONITOR)
         self.clock.now += ago
 
+    def forget_actions(self) -> None:
+        """As if nothing had been adopted yet: the next scan must find the work again."""
+        self.steps.joined.clear()
+        self.in_job.clear()
+
     def untouched(self) -> bool:
         return not self.steps.joined and not self.terminated and not self.jobs.asked
 
@@ -157,8 +163,7 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
     user = account.name
     table = {
         1: proc(1, 0, 0, "init", 1.0, exe="/sbin/init"),
-        LISTENER: proc(LISTENER, 1, 0, "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups",
-                       10.0),
+        LISTENER: proc(LISTENER, 1, 0, LISTENER_TITLE, 10.0),
         MONITOR: proc(MONITOR, LISTENER, 0, f"sshd: {user} [priv]", MONITOR_START),
     }
     if with_session:
@@ -410,8 +415,7 @@ def test_between_full_passes_a_scan_reads_only_the_listeners_children(
     world.opened(10)
     world.sweeper.scan(full=True)
     assert world.full_passes == 1
-    world.steps.joined.clear()
-    world.in_job.clear()
+    world.forget_actions()
     world.sweeper.scan(full=False)
     assert world.full_passes == 1  # no pass over every process
     assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
@@ -424,11 +428,9 @@ def test_a_listener_that_ended_brings_the_full_pass_forward(
     world.sweeper.scan(full=True)
     # sshd restarted: a new listener (new pid), the connection now its child.
     del world.table[LISTENER]
-    world.table[11] = proc(11, 1, 0, "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups",
-                           50.0)
+    world.table[11] = proc(11, 1, 0, LISTENER_TITLE, 50.0)
     world.table[MONITOR] = proc(MONITOR, 11, 0, f"sshd: {world.user} [priv]", MONITOR_START)
-    world.steps.joined.clear()
-    world.in_job.clear()
+    world.forget_actions()
     world.sweeper.scan(full=False)
     assert world.full_passes == 2
     assert world.sweeper.listeners == frozenset({11})
@@ -439,8 +441,7 @@ def test_a_pid_reused_by_another_process_is_not_taken_for_the_listener(
         monkeypatch: pytest.MonkeyPatch) -> None:
     world = make(monkeypatch)
     world.sweeper.scan(full=True)
-    world.table[LISTENER] = proc(LISTENER, 1, 0, "sshd: /usr/sbin/sshd -D [listener] 0 of "
-                                 "10-100 startups", 99.0)  # same pid, later start
+    world.table[LISTENER] = proc(LISTENER, 1, 0, LISTENER_TITLE, 99.0)  # same pid, later start
     world.sweeper.scan(full=False)
     assert world.full_passes == 2
 
