@@ -279,19 +279,23 @@ def test_forwarding_only_connection_is_adopted_and_ends_with_the_job(cluster: Cl
     job = cluster.submit("alice", ["n1"])
     client = cluster.spawn("login", "ssh", "-N", "-L", "127.0.0.1:15023:10.213.0.11:22",
                            "n1", user="alice")
+    listener = psutil.Process(cluster.daemon_pid("sshd-n1-22"))
     with spawned(client):
         def monitor() -> int | None:
-            for proc in psutil.process_iter(["cmdline"]):
-                title = " ".join(proc.info["cmdline"] or ()).strip()
-                if not re.fullmatch(r"sshd(-session)?: alice \[priv\]", title):
-                    continue
+            """The newest authenticated alice connection of n1's port-22 sshd (the host's
+            process table also holds the other generation's lab, and earlier tests'
+            connections may still be closing)."""
+            found: list[tuple[float, int]] = []
+            for proc in listener.children():
                 try:
-                    if any(re.match(r"sshd(-session)?: alice", " ".join(c.cmdline()).strip())
-                           for c in proc.children()):
-                        return proc.pid
+                    title = " ".join(proc.cmdline()).strip()
+                    if re.fullmatch(r"sshd(-session)?: alice \[priv\]", title) and any(
+                            re.match(r"sshd(-session)?: alice", " ".join(c.cmdline()).strip())
+                            for c in proc.children()):
+                        found.append((proc.create_time(), proc.pid))
                 except psutil.Error:
                     continue  # another connection's process exiting (a zombie) meanwhile
-            return None
+            return max(found)[1] if found else None
 
         wait_until(lambda: monitor() is not None, 15, "the -N connection's monitor")
         pid = monitor()
