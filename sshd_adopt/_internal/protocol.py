@@ -46,6 +46,9 @@ ENV_PREFIX = "env."
 #: cgroup in that job); anything else asks the broker.
 SESSIONS = "sessions"
 MONITOR_START = "monitor_start"
+#: In a ticket, the job's SLUID when its cgroup is named by it (Slurm 26.05, cgroup/v2):
+#: the wrapper then finds the job's cgroup as ``/<sluid>/step_extern``.
+SLUID = "sluid"
 
 #: Request kinds. "adopt": the wrapper asks for its session; "ping": doctor and
 #: readiness checks; "keys": the auth-time gate asks whether a user may enter.

@@ -145,6 +145,14 @@ def _wholly_beside(monitor: int, marker: bytes) -> bool:
     return bool(theirs) and all(line in own for line in theirs)
 
 
+def _job_cgroup(ticket: dict[str, str]) -> bytes:
+    """How the ticket's job shows in /proc/<pid>/cgroup: ``/job_<id>/step_extern``, or
+    ``/<sluid>/step_extern`` where Slurm names job cgroups by SLUID (26.05, cgroup/v2)."""
+    sluid = ticket.get(protocol.SLUID)
+    name = sluid if sluid else f"job_{ticket.get('job')}"
+    return f"/{name}/step_extern".encode()
+
+
 def read_ticket(socket_path: str) -> dict[str, str] | None:
     """The broker's answer for this session, left for it when the connection was adopted
     right after authentication; None when there is none to trust (then ask).
@@ -171,7 +179,7 @@ def read_ticket(socket_path: str) -> dict[str, str] | None:
             start = protocol.stat_identity(_read(f"/proc/{pid}/stat"))[1]
             if (items.get(protocol.MONITOR_START) == str(start)
                     and items.get("result") == protocol.ADOPTED
-                    and _wholly_beside(pid, f"/job_{items.get('job')}/step_extern".encode())):
+                    and _wholly_beside(pid, _job_cgroup(items))):
                 return items
             return None
     except (OSError, ValueError, BrokerProtocolError):

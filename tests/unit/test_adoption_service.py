@@ -167,7 +167,7 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
         world.listed.append(monitor_pid)
         return [MONITOR, CHILD, WRAPPER]
 
-    def extern_job_of(pid: int, nodename: str) -> int | None:
+    def extern_job_of(pid: int, nodename: str, named: object = None) -> int | None:
         assert nodename == "n1"
         for job, _uid, pids in reversed(world.steps.joined):  # the stepd really moves them
             if pid in pids:
@@ -191,7 +191,7 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
     monkeypatch.setattr(cgroups, "extern_job_of", extern_job_of)
     monkeypatch.setattr(
         cgroups, "outside_of",
-        lambda job, reference, pids, nodename: [
+        lambda job, reference, pids, nodename, named=None: [
             pid for pid in pids if extern_job_of(pid, nodename) != job])
     monkeypatch.setattr(signals, "terminate", terminate)
     return world

@@ -74,6 +74,46 @@ def test_only_this_nodes_extern_step_counts(proc: Path, line: str, job: int | No
     assert cgroups.extern_job_of(pid, "n1") == job
 
 
+SLUID = "sFQDM8MTQH8E00"  # as Slurm 26.05 named a job's cgroup in the forky lab
+
+
+@pytest.mark.parametrize(("line", "job"), [
+    (f"0::/system.slice/n1_slurmstepd.scope/{SLUID}/step_extern/user/task_special", 7),
+    (f"0::/system.slice/slurmstepd.scope/{SLUID}/step_extern/slurm", 7),
+    # a SLUID the node's stepds never told (another node's job, or none at all)
+    ("0::/system.slice/n1_slurmstepd.scope/sFQDM8MTQH8E01/step_extern", None),
+    (f"0::/system.slice/n2_slurmstepd.scope/{SLUID}/step_extern", None),
+    (f"0::/system.slice/n1_slurmstepd.scope/{SLUID}/step_batch/user", None),
+    # not a SLUID: lower case, I/L/O/U are not in Crockford's alphabet, length
+    ("0::/system.slice/n1_slurmstepd.scope/sfqdm8mtqh8e00/step_extern", None),
+    ("0::/system.slice/n1_slurmstepd.scope/sFQDM8MTQH8EI0/step_extern", None),
+    ("0::/system.slice/n1_slurmstepd.scope/sFQDM8MTQH8E0/step_extern", None),
+    # v1 never names jobs by SLUID
+    (f"4:memory:/slurm_n1/uid_2001/{SLUID}/step_extern", None),
+])
+def test_a_sluid_named_job_is_resolved_by_the_caller(proc: Path, line: str,
+                                                     job: int | None) -> None:
+    asked: list[str] = []
+
+    def named(name: str) -> int | None:
+        asked.append(name)
+        return 7 if name == SLUID else None
+
+    pid = process(proc, 200, f"12:pids:/\n{line}\n")
+    assert cgroups.extern_job_of(pid, "n1", named) == job
+    assert cgroups.extern_job_of(pid, "n1") is None  # nobody to ask: in no known job
+    assert all(name.startswith("s") and len(name) == 14 for name in asked)
+
+
+def test_outside_of_resolves_sluids(proc: Path) -> None:
+    in_job = f"0::/system.slice/n1_slurmstepd.scope/{SLUID}/step_extern/user/task_special\n"
+    process(proc, MONITOR, in_job)
+    named = {SLUID: 7}.get
+    inside = process(proc, 101, in_job)
+    outside = process(proc, 102, "0::/\n")
+    assert cgroups.outside_of(7, MONITOR, [inside, outside], "n1", named) == [outside]
+
+
 def test_outside_of_compares_only_this_nodes_job_lines(proc: Path) -> None:
     """A reference also in another node's job 7 (impossible, but a line that merely looks
     like one) does not widen what "in the job" asks of the others."""

@@ -27,6 +27,18 @@ def test_the_v2_mount_and_own_cgroup_are_read_from_proc() -> None:
     assert cgroupwarm.own_cgroup2("4:memory:/x\n") is None
 
 
+def test_a_later_mount_of_the_hierarchy_hides_the_earlier_one() -> None:
+    """A container's mount namespace (the forky lab's nodes): the host's hybrid mounts came
+    along with /sys, then the cgroup2 hierarchy was bound over /sys/fs/cgroup itself; its
+    old /sys/fs/cgroup/unified entry is still listed but no longer reachable. A bind of a
+    child cgroup (mount root not ``/``) is not the hierarchy's root."""
+    bound = MOUNTINFO + ("40 22 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - "
+                         "cgroup2 cgroup2 rw\n")
+    assert cgroupwarm.cgroup2_mount(bound) == "/sys/fs/cgroup"
+    child = MOUNTINFO + ("41 22 0:30 /system.slice /mnt/x rw - cgroup2 cgroup2 rw\n")
+    assert cgroupwarm.cgroup2_mount(child) == "/sys/fs/cgroup/unified"
+
+
 def _v2_root() -> Path | None:
     with open("/proc/self/mountinfo", encoding="utf-8") as handle:
         mount = cgroupwarm.cgroup2_mount(handle.read())

@@ -445,3 +445,43 @@ def test_spool_dir_that_is_a_file_is_an_error(sockdir: str) -> None:
     Path(path).write_text("")
     with pytest.raises(StepdError, match="cannot list"):
         list_extern_steps(path, "n1")
+
+
+def test_sluid_is_asked_of_25_11_and_newer_only(serve: Callable[..., FakeStepd]) -> None:
+    """REQUEST_SLUID (code 1) exists from 25.11; an older stepd is never sent it."""
+    codes: list[int] = []
+
+    def stepd_26_05(conn: socket.socket) -> None:
+        read_int(conn)
+        send_int(conn, PROTOCOL_VERSIONS["26.05"])
+        while True:
+            code = read_int(conn)
+            codes.append(code)
+            if code == stepd.REQUEST_SLUID:
+                conn.sendall(struct.pack("=Q", 0x0E5B68A34D4B1C00))
+            elif code == stepd.REQUEST_STEP_UID:
+                conn.sendall(struct.pack("=I", 2001))
+
+    with StepdConnection.open(serve(stepd_26_05).path, timeout=2) as conn:
+        assert conn.sluid() == stepd.sluid_name(0x0E5B68A34D4B1C00)
+        assert conn.step_uid() == 2001  # the connection stayed in step
+    assert codes == [stepd.REQUEST_SLUID, stepd.REQUEST_STEP_UID]
+    older = serve(stepd_22_05(), name=f"n1_8.{EXTERN_STEP}")
+    with StepdConnection.open(older.path, timeout=2) as conn:
+        assert conn.sluid() is None
+        assert conn.step_uid() == 2001
+
+
+@pytest.mark.parametrize(("value", "name"), [
+    (0, "s0000000000000"),
+    (31, "s000000000000Z"),
+    (32, "s0000000000010"),
+    ((1 << 64) - 1, "sFZZZZZZZZZZZZ"),  # the top digit holds 4 bits only
+])
+def test_sluid_name_is_slurms_printed_form(value: int, name: str) -> None:
+    assert stepd.sluid_name(value) == name
+
+
+def test_sluid_name_refuses_what_is_not_a_uint64() -> None:
+    with pytest.raises(ValueError, match="uint64"):
+        stepd.sluid_name(1 << 64)

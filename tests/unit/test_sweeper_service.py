@@ -186,7 +186,7 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
         proc_info(pid)
         return world.tree.descendants(pid)
 
-    def extern_job_of(pid: int, nodename: str) -> int | None:
+    def extern_job_of(pid: int, nodename: str, named: object = None) -> int | None:
         assert nodename == "n1"
         return world.in_job.get(pid)
 

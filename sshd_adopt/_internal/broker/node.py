@@ -46,12 +46,13 @@ class Node:
                               accounts=Accounts())
         managed = ManagedQuery()
         self.tickets = TicketDesk(
-            SessionTickets(protocol.sessions_dir(state().config.broker.socket_path)), state)
+            SessionTickets(protocol.sessions_dir(state().config.broker.socket_path)), state,
+            sluid_of=self.table.sluid_of)
         self.admission = Admission(state, self.core, netns)
         self.adoption = Adoption(state, self.core, steps=steps, managed=managed, netns=netns,
-                                 tickets=self.tickets)
+                                 tickets=self.tickets, job_named=self.table.job_of_cgroup)
         self.sweeper = Sweeper(state, self.core, steps=steps, managed=managed, netns=netns,
-                               decisions=self.adoption)
+                               decisions=self.adoption, job_named=self.table.job_of_cgroup)
         self.watcher = Watcher(state, table=self.table, adoption=self.adoption,
                                sweeper=self.sweeper, pool=pool)
         self.guardian: Guardian | None = None

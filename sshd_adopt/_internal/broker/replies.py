@@ -59,14 +59,19 @@ def _hint(user: str) -> str:
 class TicketDesk:
     """Session tickets for adoption: the reply an adopted connection's wrapper would get."""
 
-    def __init__(self, tickets: SessionTickets, state: Callable[[], BrokerState]) -> None:
+    def __init__(self, tickets: SessionTickets, state: Callable[[], BrokerState],
+                 sluid_of: Callable[[int], str | None] = lambda _job: None) -> None:
         self.tickets = tickets
         self._state = state
+        self._sluid_of = sluid_of
 
     def issue(self, monitor_pid: int, account: Account, outcome: Adopted) -> None:
+        reply = render_adoption(self._state(), outcome)
+        sluid = self._sluid_of(outcome.job)
+        if sluid is not None:  # the job's cgroup is named by it (Slurm 26.05, cgroup/v2)
+            reply[protocol.SLUID] = sluid
         try:
-            self.tickets.issue(monitor_pid, render_adoption(self._state(), outcome),
-                               uid=account.uid, gid=account.gid)
+            self.tickets.issue(monitor_pid, reply, uid=account.uid, gid=account.gid)
         except (Error, OSError) as err:  # the wrapper will simply ask
             logger().warning("session ticket of monitor %d not written: %s", monitor_pid, err)
 

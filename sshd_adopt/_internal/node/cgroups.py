@@ -7,7 +7,10 @@ Membership is read, never written: processes enter a job only through its slurms
 * cgroup v1: ``/slurm/uid_<u>/job_<j>/step_extern``, or ``/slurm_<NodeName>/...`` when
   Slurm is built for several slurmds per host (Debian's packages are);
 * cgroup v2 (the ``0::`` line): ``.../slurmstepd.scope/job_<j>/step_extern/...``, or
-  ``<NodeName>_slurmstepd.scope`` with several slurmds per host.
+  ``<NodeName>_slurmstepd.scope`` with several slurmds per host. From 26.05 the job's
+  directory is named by its SLUID (``sEKNKTV3WPV500``) unless cgroup.conf says
+  ``CgroupJobIdPaths=yes`` (``cgroup_p_step_create``); the caller resolves such a name
+  to a job id (:data:`JobNamer`: the job table asks each stepd its SLUID once).
 
 Several slurmds on one kernel (the lab, multi-slurmd nodes) share the hierarchies, so a
 path naming another node's prefix or scope is another node's job, never this one's.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from sshd_adopt._internal.node import fsids, procfs
@@ -28,23 +31,32 @@ from sshd_adopt.errors import NoSuchProcess, ProcError
 #: (``_pre_task_child_privileged``: ``set_oom_adj(0)``, 22.05 → 26.05).
 TASK_OOM_SCORE_ADJ: Final = 0
 
+#: The job id of a job cgroup named by its SLUID on this node, or None if unknown.
+JobNamer = Callable[[str], int | None]
 
-def extern_job_of(pid: int, nodename: str) -> int | None:
+
+def no_sluids(_name: str) -> int | None:
+    """A :data:`JobNamer` for callers that know no SLUIDs (every SLUID-named job: None)."""
+    return None
+
+
+def extern_job_of(pid: int, nodename: str, named: JobNamer = no_sluids) -> int | None:
     """The job whose extern step ``pid`` is in on this node, or None.
 
-    Read from ``/proc/<pid>/cgroup``, any hierarchy (v1 lines or the v2 ``0::`` line).
-    Other nodes' jobs never count, nor look-alike paths a user made. A process that
-    vanished is in no job.
+    Read from ``/proc/<pid>/cgroup``, any hierarchy (v1 lines or the v2 ``0::`` line);
+    a SLUID-named job directory is resolved by ``named``. Other nodes' jobs never
+    count, nor look-alike paths a user made. A process that vanished is in no job.
     """
-    return _job_named(_cgroup_lines(pid) or (), _extern_path(nodename))
+    return _job_named(_cgroup_lines(pid) or (), _extern_path(nodename), named)
 
 
-def _job_named(lines: Iterable[str], pattern: re.Pattern[str]) -> int | None:
+def _job_named(lines: Iterable[str], pattern: re.Pattern[str], named: JobNamer) -> int | None:
     """The job of the first of ``lines`` (``/proc/<pid>/cgroup``) that is in an extern step."""
     for line in lines:
         found = pattern.search(line.split(":", 2)[-1])
         if found:
-            return int(found.group("job"))
+            number = found.group("v1job") or found.group("v2job")
+            return int(number) if number is not None else named(found.group("sluid"))
     return None
 
 
@@ -59,11 +71,14 @@ def _extern_path(nodename: str) -> re.Pattern[str]:
     """
     node = re.escape(nodename)
     return re.compile(
-        rf"^/(?:(?:slurm|slurm_{node})/uid_\d+|(?:[^/]+\.slice/)?(?:{node}_)?slurmstepd\.scope)"
-        rf"/job_(?P<job>\d+)/step_extern(?:/|$)")
+        rf"^/(?:(?:slurm|slurm_{node})/uid_\d+/job_(?P<v1job>\d+)"
+        rf"|(?:[^/]+\.slice/)?(?:{node}_)?slurmstepd\.scope"
+        rf"/(?:job_(?P<v2job>\d+)|(?P<sluid>s[0-9A-HJKMNP-TV-Z]{{13}})))"
+        rf"/step_extern(?:/|$)")
 
 
-def outside_of(job: int, reference: int, pids: Iterable[int], nodename: str) -> list[int]:
+def outside_of(job: int, reference: int, pids: Iterable[int], nodename: str,
+               named: JobNamer = no_sluids) -> list[int]:
     """Those of ``pids`` that are not wholly where ``reference`` is in ``job``.
 
     ``reference`` is a process slurmstepd has just moved into the job's extern step (the
@@ -77,14 +92,14 @@ def outside_of(job: int, reference: int, pids: Iterable[int], nodename: str) -> 
     """
     pattern = _extern_path(nodename)
     wanted = {line for line in (_cgroup_lines(reference) or ())
-              if _job_named((line,), pattern) == job}
+              if _job_named((line,), pattern, named) == job}
     missing = []
     for pid in pids:
         lines = _cgroup_lines(pid)
         if lines is None:
             continue
         if not wanted:
-            if _job_named(lines, pattern) != job:  # this file read once, not twice
+            if _job_named(lines, pattern, named) != job:  # this file read once, not twice
                 missing.append(pid)
         elif not wanted <= set(lines):
             missing.append(pid)

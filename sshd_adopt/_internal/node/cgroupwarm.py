@@ -32,12 +32,21 @@ MIN_INTERVAL = 0.005
 
 
 def cgroup2_mount(mountinfo: str) -> str | None:
-    """The mount point of the cgroup v2 hierarchy, from ``/proc/self/mountinfo`` text."""
+    """The mount point of the cgroup v2 hierarchy's root, from ``/proc/self/mountinfo`` text.
+
+    The last such mount wins: a later mount hides what an earlier one shows at or under
+    its path (a hybrid host's ``/sys/fs/cgroup/unified``, once the hierarchy is bound
+    over ``/sys/fs/cgroup`` itself in a container's mount namespace, is still listed but
+    no longer reachable). Binds of a child cgroup (mount root other than ``/``) are not
+    the hierarchy's root.
+    """
+    found = None
     for line in mountinfo.splitlines():
         left, sep, right = line.partition(" - ")
-        if sep and right.split(" ", 1)[0] == "cgroup2":
-            return left.split(" ")[4]
-    return None
+        fields = left.split(" ")
+        if sep and right.split(" ", 1)[0] == "cgroup2" and len(fields) > 4 and fields[3] == "/":
+            found = fields[4]
+    return found
 
 
 def own_cgroup2(cgroup: str) -> str | None:

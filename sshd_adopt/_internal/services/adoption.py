@@ -98,8 +98,10 @@ class Adoption:
     def __init__(self, state: Callable[[], BrokerState], core: LoginCore, *,
                  steps: ExternSteps, managed: ManagedQuery, netns: str,
                  tickets: Tickets | None = None,
+                 job_named: cgroups.JobNamer = cgroups.no_sluids,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._state = state
+        self._job_named = job_named
         self._core = core
         self._steps = steps
         self._tickets = tickets
@@ -259,7 +261,8 @@ class Adoption:
         """
         node = self._state().nodename or ""
         for _ in range(CATCH_UP_ROUNDS):
-            missing = cgroups.outside_of(job, monitor_pid, self._members(monitor_pid), node)
+            missing = cgroups.outside_of(job, monitor_pid, self._members(monitor_pid), node,
+                                         self._job_named)
             if not missing:
                 return
             try:
@@ -349,7 +352,7 @@ class Adoption:
         if isinstance(outcome, Adopted):
             node = self._state().nodename or ""
             missing = cgroups.outside_of(outcome.job, session.monitor_pid, session.chain[1:],
-                                         node)
+                                         node, self._job_named)
             if missing:
                 try:
                     self._steps.join(outcome.job, account.uid, missing,

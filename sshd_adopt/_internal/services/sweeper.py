@@ -89,8 +89,10 @@ class Sweeper:
     def __init__(self, state: Callable[[], BrokerState], core: LoginCore, *,
                  steps: ExternSteps, managed: ManagedQuery, netns: str,
                  decisions: Decisions | None = None,
+                 job_named: cgroups.JobNamer = cgroups.no_sluids,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._state = state
+        self._job_named = job_named
         self._decisions = decisions
         self._core = core
         self._steps = steps
@@ -309,7 +311,7 @@ class Sweeper:
         nodename = state.nodename
         if nodename is None:
             return
-        jobs = {pid: cgroups.extern_job_of(pid, nodename) for pid in members}
+        jobs = {pid: cgroups.extern_job_of(pid, nodename, self._job_named) for pid in members}
         monitor_job = jobs[info.pid]
         outside = [pid for pid, job in jobs.items() if job is None or job != monitor_job]
         if monitor_job is not None and not outside:

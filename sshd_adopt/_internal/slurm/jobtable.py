@@ -92,6 +92,25 @@ class JobTable:
         with self._lock:
             return tuple(sorted(self._steps.values(), key=lambda step: step.job_id))
 
+    def job_of_cgroup(self, name: str) -> int | None:
+        """The job whose cgroup is named ``name`` by its SLUID (Slurm 26.05, cgroup/v2),
+        else None. A name the table does not know yet makes it look for new sockets
+        once (a job that started a moment ago)."""
+        for attempt in range(2):
+            with self._lock:
+                for step in self._steps.values():
+                    if step.sluid == name:
+                        return step.job_id
+            if attempt == 0 and not self.catch_up():
+                return None
+        return None
+
+    def sluid_of(self, job: int) -> str | None:
+        """The SLUID of ``job`` here, if its stepd told one (Slurm >= 25.11)."""
+        with self._lock:
+            step = self._steps.get(job)
+            return step.sluid if step is not None else None
+
     def stepd_pids(self) -> frozenset[int]:
         with self._lock:
             return frozenset(s.daemon_pid for s in self._steps.values() if s.daemon_pid)

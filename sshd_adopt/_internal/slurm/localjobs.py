@@ -62,6 +62,8 @@ class ExternStep:
     started: float  # seconds since the epoch
     daemon_pid: int | None  # None if uid did not match and we did not ask
     path: str
+    #: the job's SLUID (Slurm >= 25.11), which names its cgroup on 26.05's cgroup/v2
+    sluid: str | None = None
 
 
 ProblemCallback = Callable[[StepProblem], None]
@@ -93,7 +95,8 @@ def _query(sock: StepSocket, deadline: float, want_uid: int | None) -> ExternSte
         if want_uid is not None and uid != want_uid:
             return None
         pid = stepd.daemon_pid()
-    return ExternStep(sock.job_id, uid, _started(sock.path, pid), pid, sock.path)
+        sluid = stepd.sluid()
+    return ExternStep(sock.job_id, uid, _started(sock.path, pid), pid, sock.path, sluid)
 
 
 def query_step(path: str, *, timeout: float) -> ExternStep:

@@ -50,6 +50,10 @@ EXTERN_STEP: Final = 0xFFFFFFFC
 BATCH_STEP: Final = 0xFFFFFFFB
 
 # step_msg_t values (reference §2.2; identical 22.05 → 26.05 for these codes).
+#: From 25.11 (code 1 was unused before): the job's SLUID, a uint64 in the host's byte
+#: order (``_handle_sluid`` in ``src/slurmd/slurmstepd/req.c``, 25.11 and 26.05), open to
+#: any peer. Only sent to stepds whose version is at least :data:`SLUID_PROTOCOL`.
+REQUEST_SLUID: Final = 1
 REQUEST_STATE: Final = 5
 REQUEST_DAEMON_PID: Final = 9
 REQUEST_STEP_UID: Final = 20
@@ -72,6 +76,11 @@ PROTOCOL_VERSIONS: Final[Mapping[str, int]] = MappingProxyType(
 #: What we send in the handshake. Stepds check only a lower bound, so the
 #: newest version is accepted by every release from 22.05 on (2411-lab §5).
 NEWEST_PROTOCOL: Final = max(PROTOCOL_VERSIONS.values())
+#: The first release whose stepds answer REQUEST_SLUID.
+SLUID_PROTOCOL: Final = PROTOCOL_VERSIONS["25.11"]
+#: Crockford's base32, in which Slurm prints a SLUID (``src/common/sluid.c``).
+_CROCKFORD32: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_UINT64: Final = struct.Struct("=Q")
 
 #: Longest unix socket path the kernel accepts (sun_path is 108 bytes incl. NUL).
 MAX_SOCKET_PATH: Final = 107
@@ -223,6 +232,19 @@ class StepdConnection:
         if rc != 0:
             raise StepdRequestFailed(self.path, f"ADD_EXTERN_PID {pid}", rc)
 
+    def sluid(self) -> str | None:
+        """The job's SLUID as Slurm prints it (``s`` and 13 base32 digits), or None for a
+        stepd older than 25.11, which has no such request (REQUEST_SLUID).
+
+        From 26.05, cgroup/v2 names a job's cgroup by it (``<scope>/sEKNKTV3WPV500``
+        instead of ``job_123``, unless cgroup.conf says ``CgroupJobIdPaths=yes``).
+        """
+        if self.protocol_version < SLUID_PROTOCOL:
+            return None
+        deadline = self._start(REQUEST_SLUID, b"", "SLUID")
+        (value,) = _UINT64.unpack(self._recv_exact(8, "SLUID", deadline))
+        return sluid_name(value)
+
     def x11_display(self) -> tuple[int, str | None]:
         """The job's forwarded X11 display and xauthority file (REQUEST_X11_DISPLAY).
 
@@ -310,6 +332,14 @@ class StepdConnection:
         return value
 
 
+def sluid_name(value: int) -> str:
+    """A SLUID (uint64) in Slurm's printed form: ``s`` then 13 base32 digits, most
+    significant first (``print_sluid`` in ``src/common/sluid.c``)."""
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"a SLUID is a uint64, not {value!r}")
+    return "s" + "".join(_CROCKFORD32[(value >> (5 * i)) & 0x1F] for i in reversed(range(13)))
+
+
 def _connect_error(path: str, err: OSError) -> StepdError:
     """Map a connect() failure to what it means for the step."""
     if err.errno == errno.ECONNREFUSED:
@@ -385,13 +415,16 @@ __all__ = [
     "PROTOCOL_VERSIONS",
     "REQUEST_ADD_EXTERN_PID",
     "REQUEST_DAEMON_PID",
+    "REQUEST_SLUID",
     "REQUEST_STATE",
     "REQUEST_STEP_UID",
     "REQUEST_X11_DISPLAY",
+    "SLUID_PROTOCOL",
     "StepSocket",
     "StepdConnection",
     "StepdRequestFailed",
     "extern_socket_path",
     "list_extern_steps",
+    "sluid_name",
     "socket_name_pattern",
 ]
