@@ -21,6 +21,7 @@ the same-named Cluster attributes and methods instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pwd
 import re
@@ -71,6 +72,7 @@ class Generation:
     v4_net: str
     v6_net: str
     node_names: tuple[tuple[str, str], ...]  # (host, Slurm NodeName)
+    cgroup: str = "v1"  # "v2": the host's cgroup2 hierarchy at each node's /sys/fs/cgroup
 
     def in_root(self, path: Path | str) -> Path:
         """A path inside the lab's userland, seen from the host."""
@@ -88,6 +90,12 @@ GENERATIONS: dict[str, Generation] = {
         log=Path("/var/log/sshd-adopt-lab-trixie"), venv=VENV,
         v4_net="10.214.0.", v6_net="fd5a:214::",
         node_names=(("n1", "t1"), ("n2", "t2"), ("n3", "t3"))),
+    "forky": Generation(
+        name="forky", root=Path("/var/lib/sshd-adopt-lab-forky/root"),
+        run=Path("/run/sshd-adopt-lab-forky"), var=Path("/var/lib/sshd-adopt-lab-forky/lab"),
+        log=Path("/var/log/sshd-adopt-lab-forky"), venv=VENV,
+        v4_net="10.215.0.", v6_net="fd5a:215::",
+        node_names=(("n1", "f1"), ("n2", "f2"), ("n3", "f3")), cgroup="v2"),
 }
 DEFAULT_GENERATION = "bookworm"
 HOST_NUM = {"ctl": 1, "login": 5, "n1": 11, "n2": 12, "n3": 13}
@@ -96,6 +104,13 @@ _HOST_OF_NODE = {node: host for gen in GENERATIONS.values() for host, node in ge
 
 _CGROUP_RE = re.compile(r"/slurm_(?P<node>[^/]+)/uid_(?P<uid>\d+)/job_(?P<job>\d+)"
                         r"(?:/step_(?P<step>[^/\s]+))?")
+#: cgroup v2 (the ``0::`` line): ``system.slice/<NodeName>_slurmstepd.scope/<job>/step_<s>``,
+#: the job dir named ``job_<id>`` or, from Slurm 26.05, by the job's SLUID.
+_CGROUP_V2_RE = re.compile(r"/(?P<node>[^/]+)_slurmstepd\.scope/(?:job_(?P<job>\d+)"
+                           r"|(?P<sluid>s[0-9A-HJKMNP-TV-Z]{13}))(?:/step_(?P<step>[^/\s]+))?")
+#: SLUID -> (job, uid), as a stepd or a batch step told (SLUIDs name one job cluster-wide):
+#: a job that ended can no longer be asked.
+_SLUIDS: dict[str, tuple[int, int]] = {}
 
 
 class HarnessError(RuntimeError):
@@ -141,11 +156,14 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str,
 
 
 def remote_cgroup_job(cgroup_text: str, controller: str = "memory") -> CgroupJob | None:
-    """Parse ``/proc/<pid>/cgroup`` text; return the Slurm job named by ``controller``'s line.
+    """Parse ``/proc/<pid>/cgroup`` text; return the Slurm job named by ``controller``'s line,
+    or else by the unified ``0::`` line.
 
-    cgroup v1 lines look like ``4:memory:/slurm_n2/uid_2001/job_7/step_extern``; with cgroup
-    v2 (``0::/...``) the single unified line is used. Returns None when the process is not in
-    a Slurm job cgroup.
+    cgroup v1 lines look like ``4:memory:/slurm_n2/uid_2001/job_7/step_extern``; on a cgroup
+    v2 node (forky) the job is in the ``0::`` line,
+    ``0::/system.slice/f2_slurmstepd.scope/<job_7 or its SLUID>/step_extern/user/...``
+    (its v1 lines there are the host's, in no job). Returns None when the process is not
+    in a Slurm job cgroup.
     """
     chosen: str | None = None
     unified: str | None = None
@@ -157,14 +175,41 @@ def remote_cgroup_job(cgroup_text: str, controller: str = "memory") -> CgroupJob
             chosen = parts[2]
         elif parts[0] == "0" and parts[1] == "":
             unified = parts[2]
-    path = chosen if chosen is not None else unified
-    if path is None:
+    match = _CGROUP_RE.search(chosen) if chosen is not None else None
+    if match is not None:
+        return CgroupJob(node=_HOST_OF_NODE.get(match["node"], match["node"]),
+                         uid=int(match["uid"]), job=int(match["job"]), step=match["step"])
+    v2 = _CGROUP_V2_RE.search(unified) if unified is not None else None
+    if v2 is None:
         return None
-    match = _CGROUP_RE.search(path)
-    if match is None:
-        return None
-    return CgroupJob(node=_HOST_OF_NODE.get(match["node"], match["node"]), uid=int(match["uid"]),
-                     job=int(match["job"]), step=match["step"])
+    node = v2["node"]
+    if v2["job"] is not None:
+        job, uid = int(v2["job"]), -1
+    else:
+        found = _sluid_job(node, v2["sluid"])
+        if found is None:
+            return None
+        job, uid = found
+    return CgroupJob(node=_HOST_OF_NODE.get(node, node), uid=uid, job=job, step=v2["step"])
+
+
+def _sluid_job(node: str, sluid: str) -> tuple[int, int] | None:
+    """(job, uid) of the job a node's stepds know by ``sluid`` (asked once, then kept)."""
+    if sluid not in _SLUIDS:
+        gen = next((g for g in GENERATIONS.values() if node in dict(g.node_names).values()), None)
+        if gen is None:
+            return None
+        spool = gen.var / f"slurmd-{node}"
+        for sock in sorted(spool.glob(f"{node}_*.*")):
+            try:
+                with StepdConnection.open(str(sock), timeout=2) as stepd:
+                    told = stepd.sluid()
+                    if told is not None and told not in _SLUIDS:
+                        job = int(sock.name.split("_", 1)[1].split(".")[0])
+                        _SLUIDS[told] = (job, stepd.step_uid())
+            except (Error, OSError, ValueError):
+                continue
+    return _SLUIDS.get(sluid)
 
 
 class LogFile:
@@ -435,6 +480,12 @@ class Cluster:
                 self.stepd_answers(self.stepd_socket(n, job)) for n in nodes)
 
         wait_until(ready, timeout, f"job {job} running with extern steps", interval=0.2)
+        if self.gen.cgroup == "v2" and nodes:  # remembered while it can still be asked
+            with contextlib.suppress(Error, OSError), StepdConnection.open(
+                    str(self.stepd_socket(nodes[0], job)), timeout=5) as stepd:
+                sluid = stepd.sluid()
+                if sluid is not None:
+                    _SLUIDS[sluid] = (job, stepd.step_uid())
         return nodes
 
     def cancel(self, job: int, timeout: float = 30) -> None:
@@ -474,9 +525,41 @@ class Cluster:
 
     def job_cgroup_dir(self, host: str, uid: int, job: int, step: str = "extern",
                        controller: str = "memory") -> Path:
-        """cgroup v1 dirs are host-wide: every generation's lab sees the same tree."""
-        return Path(f"/sys/fs/cgroup/{controller}/slurm_{self.node(host)}/uid_{uid}/job_{job}"
+        """A job step's cgroup dir, seen from the host. cgroup v1 dirs are host-wide: every
+        generation's lab sees the same tree. On a v2 generation ``controller`` is moot:
+        the step is in the host's cgroup2 hierarchy, and its processes are in its
+        ``slurm`` and ``user/...`` children (read them with :meth:`cgroup_pids`)."""
+        node = self.node(host)
+        if self.gen.cgroup == "v2":
+            scope = Path(f"/sys/fs/cgroup/unified/system.slice/{node}_slurmstepd.scope")
+            name = self.job_cgroup_name(host, job)
+            return scope / name / f"step_{step}"
+        return Path(f"/sys/fs/cgroup/{controller}/slurm_{node}/uid_{uid}/job_{job}"
                     f"/step_{step}")
+
+    def job_cgroup_name(self, host: str, job: int) -> str:
+        """The job's cgroup dir name on a v2 node: its SLUID (Slurm 26.05), as its
+        extern stepd tells, else ``job_<id>``."""
+        with StepdConnection.open(str(self.stepd_socket(host, job)), timeout=5) as stepd:
+            sluid = stepd.sluid()
+        return sluid if sluid is not None else f"job_{job}"
+
+    def job_of_sluid(self, sluid: str) -> int | None:
+        """The job a SLUID names (asked of this generation's stepds, or remembered)."""
+        for host in COMPUTE:
+            found = _sluid_job(self.node(host), sluid)
+            if found is not None:
+                return found[0]
+        return None
+
+    @staticmethod
+    def cgroup_pids(directory: Path) -> set[int]:
+        """Every pid in a cgroup and the cgroups below it."""
+        pids: set[int] = set()
+        for procs in [directory / "cgroup.procs", *directory.rglob("*/cgroup.procs")]:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                pids.update(int(p) for p in procs.read_text().split())
+        return pids
 
     def listpids(self, host: str, job: int) -> list[tuple[int, str]]:
         """``scontrol listpids JOB`` run on ``host``: [(pid, step), ...] (real pids only)."""
@@ -502,8 +585,10 @@ class Cluster:
         token = uuid.uuid4().hex[:12]
         outdir = self.home(user) / ".lab"
         out, rc = outdir / f"batch-{token}.out", outdir / f"batch-{token}.rc"
+        sluid = outdir / f"batch-{token}.sluid"  # Slurm >= 26.05 (v2 cgroups are named by it)
         script = (
             "#!/bin/bash\n"
+            f"echo \"$SLURM_JOB_SLUID\" >{sluid}\n"
             f"( {command}\n) >{out} 2>&1 </dev/null\n"
             f"echo $? >{rc}.tmp && mv {rc}.tmp {rc}\n"
             + ("exec sleep 100000\n" if keep else "")
@@ -518,7 +603,11 @@ class Cluster:
                                f"{partial}") from None
         result = BatchResult(job, int(rc.read_text().strip()),
                              out.read_text(errors="replace"))
-        for path in (out, rc):
+        with contextlib.suppress(FileNotFoundError):
+            told = sluid.read_text().strip()
+            if told:
+                _SLUIDS[told] = (job, self.uid(user))
+        for path in (out, rc, sluid):
             path.unlink(missing_ok=True)
         return result
 

@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import cgroupv2
 from . import generation as lab
 from .configs import DROPIN, broker_exe, skip_broker, skip_dropin, write_configs
 from .daemons import (
@@ -148,6 +149,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if restart_slurmds:
         stop_entries([state.pop(n) for n in list(state) if n.startswith("slurmd-")])
 
+    if cgroupv2.enabled():
+        cgroupv2.note_system_slice()
     phases = [
         [d for d in wanted if d.name in ("syslog", "munged")],
         [d for d in wanted if d.name == "slurmctld"],
@@ -239,6 +242,10 @@ def remove_lab_cgroups() -> None:
                 top = base / name
                 if top.is_dir():
                     dirs += dirs_deepest_first(top)
+    # cgroup v2 nodes: their scopes, one slice deep on the host's cgroup2 hierarchy.
+    if cgroupv2.enabled():
+        for scope in cgroupv2.lab_cgroups(list(map(sname, COMPUTE))):
+            dirs += dirs_deepest_first(scope)
     # The brokers' own cgroups (and the two each warms the migration path in).
     for node in COMPUTE:
         own = broker_cgroup(node)
@@ -255,6 +262,12 @@ def remove_lab_cgroups() -> None:
                 time.sleep(0.1)
     with contextlib.suppress(OSError):  # the other generation's may still be there
         LAB_CGROUPS.rmdir()
+    if cgroupv2.enabled():
+        made = cgroupv2.lab_slice()
+        if made is not None:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+                cgroupv2.forget_system_slice()
 
 
 def cmd_down(args: argparse.Namespace) -> int:

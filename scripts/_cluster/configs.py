@@ -13,6 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from . import cgroupv2
 from . import generation as lab
 from .generation import COMPUTE, HOSTS, sname, v4, v6
 from .host import lab_ids
@@ -66,7 +67,9 @@ def write_configs() -> dict[str, str]:
         NODES="\n".join(f"NodeName={sname(n)} NodeAddr={v4(n)}" for n in COMPUTE),
         NODELIST=",".join(sname(n) for n in COMPUTE) if lab.GEN.root is not None else "n[1-3]",
         **values)
-    if cgroup_version() == 1:
+    if cgroupv2.enabled():
+        cgroup_conf = cgroupv2.CGROUP_CONF
+    elif cgroup_version() == 1:
         cgroup_conf = (
             "CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nConstrainCores=yes\n"
             "ConstrainRAMSpace=yes\nConstrainDevices=no\n"
@@ -75,7 +78,8 @@ def write_configs() -> dict[str, str]:
         cgroup_conf = "CgroupPlugin=cgroup/v2\nConstrainCores=yes\nConstrainRAMSpace=yes\n"
     write_if_changed(lab.ETC / "slurm" / "slurm.conf", slurm_conf)
     write_if_changed(lab.ETC / "slurm" / "cgroup.conf", cgroup_conf)
-    slurm_digest = digest(slurm_conf, cgroup_conf)
+    slurm_digest = digest(slurm_conf, cgroup_conf,
+                          cgroupv2.ensure_shim() if cgroupv2.enabled() else "")
 
     hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     # Slurm NodeNames that differ from the host name are aliases of it.

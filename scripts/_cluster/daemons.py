@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from . import cgroupv2
 from . import generation as lab
 from .configs import broker_exe, skip_broker, skip_dropin
 from .generation import COMPUTE, sname
@@ -104,7 +105,9 @@ def daemons() -> list[Daemon]:
                ready=slurmctld_ready, ready_timeout=40, stale=[lab.RUN / "slurmctld.pid"]),
     ]
     result.extend(
-        Daemon(f"slurmd-{node}", node, ["/usr/sbin/slurmd", "-D", "-N", sname(node)],
+        Daemon(f"slurmd-{node}", node,
+               [*(cgroupv2.slurmd_prefix() if cgroupv2.enabled() else []),
+                "/usr/sbin/slurmd", "-D", "-N", sname(node)],
                lab.LOG / f"slurmd-{sname(node)}.stderr",
                own_log=lab.LOG / f"slurmd-{sname(node)}.log",
                stale=[lab.RUN / f"slurmd-{sname(node)}.pid"])

@@ -57,6 +57,10 @@ class Generation:
     pam_service_by: str
     pam_module: str  # where the distribution puts pam_slurm_adopt.so (inside the lab)
     python: str  # the lab's python3 (inside the lab)
+    #: the cgroup version the lab's slurmds run: "v1" (the host's v1 hierarchies) or "v2"
+    #: (the host's controller-less cgroup2 hierarchy bound at each node's /sys/fs/cgroup,
+    #: docs/generations.md "cgroup v2 on a hybrid host")
+    cgroup: str = "v1"
 
     def in_root(self, path: Path | str) -> Path:
         """A path inside the lab's userland, seen from the host."""
@@ -86,6 +90,17 @@ GENERATIONS = {
         pam_service_by="config",
         pam_module="/usr/lib/x86_64-linux-gnu/security/pam_slurm_adopt.so",
         python="/usr/bin/python3"),
+    "forky": Generation(
+        name="forky", suite="forky",
+        root=Path(os.environ.get("SSHD_ADOPT_LAB_FORKY_ROOT")
+                  or "/var/lib/sshd-adopt-lab-forky/root"),
+        run=Path("/run/sshd-adopt-lab-forky"), var=Path("/var/lib/sshd-adopt-lab-forky/lab"),
+        log=Path("/var/log/sshd-adopt-lab-forky"),
+        prefix=Path("/opt/sshd-adopt-lab"), v4_net="10.215.0.", v6_net="fd5a:215::",
+        cluster_name="labf", node_names=(("n1", "f1"), ("n2", "f2"), ("n3", "f3")),
+        pam_service_by="config",
+        pam_module="/usr/lib/x86_64-linux-gnu/security/pam_slurm_adopt.so",
+        python="/usr/bin/python3", cgroup="v2"),
 }
 DEFAULT_GENERATION = "bookworm"
 

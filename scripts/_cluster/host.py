@@ -28,6 +28,8 @@ PACKAGES = (
     "rsync", "util-linux", "zsh", "python3-fusepy",
     # systemd-analyze and man(1): the shipped unit is verified as installed
     "systemd", "man-db",
+    # the cgroup v2 generation's lab-only LD_PRELOAD library for slurmd (cgroupv2.py)
+    "gcc", "libc6-dev",
 )
 # Packages of a chroot generation (installed inside it, with policy-rc.d in place).
 ROOT_PACKAGES = (
@@ -130,7 +132,12 @@ def ensure_root() -> None:
         mirror = host_mirror()
         say(f"building the {lab.GEN.suite} root {root} (debootstrap from {mirror}; 1-3 minutes)")
         t0 = time.monotonic()
-        run(["debootstrap", "--variant=minbase", lab.GEN.suite, str(tmp), mirror], timeout=1800)
+        # bookworm's debootstrap has no script for suites newer than it knows (forky): sid's
+        # script builds any current suite.
+        scripts = Path("/usr/share/debootstrap/scripts")
+        script = [] if (scripts / lab.GEN.suite).exists() else [str(scripts / "sid")]
+        run(["debootstrap", "--variant=minbase", lab.GEN.suite, str(tmp), mirror, *script],
+            timeout=1800)
         policy = tmp / "usr" / "sbin" / "policy-rc.d"
         policy.write_text("#!/bin/sh\n# sshd-adopt lab: never start daemons from apt\nexit 101\n")
         os.chmod(policy, 0o755)
@@ -145,6 +152,10 @@ def ensure_root() -> None:
             target = lab.GEN.in_root(conf)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(conf, target)
+    # Testing suites (forky) sign Release files valid for a week only; a mirror that is not
+    # refreshed daily then fails `apt-get update`. The lab root takes the mirror as it is.
+    (root / "etc" / "apt" / "apt.conf.d" / "99sshd-adopt-lab").write_text(
+        'Acquire::Check-Valid-Until "false";\n')
     say(f"installing packages in {root}: {' '.join(ROOT_PACKAGES)}")
     t0 = time.monotonic()
     root_exec(["sh", "-c", "apt-get update -q && apt-get install -y -q "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from . import cgroupv2
 from . import generation as lab
 from .generation import HOSTS, v4, v6
 from .util import REPO, digest, run
@@ -100,6 +101,7 @@ def mount_script_root(host: str, root: Path) -> str:
         "mount --make-rprivate /",
         f"mount --rbind /proc {r}/proc",
         f"mount --rbind /sys {r}/sys",  # brings the cgroup v1 controller mounts along
+        *(cgroupv2.mount_lines(r) if cgroupv2.enabled() else []),
         f"mount -t tmpfs -o mode=0755,nosuid,nodev,size=64m lab-run-{host} {r}/run",
         f"mkdir -p {r}{lab.RUN} {r}/run/sshd {r}/run/munge {r}/run/lock {r}/run/sshd-adopt"
         f" {r}/run/.labdev/orig {r}/run/.labdev/upper {r}/run/.labdev/work",

@@ -9,6 +9,7 @@ job numbers change from run to run.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -27,14 +28,18 @@ _USERHOST = re.compile(r"\b[a-z_][a-z0-9_-]*@(?:n\d|login|ctl)(?:-v6)?\b")
 _HOST = re.compile(r"\b(?:n\d|login|ctl)(?:-v6)?\b")
 _NUMBER = re.compile(r"\b\d{2,}\b")
 _CGROUP = re.compile(r":memory:/slurm_[^/]+/uid_\d+/job_(\d+)(?:/step_(\S+))?")
+#: cgroup v2 nodes (the ``0::`` line): the job dir is ``job_<id>`` or, from Slurm 26.05, the
+#: job's SLUID, which the caller resolves (``job_of_sluid``).
+_CGROUP_V2 = re.compile(r"^0::/\S*_slurmstepd\.scope/(?:job_(\d+)|(s[0-9A-HJKMNP-TV-Z]{13}))"
+                        r"(?:/step_([^/\s]+))?", re.MULTILINE)
 
 #: The probe every scenario runs as its remote command. It prints one marker line with the
-#: environment sshd gave the session, the session's memory cgroup, and the pids that
-#: ``scontrol listpids`` (as the user, on the node itself) attributes to jobs. Kept free of
-#: single quotes so it survives an extra shell layer inside a batch script.
+#: environment sshd gave the session, the session's memory cgroup (v1) and unified line (v2),
+#: and the pids that ``scontrol listpids`` (as the user, on the node itself) attributes to
+#: jobs. Kept free of single quotes so it survives an extra shell layer inside a batch script.
 PROBE = (
     'echo "@@ JOB=${SLURM_JOB_ID-} DISPLAY=${DISPLAY-} XAUTHORITY=${XAUTHORITY-} PID=$$"; '
-    "grep -m1 :memory: /proc/self/cgroup; "
+    "grep -m1 :memory: /proc/self/cgroup; grep -m1 ^0:: /proc/self/cgroup; "
     "scontrol listpids 2>/dev/null | sed -e s/^/@@L/"
 )
 
@@ -89,9 +94,15 @@ def normalise_stderr(text: str, labels: dict[int, str]) -> str:
     return " / ".join(line.strip() for line in out.splitlines() if line.strip())
 
 
+def _no_sluids(_sluid: str) -> int | None:
+    return None
+
+
 def parse_probe(returncode: int, stdout: str, stderr: str, labels: dict[int, str],
-                seconds: float, dies: str = "-") -> Observation:
-    """Turn the output of ``PROBE`` run through ssh into an Observation."""
+                seconds: float, dies: str = "-",
+                job_of_sluid: Callable[[str], int | None] = _no_sluids) -> Observation:
+    """Turn the output of ``PROBE`` run through ssh into an Observation (a v1 memory line
+    naming a job first, else the v2 ``0::`` line; ``job_of_sluid`` resolves SLUIDs)."""
     marker = next((line for line in stdout.splitlines() if line.startswith(f"{_MARK} ")), None)
     norm_err = normalise_stderr(stderr, labels)
     if marker is None:
@@ -100,8 +111,12 @@ def parse_probe(returncode: int, stdout: str, stderr: str, labels: dict[int, str
     env = dict(item.split("=", 1) for item in marker.split()[1:] if "=" in item)
     cgroup = "none"
     found = _CGROUP.search(stdout)
+    unified = _CGROUP_V2.search(stdout)
     if found is not None:
         cgroup = f"{label_job(found[1], labels)} ({found[2] or 'job'})"
+    elif unified is not None:
+        job = unified[1] or str(job_of_sluid(unified[2]) or "?")
+        cgroup = f"{label_job(job, labels)} ({unified[3] or 'job'})"
     listed = {line[3:].split()[0] for line in stdout.splitlines()
               if line.startswith(f"{_MARK}L") and line[3:].split()}
     listpids = "-" if cgroup == "none" else (

@@ -59,6 +59,7 @@ def cell(obs: Observation | None) -> str:
 
 
 def _verdict(scenario: Scenario, row: Row | None) -> str:
+    """The verdict cell; ``scenario`` as expected on the column's release."""
     verdict = scenario.verdict(row)
     if verdict == "differs on purpose":
         return f"differs on purpose ({', '.join(sorted(scenario.fields))})"
@@ -99,8 +100,11 @@ def render(generations: dict[str, tuple[dict[str, str], dict[str, Row]]]) -> str
         for name in names:
             row = generations[name][1].get(scenario.key)
             line += [cell(row.pam if row else None), cell(row.adopt if row else None),
-                     _verdict(scenario, row)]
-        line.append(scenario.reason or "—")
+                     _verdict(scenario.for_release(name), row)]
+        reasons = [scenario.reason or "—"]
+        reasons += [f"**{release}**: {own.reason}" for release, own in scenario.releases
+                    if release in names]
+        line.append("<br>".join(reasons))
         out.append("| " + " | ".join(line) + " |")
     out.append("")
     return "\n".join(out)

@@ -28,7 +28,7 @@ from tests.procwatch import ProcWatch
 
 DENIED = "Permission denied (publickey)"
 NO_JOBS = "Access denied by sshd-adopt: you have no active jobs on this node"
-CGROUP = "grep memory /proc/self/cgroup"
+CGROUP = "cat /proc/self/cgroup"
 
 
 def entry(cluster: Cluster, host: str, user: str) -> Path:

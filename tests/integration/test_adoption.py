@@ -90,7 +90,7 @@ def _session_pids(user: str, marker: str) -> dict[int, str]:
     while pid > 1:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         pids[pid] = cmd
-        if re.match(rf"sshd(-session)?: {user} \[priv\]", cmd):
+        if re.match(rf"sshd(-session)?: {user} \[(?:priv|postauth)\]", cmd):
             break
         pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     return pids
@@ -107,7 +107,7 @@ def test_listpids_shows_the_sshd_processes_and_scancel_ends_the_session(
         session = _session_pids("alice", "^sleep 313")
         listed = {pid for pid, step in cluster.listpids("n1", job) if step == "extern"}
         monitor = [pid for pid, cmd in session.items()
-                   if re.match(r"sshd(-session)?: alice \[priv\]", cmd)]
+                   if re.match(r"sshd(-session)?: alice \[(?:priv|postauth)\]", cmd)]
         notty = [pid for pid, cmd in session.items() if re.match(r"sshd(-session)?: alice@", cmd)]
         assert monitor and notty, session
         assert set(session) <= listed, (session, listed)

@@ -289,7 +289,8 @@ def test_forwarding_only_connection_is_adopted_and_ends_with_the_job(cluster: Cl
             for proc in listener.children():
                 try:
                     title = " ".join(proc.cmdline()).strip()
-                    if re.fullmatch(r"sshd(-session)?: alice \[priv\]", title) and any(
+                    if re.fullmatch(r"sshd(-session)?: alice \[(?:priv|postauth)\]", title) \
+                            and any(
                             re.match(r"sshd(-session)?: alice", " ".join(c.cmdline()).strip())
                             for c in proc.children()):
                         found.append((proc.create_time(), proc.pid))
@@ -310,7 +311,7 @@ def test_forwarding_only_connection_is_adopted_and_ends_with_the_job(cluster: Cl
 
 
 SPOOF = ('export SSH_CONNECTION="10.213.0.12 4242 10.213.0.11 22" SLURM_JOB_ID=999999 '
-         'SSH_ORIGINAL_COMMAND="grep memory /proc/self/cgroup; echo SPOOFED-CMD" '
+         'SSH_ORIGINAL_COMMAND="cat /proc/self/cgroup; echo SPOOFED-CMD" '
          'LD_PRELOAD=/nonexistent/evil.so '
          'PYTHONPATH=$HOME/.lab/evilpy')
 
@@ -324,7 +325,7 @@ def test_spoofed_environment_changes_no_decision(cluster: Cluster) -> None:
         try:
             evil.mkdir(parents=True, exist_ok=True)
             (evil / "__init__.py").write_text("raise SystemExit('evil module loaded')\n")
-            result = cluster.ssh("login", "n1", "grep memory /proc/self/cgroup; echo ok",
+            result = cluster.ssh("login", "n1", "cat /proc/self/cgroup; echo ok",
                                  user="alice", extra_opts=["-o", "SetEnv=SLURM_JOB_ID=1 "
                                                            "LC_SPOOF=1"])
         finally:
@@ -343,7 +344,7 @@ def test_spoofed_environment_changes_no_decision(cluster: Cluster) -> None:
     # spoofed SSH_ORIGINAL_COMMAND never reaches it; the rc file runs once, in the
     # user's own command shell, inside the real job.
     with bashrc("alice", SPOOF.replace("PYTHONPATH", "UNUSED")):
-        result = cluster.ssh("login", "n1", "grep memory /proc/self/cgroup", user="alice",
+        result = cluster.ssh("login", "n1", "cat /proc/self/cgroup", user="alice",
                              check=True)
     # (What the rc file then exports, SLURM_JOB_ID included, is the user's own business, as
     # under any sshd: the cgroup is what counts.)
@@ -442,7 +443,7 @@ def test_broker_socket_abuse(cluster: Cluster) -> None:
     try:
         time.sleep(1.0)
         started = time.monotonic()
-        result = cluster.ssh("login", "n1", "grep memory /proc/self/cgroup", user="alice",
+        result = cluster.ssh("login", "n1", "cat /proc/self/cgroup", user="alice",
                              check=True)
         login_time = time.monotonic() - started
         found = remote_cgroup_job(result.stdout)
@@ -486,7 +487,7 @@ def test_broker_killed_mid_login_then_restarted(cluster: Cluster) -> None:
     assert not [p for p, _ in cluster.listpids("n1", other) if p in _pids("alice", ".")]
     cluster.run_script("up", timeout=300)
     wait_until(cluster.broker_socket("n1").exists, 15, "broker socket")
-    result = cluster.ssh("login", "n1", "grep memory /proc/self/cgroup", user="alice",
+    result = cluster.ssh("login", "n1", "cat /proc/self/cgroup", user="alice",
                          check=True)
     found = remote_cgroup_job(result.stdout)
     assert found is not None and found.job == job

@@ -34,6 +34,8 @@ PAM = 2222
 ADOPT = 22
 PORTS = (PAM, ADOPT)
 ROWS: dict[str, Row] = {}
+#: The lab's Slurm release line ("slurm-26.05"), named as the results files are.
+RELEASE: list[str] = ["?"]
 STARTED = time.monotonic()
 
 
@@ -43,6 +45,9 @@ STARTED = time.monotonic()
 @pytest.fixture(scope="module", autouse=True)
 def _results(cluster: Cluster) -> Iterator[None]:
     """Write the rows of this run as JSON when asked to (see the module docstring)."""
+    found = re.search(r"(\d+\.\d+)", cluster.exec("n1", "slurmd", "-V").stdout)
+    RELEASE[0] = f"slurm-{found[1]}" if found else "?"
+    ROWS.clear()
     yield
     target = os.environ.get("SSHD_ADOPT_CONFORMANCE_RESULTS")
     if not target:
@@ -127,7 +132,7 @@ def login(cluster: Cluster, src: str, dst: str, user: str, port: int,
         return Observation("refused", -1, "(client killed after 40 s)", "none", "unset",
                            "unset", "-", "-", 40.0)
     return parse_probe(result.returncode, result.stdout, result.stderr, labels,
-                       time.monotonic() - started)
+                       time.monotonic() - started, job_of_sluid=cluster.job_of_sluid)
 
 
 def both(cluster: Cluster, key: str, src: str, dst: str, user: str,
@@ -177,7 +182,8 @@ def sessions_vs_job(cluster: Cluster, key: str, src: str, dst: str, user: str,
                 client.kill()
             stdout, stderr = client.communicate()
             observed[port] = parse_probe(client.returncode, stdout, stderr, labels,
-                                         time.monotonic() - started[port], dies[port])
+                                         time.monotonic() - started[port], dies[port],
+                                         job_of_sluid=cluster.job_of_sluid)
     finally:
         for client in clients.values():
             if client.poll() is None:
@@ -191,7 +197,8 @@ def sessions_vs_job(cluster: Cluster, key: str, src: str, dst: str, user: str,
 
 def verify(*keys: str) -> None:
     """Fail with every row of ``keys`` whose computed verdict deviates from the matrix."""
-    problems = [p for key in keys for p in BY_KEY[key].check(ROWS[key])]
+    problems = [p for key in keys
+                for p in BY_KEY[key].for_release(RELEASE[0]).check(ROWS[key])]
     assert not problems, "\n".join(problems) + "\n" + "\n".join(
         f"{k}: pam={ROWS[k].pam}\n{k}: adopt={ROWS[k].adopt}" for k in keys)
 
@@ -224,11 +231,27 @@ def test_users_without_a_job(cluster: Cluster, broker_policy: Callable[..., None
 def refusing_extern_step(cluster: Cluster, job: int, node: str = "n1") -> Iterator[None]:
     """Make slurmstepd's ADD_EXTERN_PID fail for real, for both front ends.
 
-    task/cgroup adds an adopted pid to the step_extern cpuset too; the kernel refuses to
-    move a task into a cgroup v1 cpuset without memory nodes (ENOSPC), so the stepd answers
-    -1. The cpuset may only be emptied while it holds no task, so the stepd and its sleeper
-    wait in the job's cpuset meanwhile; everything is put back afterwards.
+    cgroup v1: task/cgroup adds an adopted pid to the step_extern cpuset too; the kernel
+    refuses to move a task into a cgroup v1 cpuset without memory nodes (ENOSPC), so the
+    stepd answers -1. The cpuset may only be emptied while it holds no task, so the stepd
+    and its sleeper wait in the job's cpuset meanwhile; everything is put back afterwards.
+
+    cgroup v2 (no controllers in the lab): the stepd makes ``step_extern/user/task_special``
+    at the job's first adoption; with ``cgroup.max.descendants`` 0 on ``user`` the kernel
+    refuses that mkdir (EAGAIN), so the move fails. Only before anything was adopted into
+    the job; the limit is lifted afterwards, and the next adoption makes the cgroup.
     """
+    if cluster.gen.cgroup == "v2":
+        user = cluster.job_cgroup_dir(node, Cluster.uid("alice"), job) / "user"
+        if (user / "task_special").exists():
+            raise HarnessError(f"{user}/task_special exists: a v2 adoption failure can only "
+                               "be made before the job's first adoption")
+        (user / "cgroup.max.descendants").write_text("0\n")
+        try:
+            yield
+        finally:
+            (user / "cgroup.max.descendants").write_text("max\n")
+        return
     step = cluster.job_cgroup_dir(node, Cluster.uid("alice"), job, controller="cpuset")
     mems = (step / "cpuset.mems").read_text().strip()
     pids: list[str] = []
@@ -281,7 +304,8 @@ def _hung_stepd_row(cluster: Cluster, job: int, labels: dict[int, str]) -> None:
             client.kill()
             stdout, stderr = client.communicate()
         observed[port] = parse_probe(client.returncode, stdout, stderr, labels,
-                                     ends.get(port, time.monotonic() - started))
+                                     ends.get(port, time.monotonic() - started),
+                                     job_of_sluid=cluster.job_of_sluid)
     ROWS["stepd_hung"] = Row.compare("stepd_hung", observed[PAM], observed[ADOPT])
 
 
@@ -291,13 +315,16 @@ def test_one_job(cluster: Cluster, broker_policy: Callable[..., None],
     labels = {job: "A"}
     pam_options("n1", disable_x11="1")
     broker_policy("n1", policy={"disable_x11": True})
-    both(cluster, "disable_x11", "login", "n1", "alice", labels)
+    # First: on cgroup v2 the stepd can only be made to fail before its first adoption.
     with refusing_extern_step(cluster, job):
         both(cluster, "adopt_failure_deny", "login", "n1", "alice", labels)
         pam_options("n1", disable_x11="1", action_adopt_failure="allow")
         broker_policy("n1", policy={"disable_x11": True, "action_adopt_failure": "allow"})
         both(cluster, "adopt_failure_allow", "login", "n1", "alice", labels)
-    _hung_stepd_row(cluster, job, labels)
+    _hung_stepd_row(cluster, job, labels)  # still action_adopt_failure=allow on both sides
+    pam_options("n1", disable_x11="1", action_adopt_failure=None)
+    broker_policy("n1", policy={"disable_x11": True})
+    both(cluster, "disable_x11", "login", "n1", "alice", labels)
     sessions_vs_job(cluster, "one_job", "login", "n1", "alice", labels,
                     lambda: cluster.cancel(job))
     ending = cluster.submit("alice", ["n1"], "sleep 4")
@@ -358,7 +385,8 @@ def test_several_jobs_from_inside_one(cluster: Cluster) -> None:
         err_file = Path(f"{home}/.lab/cf-{port}.err")
         stderr = err_file.read_text() if err_file.exists() else ""
         err_file.unlink(missing_ok=True)
-        observed[port] = parse_probe(rc, chunks[i - 1], stderr, labels, (end - start) / 1e9)
+        observed[port] = parse_probe(rc, chunks[i - 1], stderr, labels, (end - start) / 1e9,
+                                     job_of_sluid=cluster.job_of_sluid)
     assert set(observed) == set(PORTS), batch.output
     wait_until(lambda: all(_remote_sleep("alice", m) for m in ("31222", "31022")), 20,
                "both sessions from the batch step")
