@@ -94,12 +94,13 @@ def _s(key: str, title: str, setup: str, expected: Verdict = "same",
 #: comparator that takes list_sort's pointers to list items for the items themselves
 #: (``_sort_steps_by_start_time`` casts ``void *`` to ``step_loc_t *``; ``list_sort`` hands
 #: qsort an array of pointers), so it compares bytes near that array, not start times: the
-#: job it adopts into is whatever that order gives (in the lab: the oldest).
+#: job it adopts into is whatever that order gives (in the lab: the oldest or the newest).
 NEWEST_26_05 = Expectation(
     "differs on purpose", frozenset({"cgroup", "job_env"}),
     "pam_slurm_adopt 26.05 does not take the newest job: its sort compares list_sort's "
     "pointers as if they were the steps (`_sort_steps_by_start_time`), so its pick is "
-    "arbitrary (here the oldest); sshd-adopt takes the extern stepd that started last",
+    "arbitrary (the oldest of the three in some lab runs, the newest in others: either "
+    "verdict is expected); sshd-adopt takes the extern stepd that started last",
     upstream_arbitrary=True)
 
 
