@@ -30,7 +30,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +125,15 @@ class CgroupJob:
     uid: int
     job: int
     step: str | None
+
+
+@dataclass(frozen=True)
+class XDisplay:
+    """An X server on the login host (``Cluster.x_server``)."""
+
+    display: str  # ":71"
+    number: int
+    token: str  # the value of its root window's _SSHD_ADOPT_LAB property
 
 
 @dataclass(frozen=True)
@@ -570,6 +579,76 @@ class Cluster:
             if len(cols) >= 3 and cols[0].lstrip("-").isdigit() and int(cols[0]) > 0:
                 result.append((int(cols[0]), cols[2]))
         return result
+
+    # ------------------------------------------------------------------ X11
+
+    @contextlib.contextmanager
+    def x_server(self, user: str) -> Iterator[XDisplay]:
+        """An X server (Xvfb) of ``user`` on the login host, as their desktop would be.
+
+        Its cookie is in the user's ~/.Xauthority (as ``ssh -X`` or a display manager leaves
+        it; salloc --x11 reads it there) and the server carries a root-window property
+        ``_SSHD_ADOPT_LAB`` with a fresh token: a client that prints the token reached this
+        very server. The display number is the generation's own (71, 72, ...) so that the
+        labs' servers never meet. Stopped, and the cookie removed, afterwards.
+        """
+        number = 71 + list(GENERATIONS).index(self.generation)
+        display = f":{number}"
+        cookie = uuid.uuid4().hex
+        token = uuid.uuid4().hex[:16]
+        self.exec("login", "xauth", "add", display, "MIT-MAGIC-COOKIE-1", cookie, user=user)
+        auth = self.home(user) / ".lab" / f"xserver-{number}.auth"
+        self.exec("login", "mkdir", "-p", str(auth.parent), user=user)
+        self.exec("login", "xauth", "-f", str(auth), "add", display, "MIT-MAGIC-COOKIE-1",
+                  cookie, user=user)
+        # -noreset: a server resets (and loses its root properties) when its last client goes
+        server = self.spawn("login", "Xvfb", display, "-noreset", "-nolisten", "tcp", "-auth",
+                            str(auth), "-screen", "0", "320x240x8", user=user)
+        try:
+            wait_until(lambda: self.exec("login", "env", f"DISPLAY={display}", "xdpyinfo",
+                                         user=user, check=False).returncode == 0
+                       or server.poll() is not None, 20, f"Xvfb {display} on login")
+            if server.poll() is not None:
+                raise HarnessError(f"Xvfb {display} exited: {server.communicate()[1][-2000:]}")
+            self.exec("login", "env", f"DISPLAY={display}", "xprop", "-root", "-f",
+                      "_SSHD_ADOPT_LAB", "8s", "-set", "_SSHD_ADOPT_LAB", token, user=user)
+            yield XDisplay(display, number, token)
+        finally:
+            if server.poll() is None:
+                server.terminate()
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait(timeout=10)
+            self.exec("login", "xauth", "remove", display, user=user, check=False)
+            auth.unlink(missing_ok=True)
+
+    def x11_allocation(self, user: str, x: XDisplay, nodes: Sequence[str],
+                       timeout: float = 30) -> tuple[int, subprocess.Popen[str]]:
+        """``salloc --x11`` of ``user`` from the login host with display ``x``, held by a
+        ``sleep`` there (salloc relays the job's X11 connections while it runs); returns
+        the job id, once its extern steps are up, and the salloc process (kill it, or
+        cancel the job, to end the allocation)."""
+        names = ",".join(self.node(n) for n in nodes)
+        name = f"x11-{uuid.uuid4().hex[:8]}"
+        proc = self.spawn("login", "env", f"DISPLAY={x.display}", "salloc", "--x11",
+                          f"--job-name={name}", f"--nodes={len(nodes)}", f"--nodelist={names}",
+                          "sleep", "3600", user=user)
+        found: list[int] = []
+
+        def granted() -> bool:
+            if proc.poll() is not None:
+                raise HarnessError(f"salloc --x11 exited: {proc.communicate()[1][-2000:]}")
+            out = self.exec("ctl", "squeue", "-h", "-u", user, "-o", "%i %j", check=False)
+            found[:] = [int(line.split()[0]) for line in out.stdout.splitlines()
+                        if line.split()[1:] == [name]]
+            return bool(found)
+
+        wait_until(granted, timeout, f"salloc --x11 of {user} to get its job")
+        job = max(found)
+        self.wait_running(job, timeout=timeout)
+        return job, proc
 
     # ------------------------------------------------------------------ batch-step commands
 

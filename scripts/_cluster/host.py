@@ -30,12 +30,14 @@ PACKAGES = (
     "systemd", "man-db",
     # the cgroup v2 generation's lab-only LD_PRELOAD library for slurmd (cgroupv2.py)
     "gcc", "libc6-dev",
+    # X11 jobs end to end: alice's X server on the login host, X clients on the nodes
+    "xvfb", "x11-utils",
 )
 # Packages of a chroot generation (installed inside it, with policy-rc.d in place).
 ROOT_PACKAGES = (
     "munge", "slurmctld", "slurmd", "slurm-client", "libpam-slurm-adopt", "openssh-server",
     "openssh-client", "python3", "python3-venv", "iproute2", "procps", "psmisc", "rsync",
-    "util-linux", "xauth", "ca-certificates", "iptables", "zsh",
+    "util-linux", "xauth", "ca-certificates", "iptables", "zsh", "xvfb", "x11-utils",
 )
 #: Where the host's /etc/ssl/certs is visible (read-only) inside a generation's root.
 HOST_CERTS = "/run/sshd-adopt-host-certs"

@@ -144,6 +144,20 @@ def both(cluster: Cluster, key: str, src: str, dst: str, user: str,
     return row
 
 
+def login_from_step(cluster: Cluster, job: int, src: str, dst: str, user: str, port: int,
+                    labels: dict[int, str]) -> Observation:
+    """One ssh login running PROBE from inside ``job`` on ``src`` (an ``srun --overlap``
+    step started from the login host), so that callerid names ``job``. A login that hangs
+    is ended after 20 s (exit 124)."""
+    started = time.monotonic()
+    result = cluster.exec("login", "srun", f"--jobid={job}", "--overlap", "-N1",
+                          f"--nodelist={cluster.node(src)}", "timeout", "20", "ssh", "-o",
+                          "LogLevel=INFO", "-p", str(port), dst, PROBE, user=user, check=False,
+                          timeout=60)
+    return parse_probe(result.returncode, result.stdout, result.stderr, labels,
+                       time.monotonic() - started, job_of_sluid=cluster.job_of_sluid)
+
+
 def _remote_sleep(user: str, marker: str) -> int | None:
     """The remote ``sleep MARKER`` of a session (not the ssh client that names it)."""
     out = subprocess.run(["pgrep", "-u", user, "-x", "-f", f"sleep {marker}"],
@@ -324,14 +338,43 @@ def test_one_job(cluster: Cluster, broker_policy: Callable[..., None],
     _hung_stepd_row(cluster, job, labels)  # still action_adopt_failure=allow on both sides
     pam_options("n1", disable_x11="1", action_adopt_failure=None)
     broker_policy("n1", policy={"disable_x11": True})
-    both(cluster, "disable_x11", "login", "n1", "alice", labels)
     sessions_vs_job(cluster, "one_job", "login", "n1", "alice", labels,
                     lambda: cluster.cancel(job))
     ending = cluster.submit("alice", ["n1"], "sleep 4")
     sessions_vs_job(cluster, "job_ending", "login", "n1", "alice", {ending: "A"},
                     lambda: cluster.wait_gone(ending, timeout=30))
-    verify("disable_x11", "adopt_failure_deny", "adopt_failure_allow", "stepd_hung",
-           "one_job", "job_ending")
+    verify("adopt_failure_deny", "adopt_failure_allow", "stepd_hung", "one_job", "job_ending")
+
+
+def test_x11_jobs(cluster: Cluster, broker_policy: Callable[..., None],
+                  pam_options: Callable[..., None]) -> None:
+    """A real X11 job: alice's Xvfb on the login host, ``salloc --x11`` on n1+n2."""
+    plain = cluster.submit("alice", ["n2"])  # older than the X11 job
+    time.sleep(1.1)
+    with cluster.x_server("alice") as x:
+        job, salloc = cluster.x11_allocation("alice", x, ["n1", "n2"])
+        try:
+            labels = {job: "X (x11)", plain: "P (plain)"}
+            both(cluster, "x11_one_job", "login", "n1", "alice", labels)
+            # n2: alice holds the plain job too; from inside the X11 job, callerid names it
+            ROWS["x11_callerid"] = Row.compare(
+                "x11_callerid",
+                login_from_step(cluster, job, "n1", "n2", "alice", PAM, labels),
+                login_from_step(cluster, job, "n1", "n2", "alice", ADOPT, labels))
+            # from the login host: no callerid, the newest job (the X11 one)
+            both(cluster, "x11_newest", "login", "n2", "alice", labels)
+            pam_options("n1", disable_x11="1")
+            broker_policy("n1", policy={"disable_x11": True})
+            both(cluster, "disable_x11", "login", "n1", "alice", labels)
+            time.sleep(1.1)
+            newer = cluster.submit("alice", ["n2"])
+            labels[newer] = "N (newest, plain)"
+            both(cluster, "x11_other_job", "login", "n2", "alice", labels)
+        finally:
+            cluster.cancel(job)
+            salloc.kill()
+            salloc.wait(timeout=10)
+    verify("x11_one_job", "x11_callerid", "x11_newest", "disable_x11", "x11_other_job")
 
 
 def _three_jobs(cluster: Cluster, node: str) -> list[int]:
