@@ -9,11 +9,11 @@ pytest session uses a lab at a time (a flock on <lab state dir>/pytest.lock, per
 /var/lib/sshd-adopt-lab/pytest.lock for bookworm; a second session waits up to 15 minutes).
 
 Generations: the ``cluster`` fixture is parametrised over the lab generations named by
-``--generations bookworm,trixie`` or ``$SSHD_ADOPT_GENERATIONS`` (default: both when ``$CI``
-is set, otherwise bookworm only), so every cluster test runs once per generation, with ids
-like ``test_x[trixie]``. Tests written against host names ctl/login/n1..n3 work unchanged (see
-tests/harness.py). Tests that are not generation-aware yet are listed in BOOKWORM_ONLY and
-skipped on the other generations, with the reason.
+``--generations bookworm,trixie,forky`` or ``$SSHD_ADOPT_GENERATIONS`` (default: all of them
+when ``$CI`` is set, otherwise bookworm only), so every cluster test runs once per generation,
+with ids like ``test_x[trixie]``. Tests written against host names ctl/login/n1..n3 work
+unchanged (see tests/harness.py). Tests that are not generation-aware yet are listed in
+BOOKWORM_ONLY and skipped on the other generations, with the reason.
 
 Environment: SSHD_ADOPT_LAB_SKIP_BROKER=1 / SSHD_ADOPT_LAB_SKIP_DROPIN=1 are passed on to
 ``scripts/cluster up``.

@@ -46,8 +46,8 @@ ENV_PREFIX = "env."
 #: cgroup in that job); anything else asks the broker.
 SESSIONS = "sessions"
 MONITOR_START = "monitor_start"
-#: In a ticket, the job's SLUID when its cgroup is named by it (Slurm 26.05, cgroup/v2):
-#: the wrapper then finds the job's cgroup as ``/<sluid>/step_extern``.
+#: In a ticket, the job's SLUID when its stepd told one (Slurm >= 25.11): on 26.05's
+#: cgroup/v2 the job's cgroup is ``/<sluid>/step_extern``, elsewhere ``/job_<id>/...``.
 SLUID = "sluid"
 
 #: Request kinds. "adopt": the wrapper asks for its session; "ping": doctor and

@@ -136,21 +136,25 @@ def _read(path: str, limit: int = 4096) -> bytes:
         posix.close(fd)
 
 
-def _wholly_beside(monitor: int, marker: bytes) -> bool:
+def _wholly_beside(monitor: int, markers: tuple[bytes, ...]) -> bool:
     """Whether this process is in the job in every hierarchy its monitor is (a process
-    forked while the stepd moved its parent can be in some and not in others)."""
+    forked while the stepd moved its parent can be in some and not in others); the job's
+    lines are those holding one of ``markers``."""
     theirs = [line for line in _read(f"/proc/{monitor}/cgroup", 65536).splitlines()
-              if marker in line]
+              if any(marker in line for marker in markers)]
     own = set(_read("/proc/self/cgroup", 65536).splitlines())
     return bool(theirs) and all(line in own for line in theirs)
 
 
-def _job_cgroup(ticket: dict[str, str]) -> bytes:
-    """How the ticket's job shows in /proc/<pid>/cgroup: ``/job_<id>/step_extern``, or
-    ``/<sluid>/step_extern`` where Slurm names job cgroups by SLUID (26.05, cgroup/v2)."""
-    sluid = ticket.get(protocol.SLUID)
-    name = sluid if sluid else f"job_{ticket.get('job')}"
-    return f"/{name}/step_extern".encode()
+def _job_cgroup(ticket: dict[str, str]) -> tuple[bytes, ...]:
+    """How the ticket's job can show in /proc/<pid>/cgroup: ``/job_<id>/step_extern``,
+    and ``/<sluid>/step_extern`` when the ticket has a SLUID (Slurm 26.05's cgroup/v2
+    names job cgroups by it unless ``CgroupJobIdPaths=yes``)."""
+    names = [f"job_{ticket.get('job')}"]
+    sluid = ticket.get(protocol.SLUID, "")
+    if len(sluid) == 14 and sluid.startswith("s") and sluid[1:].isalnum():
+        names.append(sluid)
+    return tuple(f"/{name}/step_extern".encode() for name in names)
 
 
 def read_ticket(socket_path: str) -> dict[str, str] | None:

@@ -95,12 +95,15 @@ def _s(key: str, title: str, setup: str, expected: Verdict = "same",
 #: comparator that takes list_sort's pointers to list items for the items themselves
 #: (``_sort_steps_by_start_time`` casts ``void *`` to ``step_loc_t *``; ``list_sort`` hands
 #: qsort an array of pointers), so it compares bytes near that array, not start times: the
-#: job it adopts into is whatever that order gives (in the lab: the oldest or the newest).
+#: job it adopts into is whatever that order gives (seen in the lab: the oldest, the middle
+#: and the newest of three). sshd-adopt's own pick, the newest, is asserted on every
+#: generation by tests/integration/test_adoption.py::
+#: test_several_jobs_newest_adopts_the_job_started_last.
 NEWEST_26_05 = Expectation(
     "differs on purpose", frozenset({"cgroup", "job_env"}),
     "pam_slurm_adopt 26.05 does not take the newest job: its sort compares list_sort's "
     "pointers as if they were the steps (`_sort_steps_by_start_time`), so its pick is "
-    "arbitrary (the oldest of the three in some lab runs, the newest in others: either "
+    "arbitrary (the oldest, the middle or the newest of three in different lab runs: any "
     "verdict is expected); sshd-adopt takes the extern stepd that started last",
     upstream_arbitrary=True)
 #: The same, when one of the jobs has X11: the arbitrary pick may also differ in it.

@@ -45,7 +45,13 @@ class Stepds:
         uid, pid = self.answers[sock.path]
         if want_uid is not None and uid != want_uid:
             return None
-        return ExternStep(sock.job_id, uid, 1000.0 + sock.job_id, pid, sock.path)
+        return ExternStep(sock.job_id, uid, 1000.0 + sock.job_id, pid, sock.path,
+                          sluid_of(sock.job_id))
+
+
+def sluid_of(job: int) -> str:
+    """The SLUID the fake stepds tell for ``job`` (any 14-character name does here)."""
+    return f"sJOB{job:010d}"
 
 
 class Clock:
@@ -279,3 +285,34 @@ def test_jobs_of_another_uid_is_not_found_by_catching_up(spool: Spool) -> None:
     spool.create(extern(6), uid=BOB, pid=5006)
     assert spool.table.jobs_of(ALICE) == ()
     assert spool.jobs() == {6: BOB}  # learnt on the way, but never answered for ALICE
+
+
+# --------------------------------------------------------------------------- SLUIDs
+
+
+def test_a_jobs_sluid_names_it(spool: Spool) -> None:
+    spool.start(5, ALICE, 5005)
+    assert spool.table.job_of_cgroup(sluid_of(5)) == 5
+    assert spool.table.sluid_of(5) == sluid_of(5)
+    assert spool.table.sluid_of(6) is None
+
+
+def test_an_unknown_sluid_catches_up_with_a_new_socket(spool: Spool) -> None:
+    spool.create(extern(6), uid=ALICE, pid=5006)  # the event is still on its way
+    assert spool.table.job_of_cgroup(sluid_of(6)) == 6
+
+
+def test_a_sluid_no_stepd_told_is_not_looked_for_again_at_once(spool: Spool) -> None:
+    """Another node's job on a shared hierarchy: the sweeper asks once per process."""
+    spool.start(5, ALICE, 5005)
+    spool.create(extern(7))  # a new socket whose stepd does not answer yet
+    asked = len(spool.stepds.asked)
+    assert spool.table.job_of_cgroup("sOTHERNODE0001") is None
+    looked = len(spool.stepds.asked)
+    assert looked > asked  # the first miss looked for new sockets
+    for _ in range(5):
+        assert spool.table.job_of_cgroup("sOTHERNODE0001") is None
+    assert len(spool.stepds.asked) == looked
+    spool.clock.now += jobtable.UNKNOWN_SLUID_TIME
+    assert spool.table.job_of_cgroup("sOTHERNODE0001") is None
+    assert len(spool.stepds.asked) > looked

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,12 @@ from sshd_adopt._internal.slurm.localjobs import (
     scan_extern_steps,
     user_jobs,
 )
-from sshd_adopt._internal.slurm.stepd import EXTERN_STEP
+from sshd_adopt._internal.slurm.stepd import (
+    EXTERN_STEP,
+    PROTOCOL_VERSIONS,
+    REQUEST_DAEMON_PID,
+    REQUEST_STEP_UID,
+)
 from tests.unit.test_stepd import FakeStepd, Handler, read_int, sockdir, stepd_22_05
 
 __all__ = ["sockdir"]  # re-exported fixture
@@ -110,3 +116,25 @@ def test_empty_and_missing_spool_dirs(sockdir: str) -> None:
 def test_timeout_must_be_positive(sockdir: str) -> None:
     with pytest.raises(ValueError, match="timeout"):
         user_jobs(sockdir, "n1", 2001, timeout=0)
+
+
+def test_a_stepd_that_fails_the_sluid_request_keeps_its_job(sockdir: str, serve: Serve) -> None:
+    """A 25.11+ stepd that closes on REQUEST_SLUID: the SLUID is only a cgroup's name, the
+    job (owner, start time) stays."""
+    me = os.getpid()
+
+    def stepd_26_05_without_sluid(conn: socket.socket) -> None:
+        read_int(conn)
+        conn.sendall(struct.pack("=i", PROTOCOL_VERSIONS["26.05"]))
+        while True:
+            code = read_int(conn)
+            if code == REQUEST_STEP_UID:
+                conn.sendall(struct.pack("=I", 2001))
+            elif code == REQUEST_DAEMON_PID:
+                conn.sendall(struct.pack("=i", me))
+            else:
+                return  # closes without an answer
+
+    serve(5, stepd_26_05_without_sluid)
+    steps, _problems = scan_extern_steps(sockdir, "n1", timeout=2)
+    assert [(s.job_id, s.uid, s.sluid) for s in steps] == [(5, 2001, None)]

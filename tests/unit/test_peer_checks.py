@@ -505,7 +505,7 @@ def test_authenticated_refuses_a_vanished_process(auth: FakeNode, pid: int) -> N
     (("sshd-session: alice [priv]" + " " * 40,), "alice"),  # 10.0: one space-padded argument
     (("sshd:", "alice@notty", "[priv]"), "alice@notty"),  # the account "alice@notty"
     (("sshd:", "[listener]", "[priv]"), "[listener]"),
-    # 10.1+ (Debian forky's 10.6): the monitor retitles itself once the user authenticated
+    # 10.5+ (Debian forky's 10.6): the monitor retitles itself once the user authenticated
     (("sshd-session: alice [postauth]" + " " * 40,), "alice"),
 ])
 def test_monitor_user_reads_the_padded_92_and_100_titles(cmdline: tuple[str, ...],

@@ -152,6 +152,32 @@ def test_a_ticket_is_not_taken_when_this_process_is_in_the_job_only_in_part(
     assert wrapper.read_ticket(SOCKET) is not None
 
 
+V2_SLUID = "sFQDM8MTQH8E00"
+IN_V2_JOB = (b"4:memory:/\n0::/system.slice/n1_slurmstepd.scope/sFQDM8MTQH8E00/step_extern/"
+             b"user/task_special\n")
+
+
+def test_a_sluid_in_the_ticket_finds_a_job_cgroup_named_by_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm 26.05's cgroup/v2 names the job's cgroup by its SLUID, which the ticket carries."""
+    ticket = {**ADOPTED, protocol.SLUID: V2_SLUID}
+    fake_proc(monkeypatch, node(ticket, cgroup=IN_V2_JOB, monitor_cgroup=IN_V2_JOB))
+    assert wrapper.read_ticket(SOCKET) is not None
+    fake_proc(monkeypatch, node(ADOPTED, cgroup=IN_V2_JOB, monitor_cgroup=IN_V2_JOB))
+    assert wrapper.read_ticket(SOCKET) is None  # no SLUID: nothing names the job there
+    other = IN_V2_JOB.replace(b"n1_slurmstepd", b"n2_slurmstepd")
+    fake_proc(monkeypatch, node(ticket, cgroup=other, monitor_cgroup=IN_V2_JOB))
+    assert wrapper.read_ticket(SOCKET) is None  # the same SLUID elsewhere is not beside
+
+
+def test_a_sluid_in_the_ticket_does_not_hide_a_job_id_named_cgroup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """25.11+ stepds tell a SLUID on v1 or with CgroupJobIdPaths=yes too: job_<id> still counts."""
+    for sluid in (V2_SLUID, "not-a-sluid", ""):
+        fake_proc(monkeypatch, node({**ADOPTED, protocol.SLUID: sluid}))
+        assert wrapper.read_ticket(SOCKET) is not None, sluid
+
+
 def test_only_an_adopted_ticket_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_proc(monkeypatch, node(protocol.reply(protocol.ALLOWED)))
     assert wrapper.read_ticket(SOCKET) is None

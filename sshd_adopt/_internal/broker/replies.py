@@ -56,11 +56,15 @@ def _hint(user: str) -> str:
     return "" if jobs is None else "\n" + hints.format_hint(jobs)
 
 
+def _no_sluid(_job: int) -> str | None:
+    return None
+
+
 class TicketDesk:
     """Session tickets for adoption: the reply an adopted connection's wrapper would get."""
 
     def __init__(self, tickets: SessionTickets, state: Callable[[], BrokerState],
-                 sluid_of: Callable[[int], str | None] = lambda _job: None) -> None:
+                 sluid_of: Callable[[int], str | None] = _no_sluid) -> None:
         self.tickets = tickets
         self._state = state
         self._sluid_of = sluid_of
@@ -68,7 +72,7 @@ class TicketDesk:
     def issue(self, monitor_pid: int, account: Account, outcome: Adopted) -> None:
         reply = render_adoption(self._state(), outcome)
         sluid = self._sluid_of(outcome.job)
-        if sluid is not None:  # the job's cgroup is named by it (Slurm 26.05, cgroup/v2)
+        if sluid is not None:  # the job's cgroup may be named by it (26.05, cgroup/v2)
             reply[protocol.SLUID] = sluid
         try:
             self.tickets.issue(monitor_pid, reply, uid=account.uid, gid=account.gid)

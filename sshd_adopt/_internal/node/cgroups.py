@@ -22,7 +22,7 @@ import functools
 import os
 import re
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, TypeAlias
 
 from sshd_adopt._internal.node import fsids, procfs
 from sshd_adopt.errors import NoSuchProcess, ProcError
@@ -32,7 +32,7 @@ from sshd_adopt.errors import NoSuchProcess, ProcError
 TASK_OOM_SCORE_ADJ: Final = 0
 
 #: The job id of a job cgroup named by its SLUID on this node, or None if unknown.
-JobNamer = Callable[[str], int | None]
+JobNamer: TypeAlias = Callable[[str], int | None]
 
 
 def no_sluids(_name: str) -> int | None:

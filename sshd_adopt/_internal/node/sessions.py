@@ -31,8 +31,9 @@ Documented but not observed here: while an AuthorizedKeysCommand runs the
 monitor's *effective* uid is the command user's (DESIGN.md fact 5), so only
 real uids are checked. OpenSSH >= 9.8 runs the per-connection processes from
 ``sshd-session`` and titles them ``sshd-session: alice [priv]`` and
-``sshd-session: alice@notty`` (seen in this repo's Debian 13 lab); from 10.1 the monitor
-retitles itself ``sshd-session: alice [postauth]`` after authentication (Debian 14 lab).
+``sshd-session: alice@notty`` (seen in this repo's Debian 13 lab); from 10.5 the monitor
+retitles itself ``sshd-session: alice [postauth]`` after authentication (seen in the
+Debian testing "forky" lab).
 
 What defeats the obvious forgeries, and why the anchor is the monitor: a user
 can run any binary under any title, but cannot make a process of theirs the
@@ -72,8 +73,8 @@ DEFAULT_SSHD_EXECUTABLES = frozenset(
 TITLE_PREFIXES = ("sshd: ", "sshd-session: ")
 _DELETED = " (deleted)"
 # The monitor titles itself ``<user> [priv]`` once the client names its user
-# (``monitor.c``), and, since OpenSSH 10.1 (upstream commit addd12a5e, July 2026; Debian
-# forky's 10.6p1), ``<user> [postauth]`` once that user authenticated
+# (``monitor.c``), and, since OpenSSH 10.5 (upstream commit addd12a5e, first tagged
+# V_10_5_P1; Debian forky's 10.6p1), ``<user> [postauth]`` once that user authenticated
 # (``sshd-session.c``: ``main`` after ``privsep_preauth``). Both are the root monitor's.
 _MONITOR_TITLE = re.compile(r"(?:sshd|sshd-session): (\S+) \[(?:priv|postauth)\]")
 # ``setproctitle("%s [listener] %d of %d-%d startups", ...)`` in sshd.c (9.2, 10.0):
@@ -86,7 +87,7 @@ _SESSION_SUFFIX = re.compile(r"(?:@[A-Za-z0-9/]+(?:,[A-Za-z0-9/]+)*)?")
 
 def monitor_user(title: str) -> str | None:
     """The user named by a monitor's title ``sshd: <user> [priv]`` (or ``[postauth]``,
-    OpenSSH >= 10.1), else None.
+    OpenSSH >= 10.5), else None.
 
     The title is set when the client names its user, *before* authentication: it
     says who is trying, never that anyone got in.

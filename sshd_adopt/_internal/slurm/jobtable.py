@@ -36,6 +36,9 @@ from sshd_adopt.errors import StepdError, StepdUnavailable
 
 #: A new socket whose stepd does not answer yet is asked again for this long (seconds).
 SETTLE_TIME: Final = 5.0
+#: A SLUID no stepd here told is not looked for again for this long (seconds): the
+#: sweeper asks once per process, and a look for new sockets may ask their stepds.
+UNKNOWN_SLUID_TIME: Final = 5.0
 
 #: ``on_change(uid, has_jobs)``: the uid got its first job here (True) or lost its last.
 Change = Callable[[int, bool], None]
@@ -58,6 +61,7 @@ class JobTable:
         self._lock = threading.Lock()
         self._steps: dict[int, ExternStep] = {}
         self._pending: dict[str, _Pending] = {}
+        self._unknown_sluids: dict[str, float] = {}  # name -> when last looked for
 
     # ------------------------------------------------------------------ queries
 
@@ -94,15 +98,24 @@ class JobTable:
 
     def job_of_cgroup(self, name: str) -> int | None:
         """The job whose cgroup is named ``name`` by its SLUID (Slurm 26.05, cgroup/v2),
-        else None. A name the table does not know yet makes it look for new sockets
-        once (a job that started a moment ago)."""
+        else None. A name the table does not know makes it look for new sockets (a job
+        that started a moment ago), at most once per :data:`UNKNOWN_SLUID_TIME` per name
+        (another node's job, on a hierarchy several slurmds share, is never known)."""
         for attempt in range(2):
             with self._lock:
                 for step in self._steps.values():
                     if step.sluid == name:
+                        self._unknown_sluids.pop(name, None)
                         return step.job_id
-            if attempt == 0 and not self.catch_up():
-                return None
+                now = self._clock()
+                last = self._unknown_sluids.get(name)
+                if attempt or (last is not None and now - last < UNKNOWN_SLUID_TIME):
+                    return None
+                self._unknown_sluids = {other: when for other, when
+                                        in self._unknown_sluids.items()
+                                        if now - when < UNKNOWN_SLUID_TIME}
+                self._unknown_sluids[name] = now
+            self.catch_up()
         return None
 
     def sluid_of(self, job: int) -> str | None:

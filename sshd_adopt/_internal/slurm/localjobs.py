@@ -95,7 +95,10 @@ def _query(sock: StepSocket, deadline: float, want_uid: int | None) -> ExternSte
         if want_uid is not None and uid != want_uid:
             return None
         pid = stepd.daemon_pid()
-        sluid = stepd.sluid()
+        try:  # only names the job's cgroup on 26.05's cgroup/v2: never worth losing the job
+            sluid = stepd.sluid()
+        except StepdError:
+            sluid = None
     return ExternStep(sock.job_id, uid, _started(sock.path, pid), pid, sock.path, sluid)
 
 

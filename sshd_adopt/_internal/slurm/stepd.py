@@ -49,11 +49,13 @@ EXTERN_STEP: Final = 0xFFFFFFFC
 #: Step id of the batch step (SLURM_BATCH_SCRIPT), for reference and tests.
 BATCH_STEP: Final = 0xFFFFFFFB
 
-# step_msg_t values (reference §2.2; identical 22.05 → 26.05 for these codes).
-#: From 25.11 (code 1 was unused before): the job's SLUID, a uint64 in the host's byte
-#: order (``_handle_sluid`` in ``src/slurmd/slurmstepd/req.c``, 25.11 and 26.05), open to
-#: any peer. Only sent to stepds whose version is at least :data:`SLUID_PROTOCOL`.
+#: step_msg_t value new in 25.11 (code 1 was unused before): the job's SLUID, a uint64 in
+#: the host's byte order (``_handle_sluid`` in ``src/slurmd/slurmstepd/req.c``, 25.11 and
+#: 26.05), open to any peer. Only sent to stepds whose version is at least
+#: :data:`SLUID_PROTOCOL`.
 REQUEST_SLUID: Final = 1
+
+# step_msg_t values (reference §2.2; identical 22.05 → 26.05 for these codes).
 REQUEST_STATE: Final = 5
 REQUEST_DAEMON_PID: Final = 9
 REQUEST_STEP_UID: Final = 20
