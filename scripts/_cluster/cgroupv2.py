@@ -17,9 +17,11 @@ removed by ``lab_cgroups``) and the ``system.slice`` Slurm makes to hold them wh
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 from . import generation as lab
+from .host import ensure_host_packages
 from .util import LabError, run
 
 #: The host's cgroup2 hierarchy (hybrid layout): what a v2 node sees at /sys/fs/cgroup.
@@ -54,6 +56,8 @@ def ensure_shim() -> str:
         return tag
     if not UNIFIED.is_dir():
         raise LabError(f"a cgroup v2 generation needs the host's cgroup2 hierarchy at {UNIFIED}")
+    if not shutil.which("gcc"):  # `up -g forky` first on a fresh machine: host PACKAGES
+        ensure_host_packages(["gcc", "libc6-dev"])
     shim().parent.mkdir(parents=True, exist_ok=True)
     tmp = shim().with_suffix(".tmp")
     run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(tmp),
