@@ -20,6 +20,16 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+/* After "<digits>/" at `p`, or NULL if `p` does not start so. */
+static const char *number_dir(const char *p)
+{
+	if (*p < '0' || *p > '9')
+		return NULL;
+	while (*p >= '0' && *p <= '9')
+		p++;
+	return *p == '/' ? p + 1 : NULL;
+}
+
 /* Is `path` the cgroup file of a process or thread under /proc? */
 static int is_proc_cgroup(const char *path)
 {
@@ -32,26 +42,23 @@ static int is_proc_cgroup(const char *path)
 	else if (strncmp(p, "thread-self/", 12) == 0)
 		p += 12;
 	else {
-		if (*p < '0' || *p > '9')
+		if ((p = number_dir(p)) == NULL)
 			return 0;
-		while (*p >= '0' && *p <= '9')
-			p++;
-		if (*p++ != '/')
+		if (strncmp(p, "task/", 5) == 0 && (p = number_dir(p + 5)) == NULL)
 			return 0;
-		if (strncmp(p, "task/", 5) == 0) {
-			p += 5;
-			if (*p < '0' || *p > '9')
-				return 0;
-			while (*p >= '0' && *p <= '9')
-				p++;
-			if (*p++ != '/')
-				return 0;
-		}
 	}
 	return strcmp(p, "cgroup") == 0;
 }
 
 static int (*real_openat)(int, const char *, int, ...);
+
+/* libc's openat (looked up once; a race only looks it up twice). */
+static int (*next_openat(void))(int, const char *, int, ...)
+{
+	if (!real_openat)
+		real_openat = dlsym(RTLD_NEXT, "openat");
+	return real_openat;
+}
 
 /* A memfd with the "0::" line(s) of the real file, positioned at 0; -1 on any failure. */
 static int unified_only(int dirfd, const char *path)
@@ -62,9 +69,7 @@ static int unified_only(int dirfd, const char *path)
 	int fd, mfd;
 	const char *line;
 
-	if (!real_openat)
-		real_openat = dlsym(RTLD_NEXT, "openat");
-	fd = real_openat(dirfd, path, O_RDONLY | O_CLOEXEC);
+	fd = next_openat()(dirfd, path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -1;
 	while (len < sizeof(buf) - 1 &&
@@ -103,9 +108,7 @@ static int do_openat(int dirfd, const char *path, int flags, mode_t mode)
 		if (fd >= 0)
 			return fd;
 	}
-	if (!real_openat)
-		real_openat = dlsym(RTLD_NEXT, "openat");
-	return real_openat(dirfd, path, flags, mode);
+	return next_openat()(dirfd, path, flags, mode);
 }
 
 #define MODE_ARG(flags, mode) do { \
