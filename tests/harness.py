@@ -202,6 +202,16 @@ def remote_cgroup_job(cgroup_text: str, controller: str = "memory") -> CgroupJob
     return CgroupJob(node=_HOST_OF_NODE.get(node, node), uid=uid, job=job, step=v2["step"])
 
 
+def _ask_sluid(sock: Path, job: int, timeout: float) -> str | None:
+    """The SLUID the stepd at ``sock`` (a step of ``job``) tells, remembered with the job's
+    owner; None from a stepd older than 25.11. Raises what StepdConnection raises."""
+    with StepdConnection.open(str(sock), timeout=timeout) as stepd:
+        sluid = stepd.sluid()
+        if sluid is not None:
+            _SLUIDS[sluid] = (job, stepd.step_uid())
+    return sluid
+
+
 def _sluid_job(node: str, sluid: str) -> tuple[int, int] | None:
     """(job, uid) of the job a node's stepds know by ``sluid`` (asked once, then kept)."""
     if sluid not in _SLUIDS:
@@ -210,14 +220,8 @@ def _sluid_job(node: str, sluid: str) -> tuple[int, int] | None:
             return None
         spool = gen.var / f"slurmd-{node}"
         for sock in sorted(spool.glob(f"{node}_*.*")):
-            try:
-                with StepdConnection.open(str(sock), timeout=2) as stepd:
-                    told = stepd.sluid()
-                    if told is not None and told not in _SLUIDS:
-                        job = int(sock.name.split("_", 1)[1].split(".")[0])
-                        _SLUIDS[told] = (job, stepd.step_uid())
-            except (Error, OSError, ValueError):
-                continue
+            with contextlib.suppress(Error, OSError, ValueError):
+                _ask_sluid(sock, int(sock.name.split("_", 1)[1].split(".")[0]), 2)
     return _SLUIDS.get(sluid)
 
 
@@ -490,11 +494,8 @@ class Cluster:
 
         wait_until(ready, timeout, f"job {job} running with extern steps", interval=0.2)
         if self.gen.cgroup == "v2" and nodes:  # remembered while it can still be asked
-            with contextlib.suppress(Error, OSError), StepdConnection.open(
-                    str(self.stepd_socket(nodes[0], job)), timeout=5) as stepd:
-                sluid = stepd.sluid()
-                if sluid is not None:
-                    _SLUIDS[sluid] = (job, stepd.step_uid())
+            with contextlib.suppress(Error, OSError):
+                _ask_sluid(self.stepd_socket(nodes[0], job), job, 5)
         return nodes
 
     def cancel(self, job: int, timeout: float = 30) -> None:
@@ -549,8 +550,7 @@ class Cluster:
     def job_cgroup_name(self, host: str, job: int) -> str:
         """The job's cgroup dir name on a v2 node: its SLUID (Slurm 26.05), as its
         extern stepd tells, else ``job_<id>``."""
-        with StepdConnection.open(str(self.stepd_socket(host, job)), timeout=5) as stepd:
-            sluid = stepd.sluid()
+        sluid = _ask_sluid(self.stepd_socket(host, job), job, 5)
         return sluid if sluid is not None else f"job_{job}"
 
     def job_of_sluid(self, sluid: str) -> int | None:
