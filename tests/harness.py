@@ -113,6 +113,33 @@ _CGROUP_V2_RE = re.compile(r"/(?P<node>[^/]+)_slurmstepd\.scope/(?:job_(?P<job>\
 _SLUIDS: dict[str, tuple[int, int]] = {}
 
 
+UNIT = REPO / "packaging" / "systemd" / "sshd-adoptd.service"
+#: Capability numbers (linux/capability.h) of the names a unit may list.
+CAPABILITY_BITS = {
+    "CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3,
+    "CAP_FSETID": 4, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
+    "CAP_SYS_CHROOT": 18, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_RESOURCE": 24,
+}
+
+
+def unit_capabilities() -> list[str]:
+    """The shipped unit's CapabilityBoundingSet= names."""
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return line.split("=", 1)[1].split()
+    raise HarnessError(f"{UNIT}: no CapabilityBoundingSet=")
+
+
+def capability_mask(names: Sequence[str]) -> int:
+    """The bit mask /proc/<pid>/status shows (CapBnd: ...) for capability ``names``."""
+    mask = 0
+    for name in names:
+        mask |= 1 << CAPABILITY_BITS[name]
+    return mask
+
+
 class HarnessError(RuntimeError):
     """The lab did not do what a helper waited for."""
 
@@ -381,6 +408,16 @@ class Cluster:
         if check and proc.returncode != 0:
             raise HarnessError(f"on {host} as {user or 'root'}: {shlex.join(cmd)} -> rc "
                                f"{proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+        return proc
+
+    def sysnode(self, *cmd: str, timeout: float = 60,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` as root inside the systemd-booted node s1 (``scripts/cluster
+        sysnode up`` booted it; cgroup v2 generations only) and wait for it."""
+        proc = self.run_script("exec", "s1", "--", *cmd, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise HarnessError(f"on s1: {shlex.join(cmd)} -> rc {proc.returncode}\n"
+                               f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
         return proc
 
     def spawn(self, host: str, *cmd: str, user: str | None = None) -> subprocess.Popen[str]:

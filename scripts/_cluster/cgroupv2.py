@@ -26,6 +26,9 @@ from .util import LabError, run
 
 #: The host's cgroup2 hierarchy (hybrid layout): what a v2 node sees at /sys/fs/cgroup.
 UNIFIED = Path("/sys/fs/cgroup/unified")
+#: The lab's own cgroups on that hierarchy: each broker's (the unit's Delegate=yes), and
+#: the systemd node's (sysnode.py), ``<generation>-<host>``.
+LAB_CGROUPS = UNIFIED / "sshd-adopt-lab"
 SHIM_SOURCE = Path(__file__).resolve().parent / "cgroupv2_shim.c"
 
 #: Slurm's cgroup/v2 plugin on the lab's controller-less hierarchy: no controller can be

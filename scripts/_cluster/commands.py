@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import cgroupv2
+from . import cgroupv2, sysnode
 from . import generation as lab
 from .configs import DROPIN, broker_exe, skip_broker, skip_dropin, write_configs
 from .daemons import (
@@ -205,6 +205,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def teardown(quiet: bool = False) -> None:
     """Cancel jobs, stop the daemons and everything else in the lab namespaces, then
     remove the namespaces, the lab cgroups and the run dir."""
+    if sysnode.supported():
+        sysnode.cmd_down(quiet=quiet)
     state = load_state()
     have_ns = namespaces_ok()
     ctld = state.get("slurmctld")
@@ -296,6 +298,11 @@ def cmd_status(_args: argparse.Namespace) -> int:
         pid = entry.get("pid") if entry else "-"
         log = entry.get("log") if entry else (d.own_log or d.log)
         print(f"{d.name:18} {d.host:5} {'alive' if alive else 'DOWN':6} pid={pid!s:8} log={log}")
+    if sysnode.supported():
+        pid = sysnode.init_pid()
+        print(f"note: the systemd node {sysnode.HOST} is "
+              + (f"running (systemd pid {pid}; details: sysnode status)" if pid is not None
+                 else "not booted (sysnode up boots it)"))
     if not DROPIN.is_file():
         print(f"note: {DROPIN} does not exist: sshd :22 runs without the drop-in")
     if skip_broker():
@@ -309,6 +316,13 @@ def cmd_status(_args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     """`exec`: replace this process with a command in a lab host's namespaces."""
+    if args.host == sysnode.HOST and sysnode.supported():
+        command = list(args.command) or ["/bin/bash", "-l"]
+        if args.user:
+            command = ["setpriv", "--reuid", args.user, "--regid", args.user, "--init-groups",
+                       "--reset-env", "--", *command]
+        argv = sysnode.enter(*command)
+        os.execvp(argv[0], argv)
     if args.host not in HOSTS:
         raise LabError(f"unknown host {args.host!r}; hosts: {', '.join(HOSTS)}")
     if not namespaces_ok():
@@ -326,6 +340,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
     argv = [*nsenter(args.host, wd=wd), *command]
     os.execvpe(argv[0], argv, env)
     return 127  # not reached
+
+
+def cmd_sysnode(args: argparse.Namespace) -> int:
+    """`sysnode up|down|status`: the compute node booted with systemd (sysnode.py)."""
+    if args.action == "up":
+        sysnode.cmd_up()
+    elif args.action == "down":
+        sysnode.cmd_down()
+    else:
+        return sysnode.cmd_status()
+    return 0
 
 
 def cmd_reinstall(_args: argparse.Namespace) -> int:

@@ -13,10 +13,10 @@ import contextlib
 import os
 from pathlib import Path
 
-from . import cgroupv2
+from . import cgroupv2, sysnode
 from . import generation as lab
 from .generation import COMPUTE, HOSTS, sname, v4, v6
-from .host import lab_ids
+from .host import host_key, lab_ids
 from .lab_venv import repo_digest
 from .util import REPO, digest, fill, run, write_if_changed
 
@@ -48,10 +48,6 @@ def sshd_supports(keyword: str) -> bool:
     return keyword.lower().encode() in lab.GEN.in_root("/usr/sbin/sshd").read_bytes()
 
 
-def host_key(node: str) -> Path:
-    return lab.VAR / "ssh" / node / "ssh_host_ed25519_key"
-
-
 def write_configs() -> dict[str, str]:
     """Write every lab config file; return a digest per daemon of what it depends on."""
     for directory in (lab.RUN, lab.VAR, lab.ETC, lab.LOG):
@@ -62,9 +58,14 @@ def write_configs() -> dict[str, str]:
     values = {"VAR": str(lab.VAR), "RUN": str(lab.RUN), "LOG": str(lab.LOG),
               "PREFIX": str(lab.VENV)}
 
+    node_lines = [f"NodeName={sname(n)} NodeAddr={v4(n)}" for n in COMPUTE]
+    more_partitions = ""
+    if sysnode.supported():  # the systemd-booted node, in a partition of its own
+        node_line, more_partitions = sysnode.slurm_lines()
+        node_lines.append(node_line)
     slurm_conf = fill(
         "slurm.conf.in", CLUSTER=lab.GEN.cluster_name, CTL_ADDR=v4("ctl"),
-        NODES="\n".join(f"NodeName={sname(n)} NodeAddr={v4(n)}" for n in COMPUTE),
+        NODES="\n".join(node_lines), MORE_PARTITIONS=more_partitions,
         NODELIST=",".join(sname(n) for n in COMPUTE) if lab.GEN.root is not None else "n[1-3]",
         **values)
     if cgroupv2.enabled():
@@ -86,18 +87,24 @@ def write_configs() -> dict[str, str]:
     hosts += [f"{v4(h)}\t{h}" + (f" {sname(h)}" if sname(h) != h else "") for h in HOSTS]
     hosts += [f"{v6(h)}\t{h}-v6" + (f" {sname(h)}-v6" if sname(h) != h else "")
               for h in HOSTS]
+    if sysnode.supported():
+        hosts += [f"{sysnode.address()}\t{sysnode.HOST}",
+                  f"{sysnode.address6()}\t{sysnode.HOST}-v6"]
     write_if_changed(lab.ETC / "hosts", "\n".join(hosts) + "\n")
 
     # Host keys and the lab-wide known_hosts.
     known = []
-    for node in COMPUTE:
+    for node in [*COMPUTE, *([sysnode.HOST] if sysnode.supported() else [])]:
         key = host_key(node)
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True)
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node}.lab",
                  "-f", str(key)])
         pub = " ".join(Path(f"{key}.pub").read_text().split()[:2])
-        names = [node, f"{node}-v6", v4(node), v6(node)]
+        if node == sysnode.HOST:
+            names = [node, f"{node}-v6", sysnode.address(), sysnode.address6()]
+        else:
+            names = [node, f"{node}-v6", v4(node), v6(node)]
         if sname(node) != node:
             names += [sname(node), f"{sname(node)}-v6"]
         names += [f"[{n}]:2222" for n in names]

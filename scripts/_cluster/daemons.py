@@ -175,8 +175,7 @@ def as_the_unit_runs_it() -> list[str]:
     return ["setpriv", f"--bounding-set={caps}", "--inh-caps=-all", "--no-new-privs", "--"]
 
 
-#: The lab's own cgroups (v2) for its brokers: /sys/fs/cgroup/unified on this hybrid host.
-LAB_CGROUPS = Path("/sys/fs/cgroup/unified/sshd-adopt-lab")
+LAB_CGROUPS = cgroupv2.LAB_CGROUPS
 
 
 def broker_cgroup(node: str) -> Path | None:

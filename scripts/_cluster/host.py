@@ -77,15 +77,31 @@ def ensure_packages() -> None:
     ensure_host_packages(missing)
 
 
+def host_key(node: str) -> Path:
+    """The ed25519 host key of a lab node's sshds (made by configs.write_configs)."""
+    return lab.VAR / "ssh" / node / "ssh_host_ed25519_key"
+
+
 def root_exec(argv: Sequence[str], *, timeout: float = 600, check: bool = True,
-              input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+              input_text: str | None = None,
+              layer: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `argv` in the generation's root (for building it; the lab itself is not needed):
     a private mount namespace with /dev, /proc, the lab state dir and the host's local
-    package indexes (pip configuration) bound in, then chroot."""
+    package indexes (pip configuration) bound in, then chroot. With `layer`, the root is
+    the lower layer of an overlay and every change lands in `layer` (a directory; its
+    sibling `<layer>.work` is overlayfs' work dir), the root itself stays as it was."""
     assert lab.GEN.root is not None
     r = str(lab.GEN.root)
     lab.VAR.mkdir(parents=True, exist_ok=True)
-    mounts = [f"mount --rbind /dev {r}/dev", f"mount -t proc proc {r}/proc",
+    mounts = []
+    if layer is not None:
+        merged, work = Path(f"{layer}.merged"), Path(f"{layer}.work")
+        for path in (layer, merged, work):
+            path.mkdir(parents=True, exist_ok=True)
+        mounts.append(f"mount -t overlay lab-layer -o lowerdir={r},upperdir={layer},"
+                      f"workdir={work} {merged}")
+        r = str(merged)
+    mounts += [f"mount --rbind /dev {r}/dev", f"mount -t proc proc {r}/proc",
               f"mkdir -p {r}{lab.VAR} && mount --bind {lab.VAR} {r}{lab.VAR}"]
     # The host's CA bundle (it may hold a site proxy's CA that pip needs), READ-ONLY and at a
     # path of its own: bound over the root's /etc/ssl/certs, apt's ca-certificates trigger in

@@ -199,6 +199,18 @@ SCENARIOS: tuple[Scenario, ...] = (
        GATE),
     _s("job_ending", "the job ends while the session runs",
        "one job that ends 3 s after the login (its batch script exits)", "same"),
+    _s("pam_systemd", "pam_systemd in the PAM stack (node booted with systemd)",
+       "26.05 lab only: node s1 boots systemd as its init, logind runs, and both sshds use "
+       "Debian's PAM stack with pam_systemd (sshd-adopt's drop-in on port 22, "
+       "pam_slurm_adopt in the account phase on port 2222); alice has one job on s1; the "
+       "probe runs 10 s after login, then the job is cancelled", "differs on purpose",
+       ("cgroup", "listpids", "dies", "exit", "stderr"),
+       "pam_slurm_adopt adopts in PAM's account phase, then pam_systemd (session phase) "
+       "moves the session into logind's session scope, out of the job: not counted to it, "
+       "not ended with it (why Slurm's documentation tells sites to disable pam_systemd; "
+       "exit and stderr follow: that session outlives the job, its client is killed); "
+       "sshd-adopt adopts after the session phase, so the session is in the job, ends "
+       "with it, and keeps its logind session and XDG_RUNTIME_DIR"),
     _s("nodename", "nodename differing from the hostname",
        "24.11 and 26.05 labs only (the 22.05 lab names its nodes after the hosts): alice has a "
        "job on host n1, whose Slurm NodeName is t1 (f1 on 26.05; NodeAddr = n1's address, "

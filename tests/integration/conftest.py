@@ -14,6 +14,21 @@ import pytest
 from tests.harness import Cluster, wait_until
 
 
+@pytest.fixture(scope="module")
+def sysnode(cluster: Cluster) -> Iterator[Cluster]:
+    """The compute node s1 booted with systemd as its init, sshd-adopt installed in it by
+    scripts/install and started from its unit (``scripts/cluster sysnode up``); powered off
+    after the module. Cgroup v2 generations only: systemd sees nothing but cgroup2."""
+    if cluster.gen.cgroup != "v2":
+        pytest.skip("the systemd node runs on a cgroup v2 generation only (forky)")
+    cluster.run_script("sysnode", "up", timeout=900)
+    try:
+        yield cluster
+    finally:
+        cluster.cancel_all()
+        cluster.run_script("sysnode", "down", timeout=120)
+
+
 def reload_broker(cluster: Cluster, node: str) -> None:
     """SIGHUP the broker and wait until it logged the reload."""
     log = cluster.broker_log(node)

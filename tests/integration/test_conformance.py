@@ -166,11 +166,13 @@ def _remote_sleep(user: str, marker: str) -> int | None:
 
 
 def sessions_vs_job(cluster: Cluster, key: str, src: str, dst: str, user: str,
-                    labels: dict[int, str], end_job: Callable[[], None]) -> Row:
+                    labels: dict[int, str], end_job: Callable[[], None],
+                    settle: int = 0) -> Row:
     """Hold a session open through each front end, end the job, see whether they die.
 
-    The sessions run PROBE and then ``exec sleep <marker>``; "dies" means the remote sleep
-    is gone within 20 s of the job's end.
+    The sessions run PROBE (after ``settle`` seconds, if given) and then
+    ``exec sleep <marker>``; "dies" means the remote sleep is gone within 20 s of the
+    job's end.
     """
     markers = {PAM: "31222", ADOPT: "31022"}
     clients: dict[int, subprocess.Popen[str]] = {}
@@ -178,9 +180,10 @@ def sessions_vs_job(cluster: Cluster, key: str, src: str, dst: str, user: str,
     for port in PORTS:
         started[port] = time.monotonic()
         clients[port] = cluster.spawn(src, "ssh", "-o", "LogLevel=INFO", "-p", str(port), dst,
-                                      f"{PROBE}; exec sleep {markers[port]}", user=user)
+                                      f"{f'sleep {settle}; ' if settle else ''}{PROBE}; "
+                                      f"exec sleep {markers[port]}", user=user)
     try:
-        wait_until(lambda: all(_remote_sleep(user, m) for m in markers.values()), 20,
+        wait_until(lambda: all(_remote_sleep(user, m) for m in markers.values()), 20 + settle,
                    "both sessions to run")
         end_job()
         deadline = time.monotonic() + 20
@@ -486,3 +489,13 @@ def test_job_still_starting(cluster: Cluster) -> None:
         os.kill(slurmd, signal.SIGCONT)
     cluster.wait_running(job)
     verify("job_starting")
+
+
+def test_pam_systemd_on_a_systemd_node(sysnode: Cluster) -> None:
+    """The node s1 booted with systemd, pam_systemd in sshd's PAM stack on both ports: where
+    each session is 10 s after login (logind has done its part by then), and whether it
+    dies with the job (tests/integration/test_systemd_node.py checks the logind side)."""
+    job = sysnode.submit("alice", ["s1"], extra_args=["--partition=systemd"])
+    sessions_vs_job(sysnode, "pam_systemd", "login", "s1", "alice", {job: "A"},
+                    lambda: sysnode.cancel(job), settle=10)
+    verify("pam_systemd")
