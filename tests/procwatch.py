@@ -1,4 +1,4 @@
-"""The kernel's proc connector, followed from a test: what ran, and when it changed uid.
+"""The kernel's proc connector, followed from a test: what ran, when it changed uid, when it exited.
 
 Tests use it to see what happened on the lab's nodes during a login without asking the
 product: every exec (with the command line read the moment the event arrives, so even a
@@ -17,6 +17,7 @@ from types import TracebackType
 
 from sshd_adopt._internal.node.procevents import (
     PROC_EVENT_EXEC,
+    PROC_EVENT_EXIT,
     PROC_EVENT_UID,
     open_proc_connector,
     parse_proc_events,
@@ -48,11 +49,13 @@ def _cmdline(pid: int) -> str:
 
 
 class ProcWatch:
-    """Records execs and uid changes of every process while the block runs."""
+    """Records execs, uid changes and exits of every process while the block runs."""
 
     def __init__(self) -> None:
         self.execs: list[Exec] = []
         self.uid_changes: list[UidChange] = []
+        #: pid -> when it exited (kernel monotonic ns); a pid reused later keeps the last
+        self.exits: dict[int, int] = {}
         self.lost = 0
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -90,6 +93,8 @@ class ProcWatch:
                     self.uid_changes.append(UidChange(event.pid, event.ruid, event.euid,
                                                       _cmdline(event.pid),
                                                       event.timestamp_ns))
+                elif event.what == PROC_EVENT_EXIT:
+                    self.exits[event.pid] = event.timestamp_ns
 
     def commands(self, needle: str) -> list[str]:
         """Command lines of the execs that contain ``needle``."""

@@ -18,6 +18,7 @@ from . import generation as lab
 from .generation import COMPUTE, HOSTS, sname, v4, v6
 from .host import host_key, lab_ids
 from .lab_venv import repo_digest
+from .namespaces import etc_ssh
 from .util import REPO, digest, fill, run, write_if_changed
 
 # The shipped drop-in; SSHD_ADOPT_LAB_DROPIN=PATH tries another one.
@@ -46,6 +47,34 @@ def sshd_supports(keyword: str) -> bool:
     """Does this sshd know `keyword`? (Its keyword table is lower-case text in the binary;
     `sshd -T` needs /run/sshd, which only exists inside the lab namespaces.)"""
     return keyword.lower().encode() in lab.GEN.in_root("/usr/sbin/sshd").read_bytes()
+
+
+#: Lab hosts whose users may log in elsewhere by hostbased authentication.
+HOSTBASED_CLIENTS = ("login", *COMPUTE)
+
+
+def write_etc_ssh() -> None:
+    """Each lab host's /etc/ssh (bound there by namespaces.etc_binds): the generation's
+    own files but its host keys, plus the lab's ssh_config, ssh_known_hosts (sshd reads
+    the system one for hostbased logins), shosts.equiv (the lab hosts' addresses: sshd
+    checks the client's address, UseDNS being off) and the host's own ed25519 key, which
+    ssh-keysign reads from /etc/ssh only."""
+    equiv = "".join(f"{v4(h)}\n{v6(h)}\n" for h in HOSTBASED_CLIENTS)
+    lab_files = {"ssh_config": (lab.ETC / "ssh_config").read_text(),
+                 "ssh_known_hosts": (lab.ETC / "ssh_known_hosts").read_text(),
+                 "shosts.equiv": equiv}
+    for host in HOSTS:
+        target = etc_ssh(host)
+        target.mkdir(parents=True, exist_ok=True)
+        run(["rsync", "-a", "--delete", "--exclude", "ssh_host_*",
+             *(arg for name in lab_files for arg in ("--exclude", name)),
+             f"{lab.GEN.in_root('/etc/ssh')}/", f"{target}/"])
+        for name, text in lab_files.items():
+            write_if_changed(target / name, text)
+        key = host_key(host)
+        if key.exists():
+            write_if_changed(target / key.name, key.read_text(), mode=0o600)
+            write_if_changed(target / f"{key.name}.pub", Path(f"{key}.pub").read_text())
 
 
 def write_configs() -> dict[str, str]:
@@ -92,9 +121,10 @@ def write_configs() -> dict[str, str]:
                   f"{sysnode.address6()}\t{sysnode.HOST}-v6"]
     write_if_changed(lab.ETC / "hosts", "\n".join(hosts) + "\n")
 
-    # Host keys and the lab-wide known_hosts.
+    # Host keys and the lab-wide known_hosts. The login host has a key too: it signs
+    # hostbased logins (ssh-keysign) like the compute nodes.
     known = []
-    for node in [*COMPUTE, *([sysnode.HOST] if sysnode.supported() else [])]:
+    for node in ["login", *COMPUTE, *([sysnode.HOST] if sysnode.supported() else [])]:
         key = host_key(node)
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +164,10 @@ def write_configs() -> dict[str, str]:
         "    ConnectTimeout 10\n"
         "    IdentityFile ~/.ssh/id_ed25519\n"
         f"    IdentityFile {lab.ETC}/id_ed25519.%u\n"
+        "    # ssh-keysign reads this: hostbased logins (-o HostbasedAuthentication=yes)\n"
+        "    EnableSSHKeysign yes\n"
     ))
+    write_etc_ssh()
 
     # PAM: a copy of the host's /etc/pam.d plus one reference service per node.
     pam_dir = lab.ETC / "pam.d"
@@ -186,6 +219,10 @@ def write_configs() -> dict[str, str]:
             "X11Forwarding yes\nAllowTcpForwarding yes\nSubsystem sftp internal-sftp\n"
             f"TrustedUserCAKeys {lab.ETC}/user_ca.pub\n"
             "PrintMotd no\nAcceptEnv LANG LC_*\n" + penalties
+            # Hostbased logins from the lab's hosts (their keys in /etc/ssh/ssh_known_hosts,
+            # their addresses in /etc/ssh/shosts.equiv: write_etc_ssh). The shipped drop-in
+            # turns it off for managed users unless --auth-methods allows it.
+            + "HostbasedAuthentication yes\nIgnoreUserKnownHosts yes\n"
         )
         # MaxStartups is one of the few keywords where sshd keeps the LAST value: set the lab
         # default before the Include so that the shipped drop-in's value wins.

@@ -4,7 +4,7 @@ Each lab host (ctl, login, n1..n3) is a network + UTS + mount namespace, kept al
 bind mounts of its /proc ns files under ``lab.NSDIR``; ``nsenter`` gives the argv prefix
 that enters one (and, in a chroot generation, its root). ``mount_script`` is what runs
 inside a new mount namespace: the lab's /run, /dev (with /dev/log at the lab syslog sink)
-and the lab copies of /etc/slurm, /etc/hosts, /etc/ssh/ssh_config and /etc/pam.d.
+and the lab copies of /etc/slurm, /etc/hosts, /etc/ssh and /etc/pam.d.
 ``create_namespaces`` also wires the hosts to a bridge in ctl's network namespace.
 """
 
@@ -80,21 +80,28 @@ def remove_namespaces() -> None:
         run(["umount", "-l", str(lab.NSDIR)], check=False)
 
 
-def etc_binds() -> list[tuple[Path, str]]:
-    """The lab's files bound over a host's /etc (the same for every host and generation)."""
+def etc_binds(host: str) -> list[tuple[Path, str]]:
+    """The lab's files bound over a host's /etc: the same for every host, but /etc/ssh,
+    which holds the host's own key (ssh-keysign reads it there, for hostbased logins)."""
     return [
         (lab.ETC / "slurm", "/etc/slurm"),
         (lab.ETC / "hosts", "/etc/hosts"),
-        (lab.ETC / "ssh_config", "/etc/ssh/ssh_config"),
+        (etc_ssh(host), "/etc/ssh"),
         (lab.ETC / "pam.d", "/etc/pam.d"),
     ]
+
+
+def etc_ssh(host: str) -> Path:
+    """A host's /etc/ssh in the lab (configs.write_etc_ssh): the generation's own, with
+    the lab's ssh_config, known hosts, shosts.equiv and this host's key."""
+    return lab.ETC / "etc-ssh" / host
 
 
 def mount_script_root(host: str, root: Path) -> str:
     """Namespaces of a chroot generation: the same view as mount_script() gives a host,
     built under `root` (nothing is mounted under it outside the lab's mount namespaces)."""
     r = str(root)
-    binds = etc_binds()
+    binds = etc_binds(host)
     lines = [
         "set -e",
         f"hostname {host}",
@@ -133,7 +140,7 @@ def mount_script(host: str) -> str:
     if lab.GEN.root is not None:
         return mount_script_root(host, lab.GEN.root)
     stage = lab.VAR / "stage" / host
-    binds = etc_binds()
+    binds = etc_binds(host)
     lines = [
         "set -e",
         f"hostname {host}",

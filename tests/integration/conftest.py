@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Cluster, wait_until
+from sshd_adopt._internal.authmethods import dropin_with_methods, parse_methods
+from tests.harness import REPO, Cluster, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,26 @@ def sysnode(cluster: Cluster) -> Iterator[Cluster]:
     finally:
         cluster.cancel_all()
         cluster.run_script("sysnode", "down", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def hostbased_lab(cluster: Cluster,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Every node's port-22 sshd with the drop-in as ``scripts/install --auth-methods
+    hostbased`` writes it (``scripts/cluster up`` with SSHD_ADOPT_LAB_DROPIN: the sshds
+    restart, new pids, so no broker keeps an earlier answer of theirs); the shipped drop-in
+    again after the module."""
+    shipped = REPO / "sshd_config.d" / "sshd-adopt.conf"
+    dropin = tmp_path_factory.mktemp("dropin") / "sshd-adopt.conf"
+    dropin.write_text(dropin_with_methods(shipped.read_text(), parse_methods("hostbased")))
+    os.environ["SSHD_ADOPT_LAB_DROPIN"] = str(dropin)
+    try:
+        cluster.run_script("up", timeout=600)
+        yield cluster
+    finally:
+        del os.environ["SSHD_ADOPT_LAB_DROPIN"]
+        cluster.cancel_all()
+        cluster.run_script("up", timeout=600)
 
 
 def reload_broker(cluster: Cluster, node: str) -> None:

@@ -126,6 +126,31 @@ def test_existing_config_is_kept_and_a_changed_dropin_backed_up(installed: Layou
     assert not any(b.name.endswith(".conf") for b in backups)
 
 
+def test_auth_methods_rewrite_the_dropin_and_sshd_accepts_it(installed: Layout,
+                                                            tmp_path: Path) -> None:
+    """--auth-methods hostbased: the drop-in lets managed users in by hostbased too, and
+    this host's sshd accepts it (the installer's own `sshd -t` of the drop-in alone)."""
+    dropin = installed.sshd_dir / "sshd-adopt.conf"
+    out = installed.run("--auth-methods", "hostbased").stdout
+    text = dropin.read_text()
+    assert "    AuthenticationMethods publickey hostbased\n" in text
+    assert "    HostbasedAuthentication yes\n" in text
+    assert "    GSSAPIAuthentication no\n" in text
+    assert "sshd -t -f" in out and "FAILED" not in out, out
+    check = tmp_path / "sshd_config"
+    check.write_text(f"Include {dropin}\n")
+    managed = subprocess.run(["sshd", "-T", "-f", str(check), "-C",
+                              "user=alice,host=n1,addr=10.0.0.1"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "authenticationmethods publickey hostbased" in managed
+    installed.run()  # back to the shipped drop-in (the old one is backed up)
+    assert "    AuthenticationMethods publickey\n" in dropin.read_text()
+    refused = subprocess.run([str(SCRIPT), "--auth-methods", "password", "--dry-run"],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "unknown authentication method(s) password" in \
+        refused.stderr
+
+
 def test_installed_commands_work(installed: Layout, tmp_path: Path) -> None:
     bin_dir = installed.prefix / "bin"
     help_text = subprocess.run([str(bin_dir / "sshd-adopt"), "--help"], capture_output=True,

@@ -15,7 +15,8 @@ nested in n3's (``unshare -m``), in which
   tmp dir (on the host's disk, not a tmpfs): useradd, the drop-in, the venv, pip's cache,
   PAM's /run/motd.dynamic and the lastlog records of useradd and sshd land there. n3's
   own mounts below those dirs (the lab's /etc/slurm, /etc/hosts, /etc/pam.d, /run/munge, ...) are
-  moved back on top, so the node still is lab node n3;
+  moved back on top, so the node still is lab node n3 (but the lab's /etc/ssh: the
+  install's drop-in goes to the node's own /etc/ssh/sshd_config.d, in the overlay);
 * /run/sshd-adopt, which on every lab node is the lab broker's run dir, is a fresh tmpfs:
   the installed broker gets its own socket there;
 * /tmp is a fresh tmpfs, and the lab's syslog socket is replaced by one of this test, so
@@ -69,6 +70,9 @@ GATE_USER = "sshd-adopt-gate"
 #: Top-level dirs overlaid in the nested namespace (every write of the install and of the
 #: installed product lands in one of them, or in the two fresh tmpfs).
 OVERLAID = ("/etc", "/opt", "/root", "/run", "/var/log")
+#: n3's mounts left under the overlays: the lab's /etc/ssh (its host key, for hostbased
+#: logins) would take the drop-in the install writes; the overlay shows the node's own.
+NOT_MOVED_BACK = ("/etc/ssh",)
 #: Host files whose content must be the same after the test (only the lab writes them).
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
 #: The installed example's exempt list, which a test removes to break the agreement
@@ -145,7 +149,7 @@ def submounts(mountinfo: str) -> list[str]:
     points: list[str] = []
     for mount_id, _, point in mounts:
         if (any(point.startswith(top + "/") for top in OVERLAID) and point not in points
-                and resolve(point) == mount_id):
+                and point not in NOT_MOVED_BACK and resolve(point) == mount_id):
             points.append(point)
     return sorted(points, key=lambda p: p.count("/"))  # parents before their children
 

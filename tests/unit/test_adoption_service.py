@@ -68,17 +68,25 @@ class Clock:
 class FakeManaged(ManagedQuery):
     """sshd -T's answer: one for every connection (or an error); records what was asked."""
 
-    def __init__(self, answer: bool = True, error: SshdConfigError | None = None) -> None:
+    def __init__(self, answer: bool = True, error: SshdConfigError | None = None,
+                 keyless: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.answer = answer
+        self.is_managed = answer
         self.error = error
+        self.ways = keyless
         self.asked: list[tuple[int, str, Connection | None]] = []
 
     def managed(self, listener: ProcInfo, user: str, connection: Connection | None) -> bool:
         self.asked.append((listener.pid, user, connection))
         if self.error is not None:
             raise self.error
-        return self.answer
+        return self.is_managed
+
+    def keyless(self, listener: ProcInfo, user: str,
+                connection: Connection | None) -> tuple[str, ...]:
+        if self.error is not None:
+            raise self.error
+        return self.ways
 
 
 @dataclass
@@ -95,6 +103,7 @@ class World:
     in_job: dict[int, int | None] = field(default_factory=dict)
     oom: list[tuple[int, ...]] = field(default_factory=list)
     terminated: list[tuple[list[int], float]] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
     found: list[int] = field(default_factory=list)
     listed: list[int] = field(default_factory=list)
     alive: bool = True
@@ -102,8 +111,8 @@ class World:
     # processes the session forks while the first join is under way (OpenSSH 10's shell)
     forked_during_join: list[int] = field(default_factory=list)
 
-    def authenticate(self) -> None:
-        self.service.authenticated(MONITOR, MONITOR_START, CHILD)
+    def authenticate(self, *, held: bool = False) -> None:
+        self.service.authenticated(MONITOR, MONITOR_START, CHILD, held=held)
 
     def request(self, overrides: dict[str, str] | None = None, uid: int | None = None,
                 ) -> Outcome:
@@ -181,6 +190,14 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
         world.terminated.append((list(pids), kill_after))
         return list(pids)
 
+    def end_at_authentication(monitor: int, user_side: Sequence[int], *, kill_after: float,
+                              why: str) -> list[int]:
+        world.terminated.append(([monitor, *user_side], kill_after))
+        return [monitor, *user_side]
+
+    def release(pid: int) -> None:
+        world.released.append(pid)
+
     monkeypatch.setattr(adoption, "verify_authenticated", verify_authenticated)
     monkeypatch.setattr(adoption, "find_session", find_session)
     monkeypatch.setattr(adoption, "still_alive", lambda session: world.alive)
@@ -194,6 +211,9 @@ def make(monkeypatch: pytest.MonkeyPatch, account: Account = ALICE, *,
         lambda job, reference, pids, nodename, named=None: [
             pid for pid in pids if extern_job_of(pid, nodename) != job])
     monkeypatch.setattr(signals, "terminate", terminate)
+    monkeypatch.setattr(signals, "end_at_authentication", end_at_authentication)
+    monkeypatch.setattr(signals, "release", release)
+    monkeypatch.setattr(signals, "hold", lambda pid: pytest.fail("the service never holds"))
     return world
 
 
@@ -300,6 +320,54 @@ def test_a_refused_bash_user_is_left_to_the_wrapper_to_tell(
     decided = world.decision()
     assert decided is not None and isinstance(decided[0], Denied)
     assert world.steps.joined == []
+
+
+def test_a_refused_bash_user_who_may_come_in_without_a_key_is_ended_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With hostbased allowed, the login may not have met a restricted key entry (no
+    `restrict`: forwarding would work until the wrapper ran, and -N runs none): ended."""
+    world = make(monkeypatch, ALICE, managed=FakeManaged(keyless=("hostbased",)))
+    world.authenticate()
+    assert world.terminated == [([MONITOR, CHILD], 2.0)]
+    decided = world.decision()
+    assert decided is not None and isinstance(decided[0], Denied)
+
+
+def test_a_user_in_a_job_who_may_come_in_without_a_key_is_adopted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=ONE_JOB, managed=FakeManaged(keyless=("hostbased",)))
+    world.authenticate()
+    assert world.terminated == []
+    assert world.steps.joined and world.steps.joined[0][2] == (MONITOR, CHILD)
+
+
+def test_a_held_login_is_continued_once_adopted(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=ONE_JOB, managed=FakeManaged(keyless=("hostbased",)))
+    world.authenticate(held=True)
+    assert world.steps.joined and world.released == [CHILD] and world.terminated == []
+
+
+def test_a_held_refused_login_is_ended_and_never_continued(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a bash user, whom a restricted key would have let the wrapper tell why: a held
+    connection may have come in without a key."""
+    world = make(monkeypatch, ALICE)
+    world.authenticate(held=True)
+    assert world.terminated == [([MONITOR, CHILD], 2.0)] and world.released == []
+
+
+def test_a_held_login_of_an_unmanaged_or_exempt_user_is_continued(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, DAVE, managed=FakeManaged(answer=False))
+    world.authenticate(held=True)
+    assert world.released == [CHILD] and world.terminated == []
+
+
+def test_a_login_not_held_is_never_continued_by_the_service(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = make(monkeypatch, jobs=ONE_JOB)
+    world.authenticate()
+    assert world.released == []
 
 
 def test_several_jobs_ask_the_source_at_authentication(monkeypatch: pytest.MonkeyPatch) -> None:

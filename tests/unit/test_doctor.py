@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sshd_adopt._internal import protocol
+from sshd_adopt._internal.authmethods import ways_in_without_a_key
 from sshd_adopt._internal.config import AdmissionSettings, Config, Exemptions
 from sshd_adopt._internal.core.decision import Adopt, AskCallerId, Deny, LocalJob, Message
 from sshd_adopt._internal.core.options import Options, UnknownAction
@@ -19,6 +20,7 @@ from sshd_adopt._internal.doctor import checks as doctor
 from sshd_adopt._internal.doctor import sshd as sshd_checks
 from sshd_adopt._internal.doctor.checks import Check, PathStat, PingResult, Status
 from sshd_adopt._internal.doctor.sshd import SshdView
+from sshd_adopt._internal.node.sshdconfig import parse_sshd_t
 from sshd_adopt._internal.slurm.facts import SlurmFacts
 from sshd_adopt.cli import doctor as doctor_cli
 
@@ -184,7 +186,7 @@ ADMISSION = AdmissionSettings()
 
 
 def test_parse_sshd_t() -> None:
-    values = sshd_checks.parse_sshd_t(SSHD_T)
+    values = parse_sshd_t(SSHD_T)
     assert values["authorizedkeysfile"] == "/run/sshd-adopt/keys/%u"
     assert values["listenaddress"] == "0.0.0.0:22\n[::]:22"
     assert sshd_checks.forced_wrapper(values["forcecommand"]) == "/opt/sshd-adopt/bin/sshd-adopt"
@@ -196,7 +198,7 @@ def test_forced_wrapper_other_commands(command: str) -> None:
 
 
 def view(text: str = SSHD_T, **changes: str) -> SshdView:
-    settings = sshd_checks.parse_sshd_t(text)
+    settings = parse_sshd_t(text)
     settings.update(changes)
     return SshdView("alice", settings)
 
@@ -440,7 +442,7 @@ SWITCHES_ON = {"pubkeyauthentication": "yes", "hostbasedauthentication": "yes",
      ["gssapi-with-mic,keyboard-interactive:pam"]),
 ])
 def test_ways_in_without_a_key(changes: dict[str, str], ways: list[str]) -> None:
-    assert sshd_checks.ways_in_without_a_key(view(**changes)) == ways
+    assert ways_in_without_a_key(view(**changes).settings) == ways
 
 
 def test_auth_methods_ok_for_publickey_only_and_warned_otherwise() -> None:

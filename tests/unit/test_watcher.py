@@ -30,7 +30,7 @@ from sshd_adopt._internal.broker import watcher as watcher_module
 from sshd_adopt._internal.broker.watcher import Watcher
 from sshd_adopt._internal.config import AdoptionSettings, Config
 from sshd_adopt._internal.core.state import BrokerState
-from sshd_adopt._internal.node import procfs
+from sshd_adopt._internal.node import procfs, signals
 from sshd_adopt._internal.node.procevents import (
     PROC_EVENT_EXEC,
     PROC_EVENT_EXIT,
@@ -40,6 +40,7 @@ from sshd_adopt._internal.node.procevents import (
     parse_proc_events,
 )
 from sshd_adopt._internal.services.adoption import Adoption
+from sshd_adopt._internal.services.holds import Holds
 from sshd_adopt._internal.services.sweeper import Sweeper
 from sshd_adopt._internal.slurm.jobtable import JobTable
 from sshd_adopt.errors import NoSuchProcess
@@ -106,9 +107,13 @@ class FakeTable:
 class FakeAdoption:
     def __init__(self, log: Recorder) -> None:
         self.log = log
+        self.holds = Holds()  # the real one: pure bookkeeping
 
-    def authenticated(self, monitor_pid: int, monitor_start: float, child_pid: int) -> None:
+    def authenticated(self, monitor_pid: int, monitor_start: float, child_pid: int, *,
+                      held: bool = False) -> None:
         self.log.record("adoption.authenticated", monitor_pid, monitor_start, child_pid)
+        if held:
+            self.log.record("adoption.held", child_pid)
 
     def monitor_gone(self, monitor_pid: int) -> None:
         self.log.record("adoption.monitor_gone", monitor_pid)
@@ -184,8 +189,15 @@ def alive(monkeypatch: pytest.MonkeyPatch) -> dict[int, float]:
 
 
 @pytest.fixture
-def node(alive: dict[int, float]) -> Node:
-    return Node()
+def node(alive: dict[int, float], monkeypatch: pytest.MonkeyPatch) -> Node:
+    made = Node()
+
+    def hold(pid: int) -> bool:  # never a real SIGSTOP to a made-up pid
+        made.log.record("signals.hold", pid)
+        return True
+
+    monkeypatch.setattr(signals, "hold", hold)
+    return made
 
 
 def fork(parent: int, child: int) -> ProcEvent:
@@ -216,6 +228,38 @@ def test_the_monitors_child_taking_the_users_uid_is_authenticated_once(node: Nod
     node.feed(fork(LISTENER, MONITOR), fork(MONITOR, CHILD), uid(CHILD, ALICE, ALICE))
     assert node.authenticated() == [(MONITOR, STARTS[MONITOR], CHILD)]
     assert node.log.named("sweeper.forked") == [(MONITOR, CHILD)]
+
+
+def test_a_login_that_may_be_keyless_is_held_at_its_uid_change(node: Node) -> None:
+    """The key check's answer says the user may come in without a key (hostbased): the
+    child is stopped the moment it takes the user's uid, before anything is decided."""
+    node.feed(fork(LISTENER, MONITOR), uid(MONITOR, 0, ALICE))
+    node.watcher._adoption.holds.checked(MONITOR, LISTENER, keyless=True)
+    node.feed(uid(MONITOR, 0, 0), fork(MONITOR, CHILD), uid(CHILD, ALICE, ALICE))
+    assert node.log.named("signals.hold") == [(CHILD,)]
+    assert node.log.named("adoption.held") == [(CHILD,)]
+
+
+def test_a_login_whose_key_check_is_still_running_is_held(node: Node) -> None:
+    node.feed(fork(LISTENER, MONITOR), uid(MONITOR, 0, ALICE), uid(MONITOR, 0, 0),
+              fork(MONITOR, CHILD), uid(CHILD, ALICE, ALICE))
+    assert node.log.named("signals.hold") == [(CHILD,)]  # FakeAdoption never answers
+
+
+def test_the_pre_authentication_child_is_not_held(node: Node) -> None:
+    """It takes the privilege-separation user's uid (not the user's the key check saw)."""
+    node.feed(fork(LISTENER, MONITOR), uid(MONITOR, 0, ALICE))
+    node.watcher._adoption.holds.checked(MONITOR, LISTENER, keyless=True)
+    node.feed(uid(MONITOR, 0, 0), fork(MONITOR, CHILD), uid(CHILD, 100, 100))
+    assert node.log.named("signals.hold") == []
+
+
+def test_a_publickey_only_login_is_not_held(node: Node) -> None:
+    node.feed(fork(LISTENER, MONITOR), uid(MONITOR, 0, ALICE))
+    node.watcher._adoption.holds.checked(MONITOR, LISTENER, keyless=False)
+    node.feed(uid(MONITOR, 0, 0), fork(MONITOR, CHILD), uid(CHILD, ALICE, ALICE))
+    assert node.log.named("signals.hold") == [] and node.log.named("adoption.held") == []
+    assert node.authenticated() == [(MONITOR, STARTS[MONITOR], CHILD)]
 
 
 @pytest.mark.parametrize(("ruid", "euid"), [(0, ALICE), (ALICE, ALICE)])

@@ -33,7 +33,7 @@ from typing import Final
 
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
-from sshd_adopt._internal.node import procfs
+from sshd_adopt._internal.node import procfs, signals
 from sshd_adopt._internal.node.inotify import Change, DirWatch
 from sshd_adopt._internal.node.procevents import (
     PROC_EVENT_EXEC,
@@ -76,6 +76,7 @@ class Watcher:
         self.connector_problem: str | None = "not started"
         self._spool: DirWatch | None = None
         self._monitors: dict[int, float] = {}  # monitor pid -> start time
+        self._listener_of: dict[int, int] = {}  # monitor pid -> the listener that forked it
         self._children: dict[int, int] = {}  # child pid -> its monitor
         self._reconciling: Future[None] | None = None
         self._settling: Future[None] | None = None
@@ -207,6 +208,7 @@ class Watcher:
                 with contextlib.suppress(ProcError):
                     if len(self._monitors) < MAX_FOLLOWED:
                         self._monitors[event.pid] = procfs.started_at(event.pid)
+                        self._listener_of[event.pid] = event.parent
                 self._sweeper.connection_opened(event.pid)
                 return
             if event.parent in self._monitors and len(self._children) < MAX_FOLLOWED:
@@ -217,6 +219,7 @@ class Watcher:
                 # The monitor reads the user's keys with the user's effective uid: an
                 # adoption may follow within milliseconds.
                 if event.ruid == 0 and event.euid != 0 and self._state().config.adoption.early:
+                    self._adoption.holds.checking(event.pid, event.euid)
                     self._submit(None, functools.partial(
                         self._adoption.key_check, event.pid, self._monitors[event.pid]))
                 return
@@ -225,13 +228,19 @@ class Watcher:
                 return
             start = self._monitors.get(monitor)
             if start is not None and self._state().config.adoption.early:
+                # A login that may have met no key entry is stopped right here, before
+                # its session handles a packet, until it is decided (services/holds.py).
+                held = self._adoption.holds.should_hold(
+                    monitor, self._listener_of.get(monitor), event.ruid
+                ) and signals.hold(event.pid)
                 self._submit(None, functools.partial(
-                    self._adoption.authenticated, monitor, start, event.pid))
+                    self._adoption.authenticated, monitor, start, event.pid, held=held))
         elif event.what == PROC_EVENT_EXEC:
             self._sweeper.executed(event.pid)
         elif event.what == PROC_EVENT_EXIT:
             self._table.process_exited(event.pid)
             if self._monitors.pop(event.pid, None) is not None:
+                self._listener_of.pop(event.pid, None)
                 self._adoption.monitor_gone(event.pid)
             self._children.pop(event.pid, None)
             self._sweeper.exited(event.pid)

@@ -27,6 +27,7 @@ from sshd_adopt._internal.doctor import sshd as sshd_checks
 from sshd_adopt._internal.doctor.checks import Check, DryRun, PingResult, Status
 from sshd_adopt._internal.doctor.sshd import SshdView
 from sshd_adopt._internal.node.keyentries import KeyEntries
+from sshd_adopt._internal.node.sshdconfig import parse_sshd_t
 from sshd_adopt._internal.slurm.facts import SlurmFacts, load_slurm_facts
 from sshd_adopt._internal.slurm.localjobs import user_jobs
 from sshd_adopt.errors import Error
@@ -62,7 +63,7 @@ def gather_sshd(user: str, sshd: str, config_file: str | None) -> SshdView:
         return SshdView(user, error=f"cannot run {sshd}: {err}")
     if done.returncode != 0:
         return SshdView(user, error=done.problem().split("; ")[-1])
-    return SshdView(user, settings=sshd_checks.parse_sshd_t(done.text()))
+    return SshdView(user, settings=parse_sshd_t(done.text()))
 
 
 def _exempt_users(config: Config | None) -> list[str]:

@@ -1,6 +1,6 @@
 """The doctor's sshd checks: what sshd will do for root, the exempt users and a managed user.
 
-Pure functions of ``sshd -T -C user=...`` output (:func:`parse_sshd_t`, gathered by
+Pure functions of ``sshd -T -C user=...`` output (``sshdconfig.parse_sshd_t``, gathered by
 :mod:`.gather`), of the key entry directories and of limits.conf: every rule is a
 unit test with made-up input. The keywords and their meaning are OpenSSH's
 (``sshd_config(5)``, ``servconf.c``'s dump of ``sshd -T``).
@@ -13,24 +13,9 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from sshd_adopt._internal.authmethods import ways_in_without_a_key
 from sshd_adopt._internal.config import AdmissionSettings
 from sshd_adopt._internal.doctor.checks import WRAPPER_NAME, Check, Status, ok
-
-
-def parse_sshd_t(text: str) -> dict[str, str]:
-    """``sshd -T`` output as {lower-case keyword: value}; repeated keywords are joined by \\n.
-
-    ``sshd -T`` prints one ``keyword value`` per line, keywords already in
-    lower case; multi-valued ones (listenaddress, hostkey) repeat the keyword.
-    """
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.strip().partition(" ")
-        if not key:
-            continue
-        key = key.lower()
-        values[key] = f"{values[key]}\n{value}" if key in values else value
-    return values
 
 
 @dataclass(frozen=True)
@@ -136,61 +121,31 @@ def check_sshd_managed(view: SshdView, admission: AdmissionSettings) -> list[Che
     return checks
 
 
-#: ``sshd -T`` switches of the methods a login can complete with, by method name
-#: (``AuthenticationMethods`` names, ``sshd_config(5)``).
-_METHOD_SWITCHES: dict[str, str] = {
-    "publickey": "pubkeyauthentication",
-    "hostbased": "hostbasedauthentication",
-    "gssapi-with-mic": "gssapiauthentication",
-    "password": "passwordauthentication",
-    "keyboard-interactive": "kbdinteractiveauthentication",
-}
-
-
-def ways_in_without_a_key(view: SshdView) -> list[str]:
-    """The ways a login of ``view``'s user completes without publickey, as sshd names them.
-
-    With ``AuthenticationMethods any`` each enabled method is a way in by itself; with
-    lists, a list that names no publickey is one (every method in it enabled).
-    """
-    def enabled(method: str) -> bool:
-        switch = _METHOD_SWITCHES.get(method.split(":", 1)[0])
-        return switch is None or view.get(switch).lower() == "yes"
-
-    methods = view.get("authenticationmethods")
-    if methods.lower() in ("any", "none", ""):
-        return [m for m in _METHOD_SWITCHES if m != "publickey" and enabled(m)]
-    ways = []
-    for chain in methods.split():
-        steps = chain.split(",")
-        if all(enabled(step) for step in steps) and not any(
-                step.split(":", 1)[0] == "publickey" for step in steps):
-            ways.append(chain)
-    return ways
-
-
 def check_auth_methods(view: SshdView) -> Check | None:
     """How a managed user can authenticate, and what enforces admission for each way.
 
     A publickey login passes the broker's key entries or its gate before sshd accepts
     it, and a refused user is told why. Any other way in (hostbased, GSSAPI, password,
-    keyboard-interactive) consults neither: the broker enforces admission only after
-    authentication (early adoption refuses and ends the connection; without the proc
-    connector, the wrapper and the sweeper's next scan), so forwarded ports may carry
-    data meanwhile. None when sshd could not be asked.
+    keyboard-interactive) consults neither: the broker enforces admission right after
+    authentication (early adoption ends a refused user's connection at the post-
+    authentication child's uid change, before its session runs anything, and without a
+    message; without the proc connector, only the sweeper's next scan ends it, and
+    forwarded ports may carry data until then). None when sshd could not be asked.
     """
     if view.error is not None:
         return None
     name = f"auth methods ({view.user})"
-    ways = ways_in_without_a_key(view)
+    ways = ways_in_without_a_key(view.settings)
     methods = view.get("authenticationmethods")
     if not ways:
         return ok(name, f"AuthenticationMethods {methods}: every login passes the key "
                   "entries or the gate, before sshd accepts it")
     return Check(name, Status.WARN,
                  f"AuthenticationMethods {methods}: {', '.join(ways)} log in without a key; "
-                 "for them admission is enforced only after authentication (the broker ends "
-                 "the connection), so forwarded ports may carry data until then",
+                 "admission is enforced right after authentication: a refused user's "
+                 "connection is ended at the post-authentication uid change (early "
+                 "adoption; without the proc connector, at the sweeper's next scan), "
+                 "with no message",
                  "AuthenticationMethods publickey in the drop-in's Match block, unless the "
                  "post-authentication bound is accepted (docs/threat-model.md)")
 

@@ -1,4 +1,5 @@
-"""Ending a connection: SIGTERM to every process of it, SIGKILL to those still there later.
+"""Ending a connection: SIGTERM to every process of it, SIGKILL to those still there later;
+holding a post-authentication child still while its admission is decided.
 
 Each process is pinned by its start time when the SIGTERM goes out, so the SIGKILL
 never reaches a process that took a reused pid meanwhile.
@@ -52,3 +53,29 @@ def _send(pid: int, sig: signal.Signals) -> bool:
                        sig.name, pid)
         return False
     return True
+
+
+def end_at_authentication(monitor: int, user_side: Sequence[int], *, kill_after: float,
+                          why: str) -> list[int]:
+    """End a connection right after authentication, before its session ran anything.
+
+    ``user_side`` (the post-authentication child and anything it forked: the user's
+    uid, nothing of theirs has run) gets SIGKILL at once, so not another packet of the
+    session is handled; the root ``monitor`` gets SIGTERM, so that it closes the session
+    as sshd does (PAM, utmp), then SIGKILL after ``kill_after`` seconds if still there.
+    Returns the pids signalled.
+    """
+    killed = [pid for pid in user_side if _send(pid, signal.SIGKILL)]
+    if killed:
+        logger().warning("%s: SIGKILL sent to %s", why, sorted(killed)[:20])
+    return killed + terminate([monitor], kill_after=kill_after, why=why)
+
+
+def hold(pid: int) -> bool:
+    """Stop ``pid`` (SIGSTOP) until :func:`release`; False if it is gone."""
+    return _send(pid, signal.SIGSTOP)
+
+
+def release(pid: int) -> None:
+    """Continue a process :func:`hold` stopped (nothing if it is gone)."""
+    _send(pid, signal.SIGCONT)

@@ -7,7 +7,9 @@ send to it (early adoption, the sweeper), it asks the very sshd that accepted th
 connection: the listener's own executable, with the configuration arguments the
 listener was started with (``-f``, ``-o``, ``-h``), and the connection's user and
 addresses as the ``Match`` criteria (``-C user=,addr=,host=,laddr=,lport=``). Managed
-means the effective ``ForceCommand`` runs ``sshd-adopt``.
+means the effective ``ForceCommand`` runs ``sshd-adopt``. The same answer tells which
+ways in need no key (hostbased, GSSAPI...: :mod:`sshd_adopt._internal.authmethods`):
+a refused user who may come in that way is ended right after authentication.
 
 ``sshd -T`` costs 10-17 ms (it parses the configuration and loads the host keys), so
 answers are cached per listener, user and addresses for :data:`TTL` seconds, and asked
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sshd_adopt._internal import run
+from sshd_adopt._internal.authmethods import ways_in_without_a_key
 from sshd_adopt._internal.cache import TtlCache
 from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.logs import logger
@@ -86,11 +89,37 @@ def runs_wrapper(command: str) -> bool:
     return first not in ("", "none") and os.path.basename(first) == WRAPPER
 
 
+def parse_sshd_t(text: str) -> dict[str, str]:
+    """``sshd -T`` output as {lower-case keyword: value}; repeated keywords are joined by \\n.
+
+    ``sshd -T`` prints one ``keyword value`` per line, keywords already in
+    lower case; multi-valued ones (listenaddress, hostkey) repeat the keyword.
+    """
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if not key:
+            continue
+        key = key.lower()
+        values[key] = f"{values[key]}\n{value}" if key in values else value
+    return values
+
+
+@dataclass(frozen=True)
+class SshdAnswer:
+    """What sshd says of one connection: whether it runs the wrapper, and the ways in
+    that need no key (``AuthenticationMethods`` names; empty with the shipped drop-in)."""
+
+    managed: bool
+    keyless: tuple[str, ...] = ()
+
+
 class ManagedQuery:
     """``managed(listener, user, connection)``, asked of sshd and cached (thread-safe)."""
 
     def __init__(self, ttl: float = TTL) -> None:
-        self._answers: TtlCache[tuple[int, float, str, str, str, int], bool] = TtlCache(ttl)
+        self._answers: TtlCache[tuple[int, float, str, str, str, int], SshdAnswer] = \
+            TtlCache(ttl)
 
     def managed(self, listener: ProcInfo, user: str, connection: Connection | None) -> bool:
         """True when sshd sends this connection through sshd-adopt.
@@ -98,6 +127,20 @@ class ManagedQuery:
         Raises :class:`SshdConfigError` when sshd cannot be asked (the listener's
         arguments cannot be read, ``sshd -T`` fails or hangs).
         """
+        return self.query(listener, user, connection).managed
+
+    def keyless(self, listener: ProcInfo, user: str,
+                connection: Connection | None) -> tuple[str, ...]:
+        """The ways this user may log in through this listener without a key (hostbased,
+        gssapi-with-mic...): logins that never met the key entries or the gate.
+
+        Raises :class:`SshdConfigError` as :meth:`managed` does.
+        """
+        return self.query(listener, user, connection).keyless
+
+    def query(self, listener: ProcInfo, user: str,
+              connection: Connection | None) -> SshdAnswer:
+        """sshd's answer for this connection (cached for :data:`TTL` seconds)."""
         addr = str(connection.remote_ip) if connection else ""
         laddr = str(connection.local_ip) if connection else ""
         lport = connection.local_port if connection else 0
@@ -106,7 +149,7 @@ class ManagedQuery:
             key, lambda: self._ask(listener, user, addr, laddr, lport), wait=TIMEOUT + 1)
 
     @staticmethod
-    def _ask(listener: ProcInfo, user: str, addr: str, laddr: str, lport: int) -> bool:
+    def _ask(listener: ProcInfo, user: str, addr: str, laddr: str, lport: int) -> SshdAnswer:
         arguments = listener_arguments(listener)
         if arguments is None or listener.exe is None:
             raise SshdConfigError(f"listener {listener.pid}: cannot read its arguments "
@@ -124,7 +167,11 @@ class ManagedQuery:
             raise SshdConfigError(str(err)) from err
         if done.returncode != 0:
             raise SshdConfigError(f"{' '.join(argv)}: {done.problem()}")
-        managed = runs_wrapper(forced_command(done.text()))
-        logger().debug("sshd -T for %s from %s: %s", user, addr or "?",
-                       "managed" if managed else "not managed")
-        return managed
+        text = done.text()
+        answer = SshdAnswer(runs_wrapper(forced_command(text)),
+                            tuple(ways_in_without_a_key(parse_sshd_t(text))))
+        logger().debug("sshd -T for %s from %s: %s%s", user, addr or "?",
+                       "managed" if answer.managed else "not managed",
+                       f", in without a key by {' '.join(answer.keyless)}"
+                       if answer.keyless else "")
+        return answer

@@ -52,6 +52,7 @@ from sshd_adopt._internal.node.sessions import (
     verify_authenticated,
 )
 from sshd_adopt._internal.node.sshdconfig import ManagedQuery, SshdConfigError
+from sshd_adopt._internal.services.holds import Holds
 from sshd_adopt.errors import NoSuchProcess, NotAnSshSession, ProcError, StepdError
 
 #: Passes over a just-adopted connection for processes forked during its adoption.
@@ -112,14 +113,29 @@ class Adoption:
         self._clock = clock
         self._lock = threading.Lock()
         self._early: dict[tuple[int, float], Early] = {}
+        #: Which connections the watcher holds still until they are decided.
+        self.holds = Holds()
 
     # ------------------------------------------------------------------ early
 
-    def authenticated(self, monitor_pid: int, monitor_start: float, child_pid: int) -> None:
+    def authenticated(self, monitor_pid: int, monitor_start: float, child_pid: int, *,
+                      held: bool = False) -> None:
         """A tracked monitor's child took a user's uid: adopt the connection now if it is one.
 
-        Called from a worker thread, straight after the proc connector's event.
+        Called from a worker thread, straight after the proc connector's event. ``held``:
+        the watcher stopped the child (:mod:`.holds`); it is continued once decided,
+        unless the connection is ended.
         """
+        ended = False
+        try:
+            ended = self._authenticated(monitor_pid, monitor_start, child_pid, held=held)
+        finally:
+            if held and not ended:
+                signals.release(child_pid)
+
+    def _authenticated(self, monitor_pid: int, monitor_start: float, child_pid: int, *,
+                       held: bool) -> bool:
+        """The early decision; True when the connection was ended."""
         phases = Phases()
         state = self._state()
         try:
@@ -129,46 +145,54 @@ class Adoption:
         except (NotAnSshSession, ProcError) as err:
             logger().debug("early: child %d of %d: not an authenticated session: %s",
                            child_pid, monitor_pid, err)
-            return
+            return False
         record = self._record(monitor_pid, monitor_start)
         if record is None:
-            return  # this connection was seen already
+            return False  # this connection was seen already
         account = self._core.accounts.by_uid(auth.uid)
         try:
             if account is None or not self._is_managed(auth, account):
                 record.managed = False
-                return
+                return False
             record.account, record.connection = account, auth.connection
             phases.mark("verify")
             if self._core.exempt(account):
-                return
+                return False
             settled = self._core.settle(
                 account, auth.connection, lambda: [monitor_pid, *self._members(monitor_pid)],
                 state.config.options, phases=phases)
             record.decided = Decided(settled, state.config.options)
             record.latest = (settled.outcome, self._clock())
-            self._after(auth, account, settled)
+            ended = self._after(auth, account, settled, held=held)
             log_decision("early", account, auth.connection, pid=child_pid, settled=settled,
                          phases=phases)
+            return ended
         finally:
             record.done.set()
 
     def key_check(self, monitor_pid: int, monitor_start: float) -> None:
-        """A followed monitor took a user's effective uid to check a key: if the user's
-        connection is managed, an adoption may follow within milliseconds -- warm the
-        cgroup-migration path for it (nothing is decided or done for the connection)."""
-        if self.warm is None:
-            return
+        """A followed monitor took a user's effective uid before authentication ended (a
+        key check): ask sshd about this user's connection. If it is managed, an adoption
+        may follow within milliseconds -- warm the cgroup-migration path for it; and tell
+        :attr:`holds` whether the user may come in without a key (nothing is decided or
+        done for the connection). Unknown counts as keyless: such a login is held."""
+        listener_pid = 0
+        keyless = True
         try:
             monitor = procfs.proc_info(monitor_pid)
             user = monitor_user(monitor.title)
+            listener_pid = monitor.ppid
             if monitor.start_time != monitor_start or user is None:
                 return
             listener = procfs.proc_info(monitor.ppid)
-            if self._managed.managed(listener, user, procfs.connection_of(monitor_pid)):
+            answer = self._managed.query(listener, user, procfs.connection_of(monitor_pid))
+            keyless = answer.managed and bool(answer.keyless)
+            if answer.managed and self.warm is not None:
                 self.warm()
         except (ProcError, SshdConfigError) as err:
             logger().debug("key check of monitor %d: %s", monitor_pid, err)
+        finally:
+            self.holds.checked(monitor_pid, listener_pid, keyless=keyless)
 
     def in_flight(self, monitor_pid: int, monitor_start: float) -> bool:
         """Whether an early adoption of this connection is still being decided (the sweeper
@@ -196,6 +220,7 @@ class Adoption:
 
     def monitor_gone(self, monitor_pid: int) -> None:
         """The proc connector saw a monitor exit: its early result is of no more use."""
+        self.holds.forget(monitor_pid)
         with self._lock:
             keys = [k for k in self._early if k[0] == monitor_pid]
             for key in keys:
@@ -225,6 +250,15 @@ class Adoption:
                              "left to the wrapper and the sweeper", account.name, err)
             return False
 
+    def _keyless(self, auth: Authenticated, account: Account) -> tuple[str, ...] | None:
+        """The ways ``account`` may have logged in without a key entry (hostbased,
+        GSSAPI...), None when publickey is the only one. Unknown counts as keyless."""
+        try:
+            listener = procfs.proc_info(auth.monitor.ppid)
+            return self._managed.keyless(listener, account.name, auth.connection) or None
+        except (SshdConfigError, ProcError) as err:
+            return (f"(unknown: {err})",)
+
     @staticmethod
     def _members(monitor_pid: int) -> list[int]:
         try:
@@ -232,8 +266,10 @@ class Adoption:
         except NoSuchProcess:
             return []
 
-    def _after(self, auth: Authenticated, account: Account, settled: Settled) -> None:
-        """What follows an early outcome: OOM score, or an end before user code runs."""
+    def _after(self, auth: Authenticated, account: Account, settled: Settled, *,
+               held: bool) -> bool:
+        """What follows an early outcome: OOM score, or an end before user code runs
+        (True: ended)."""
         outcome = settled.outcome
         if isinstance(outcome, Adopted):
             self._catch_up(outcome.job, account, auth.monitor.pid)
@@ -242,13 +278,22 @@ class Adoption:
             set_task_oom_score(*self._members(auth.monitor.pid))
             if self._tickets is not None:
                 self._tickets.issue(auth.monitor.pid, account, outcome)
-        elif isinstance(outcome, Denied) and not tells_why(self._state(), account):
-            # This user's shell runs startup files for `-c` before the wrapper could say
-            # anything: end the connection before it forks one.
-            signals.terminate([auth.monitor.pid, *self._members(auth.monitor.pid)],
-                              kill_after=self._state().config.sweeper.kill_after,
-                              why=f"early: user={account.name} monitor={auth.monitor.pid} "
-                                  f"may not be here ({outcome.reason})")
+        elif isinstance(outcome, Denied):
+            keyless = self._keyless(auth, account)
+            if keyless is None and not held and tells_why(self._state(), account):
+                return False  # a restricted key let it in: the wrapper says why
+            # Ended before it forks anything: this user's shell runs startup files for
+            # `-c` before the wrapper could say anything, or the login may have come in
+            # by a method that met no key entry (no `restrict`: forwarding would work).
+            how = f"; may log in by {' '.join(keyless)}" if keyless else ""
+            members = self._members(auth.monitor.pid)
+            signals.end_at_authentication(
+                auth.monitor.pid, members or [auth.child.pid],
+                kill_after=self._state().config.sweeper.kill_after,
+                why=f"early: user={account.name} monitor={auth.monitor.pid} "
+                    f"may not be here ({outcome.reason}{how})")
+            return True
+        return False
 
     def _catch_up(self, job: int, account: Account, monitor_pid: int) -> None:
         """Move what the session forked while it was being adopted.

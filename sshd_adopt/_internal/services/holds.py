@@ -1,0 +1,78 @@
+"""Which authenticated connections are held still until their admission is decided.
+
+A publickey login of a managed user met a key entry before sshd accepted it: a user who
+may not be here got, at most, a ``restrict``-ed key (no forwarding, the wrapper as the
+command). A login by hostbased or GSSAPI authentication met none
+(:mod:`sshd_adopt._internal.authmethods`): its session could open forwarded connections
+in the milliseconds the broker takes to decide. So such a connection's post-
+authentication child is stopped (SIGSTOP) by the watcher thread the moment it takes the
+user's uid -- before it has handled a packet of the session -- and the decision then
+continues it or kills it (:meth:`~sshd_adopt._internal.services.adoption.Adoption.
+authenticated`).
+
+Whether a connection may be keyless is learnt from its monitor's key check: every login
+attempt makes sshd's monitor take the user's effective uid before authentication ends
+(publickey: reading the key files; hostbased: looking for ``~/.shosts``,
+``auth-rhosts.c``; GSSAPI: storing the credentials; OpenSSH 9.2 to 10.5), and the broker
+then asks sshd (``sshd -T``) whether this user may come in without a key. A connection is
+held when that answer says so, when the answer is not in yet, or when its listener let
+such a user in before -- and only the child that takes that very user's uid: the
+pre-authentication child takes the privilege-separation user's, and runs under a seccomp
+filter that kills it for the ``restart_syscall`` a stop and continue can cause (seen on
+OpenSSH 10.6: "unpriv child crash", signal 31). Publickey-only nodes hold none once
+``sshd -T``'s answers are cached (one per user and address, for a minute).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Final
+
+#: A monitor's key check is running; its answer is not in yet.
+CHECKING: Final = "checking"
+#: Its user may log in without a key (hostbased, GSSAPI...).
+KEYLESS: Final = "keyless"
+#: Its user needs a key: nothing to hold.
+KEYED: Final = "keyed"
+#: Bound on the monitors and listeners remembered (a flood of attempts cannot grow them).
+MAX_REMEMBERED: Final = 65536
+
+
+class Holds:
+    """Key-check answers per monitor, and listeners known to admit keyless logins
+    (thread-safe; the watcher asks on its own thread, so every call is a dict lookup)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._monitors: dict[int, tuple[str, int]] = {}  # monitor -> (state, user's uid)
+        self._keyless_listeners: set[int] = set()
+
+    def checking(self, monitor: int, uid: int) -> None:
+        """The monitor took ``uid`` as its effective uid and its key check was submitted
+        (watcher thread)."""
+        with self._lock:
+            if len(self._monitors) < MAX_REMEMBERED:
+                self._monitors.setdefault(monitor, (CHECKING, uid))
+
+    def checked(self, monitor: int, listener: int, *, keyless: bool) -> None:
+        """The key check's answer: whether this monitor's user may log in without a key."""
+        with self._lock:
+            known = self._monitors.get(monitor)
+            if known is not None:
+                self._monitors[monitor] = (KEYLESS if keyless else KEYED, known[1])
+            if keyless and len(self._keyless_listeners) < MAX_REMEMBERED:
+                self._keyless_listeners.add(listener)
+
+    def should_hold(self, monitor: int, listener: int | None, uid: int) -> bool:
+        """Whether to stop the monitor's child that just took ``uid`` until it is decided:
+        the user's own post-authentication child, when the login may be keyless."""
+        with self._lock:
+            known = self._monitors.get(monitor)
+            if known is None or known[1] != uid:
+                return False
+            return known[0] in (CHECKING, KEYLESS) or listener in self._keyless_listeners
+
+    def forget(self, monitor: int) -> None:
+        """The monitor is gone."""
+        with self._lock:
+            self._monitors.pop(monitor, None)

@@ -1,0 +1,45 @@
+"""Which authenticated connections the watcher holds still until they are decided."""
+
+from __future__ import annotations
+
+from sshd_adopt._internal.services.holds import MAX_REMEMBERED, Holds
+
+ALICE, SSHD = 2001, 100  # the user, and the privilege-separation user
+
+
+def test_a_keyless_answer_holds_that_users_child_and_later_ones_of_its_listener() -> None:
+    holds = Holds()
+    holds.checking(10, ALICE)
+    assert holds.should_hold(10, 1, ALICE)  # the answer is not in yet
+    holds.checked(10, 1, keyless=True)
+    assert holds.should_hold(10, 1, ALICE)
+    holds.checking(11, ALICE)
+    holds.checked(11, 1, keyless=False)  # this user needs a key, but the listener...
+    assert holds.should_hold(11, 1, ALICE)
+    assert not holds.should_hold(12, 2, ALICE)  # no key check seen: never held
+
+
+def test_the_pre_authentication_child_is_never_held() -> None:
+    """It takes the privilege-separation user's uid; a stop and continue can kill it (its
+    seccomp filter has no restart_syscall)."""
+    holds = Holds()
+    holds.checking(10, ALICE)
+    holds.checked(10, 1, keyless=True)
+    assert not holds.should_hold(10, 1, SSHD)
+
+
+def test_a_keyed_answer_holds_nothing() -> None:
+    holds = Holds()
+    holds.checking(10, ALICE)
+    holds.checked(10, 1, keyless=False)
+    assert not holds.should_hold(10, 1, ALICE)
+    holds.forget(10)
+    assert not holds.should_hold(10, 1, ALICE)
+
+
+def test_memory_is_bounded() -> None:
+    holds = Holds()
+    for monitor in range(MAX_REMEMBERED + 10):
+        holds.checking(monitor, ALICE)
+    assert not holds.should_hold(MAX_REMEMBERED + 5, None, ALICE)  # not remembered
+    assert holds.should_hold(5, None, ALICE)
