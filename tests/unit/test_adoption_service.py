@@ -349,11 +349,20 @@ def test_a_held_login_is_continued_once_adopted(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_held_refused_login_is_ended_and_never_continued(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Even a bash user, whom a restricted key would have let the wrapper tell why: a held
-    connection may have come in without a key."""
-    world = make(monkeypatch, ALICE)
+    """Even a bash user, whom a restricted key would have let the wrapper tell why: the
+    login may have come in without a key."""
+    world = make(monkeypatch, ALICE, managed=FakeManaged(keyless=("hostbased",)))
     world.authenticate(held=True)
     assert world.terminated == [([MONITOR, CHILD], 2.0)] and world.released == []
+
+
+def test_a_held_refused_login_that_needed_a_key_is_continued_for_the_wrapper(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held because its listener admitted keyless logins before, but this user needs a
+    key: a restricted one let them in, and the wrapper tells them why."""
+    world = make(monkeypatch, ALICE)
+    world.authenticate(held=True)
+    assert world.terminated == [] and world.released == [CHILD]
 
 
 def test_a_held_login_of_an_unmanaged_or_exempt_user_is_continued(

@@ -10,7 +10,7 @@ ALICE, SSHD = 2001, 100  # the user, and the privilege-separation user
 def test_a_keyless_answer_holds_that_users_child_and_later_ones_of_its_listener() -> None:
     holds = Holds()
     holds.checking(10, ALICE)
-    assert holds.should_hold(10, 1, ALICE)  # the answer is not in yet
+    assert not holds.should_hold(10, 1, ALICE)  # the answer is not in yet: not held
     holds.checked(10, 1, keyless=True)
     assert holds.should_hold(10, 1, ALICE)
     holds.checking(11, ALICE)
@@ -41,5 +41,6 @@ def test_memory_is_bounded() -> None:
     holds = Holds()
     for monitor in range(MAX_REMEMBERED + 10):
         holds.checking(monitor, ALICE)
-    assert not holds.should_hold(MAX_REMEMBERED + 5, None, ALICE)  # not remembered
-    assert holds.should_hold(5, None, ALICE)
+        holds.checked(monitor, 1, keyless=True)
+    assert not holds.should_hold(MAX_REMEMBERED + 5, 2, ALICE)  # not remembered
+    assert holds.should_hold(5, 2, ALICE)

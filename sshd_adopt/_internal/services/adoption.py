@@ -128,13 +128,12 @@ class Adoption:
         """
         ended = False
         try:
-            ended = self._authenticated(monitor_pid, monitor_start, child_pid, held=held)
+            ended = self._authenticated(monitor_pid, monitor_start, child_pid)
         finally:
             if held and not ended:
                 signals.release(child_pid)
 
-    def _authenticated(self, monitor_pid: int, monitor_start: float, child_pid: int, *,
-                       held: bool) -> bool:
+    def _authenticated(self, monitor_pid: int, monitor_start: float, child_pid: int) -> bool:
         """The early decision; True when the connection was ended."""
         phases = Phases()
         state = self._state()
@@ -163,7 +162,7 @@ class Adoption:
                 state.config.options, phases=phases)
             record.decided = Decided(settled, state.config.options)
             record.latest = (settled.outcome, self._clock())
-            ended = self._after(auth, account, settled, held=held)
+            ended = self._after(auth, account, settled)
             log_decision("early", account, auth.connection, pid=child_pid, settled=settled,
                          phases=phases)
             return ended
@@ -175,7 +174,7 @@ class Adoption:
         key check): ask sshd about this user's connection. If it is managed, an adoption
         may follow within milliseconds -- warm the cgroup-migration path for it; and tell
         :attr:`holds` whether the user may come in without a key (nothing is decided or
-        done for the connection). Unknown counts as keyless: such a login is held."""
+        done for the connection). Unknown counts as keyless."""
         listener_pid = 0
         keyless = True
         try:
@@ -266,8 +265,7 @@ class Adoption:
         except NoSuchProcess:
             return []
 
-    def _after(self, auth: Authenticated, account: Account, settled: Settled, *,
-               held: bool) -> bool:
+    def _after(self, auth: Authenticated, account: Account, settled: Settled) -> bool:
         """What follows an early outcome: OOM score, or an end before user code runs
         (True: ended)."""
         outcome = settled.outcome
@@ -280,7 +278,7 @@ class Adoption:
                 self._tickets.issue(auth.monitor.pid, account, outcome)
         elif isinstance(outcome, Denied):
             keyless = self._keyless(auth, account)
-            if keyless is None and not held and tells_why(self._state(), account):
+            if keyless is None and tells_why(self._state(), account):
                 return False  # a restricted key let it in: the wrapper says why
             # Ended before it forks anything: this user's shell runs startup files for
             # `-c` before the wrapper could say anything, or the login may have come in

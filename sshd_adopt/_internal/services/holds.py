@@ -15,12 +15,15 @@ attempt makes sshd's monitor take the user's effective uid before authentication
 (publickey: reading the key files; hostbased: looking for ``~/.shosts``,
 ``auth-rhosts.c``; GSSAPI: storing the credentials; OpenSSH 9.2 to 10.5), and the broker
 then asks sshd (``sshd -T``) whether this user may come in without a key. A connection is
-held when that answer says so, when the answer is not in yet, or when its listener let
-such a user in before -- and only the child that takes that very user's uid: the
+held when that answer says so, or when its listener let such a user in before -- and only
+the child that takes that very user's uid: the
 pre-authentication child takes the privilege-separation user's, and runs under a seccomp
 filter that kills it for the ``restart_syscall`` a stop and continue can cause (seen on
-OpenSSH 10.6: "unpriv child crash", signal 31). Publickey-only nodes hold none once
-``sshd -T``'s answers are cached (one per user and address, for a minute).
+OpenSSH 10.6: "unpriv child crash", signal 31). A login whose answer is not in yet when
+authentication ends (``sshd -T`` takes 10-20 ms; answers are cached for a minute per user
+and address) is not held: on a listener that never admitted a keyless login before, the
+first one is ended by the decision alone, milliseconds after authentication. Publickey-
+only nodes hold nothing.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class Holds:
             known = self._monitors.get(monitor)
             if known is None or known[1] != uid:
                 return False
-            return known[0] in (CHECKING, KEYLESS) or listener in self._keyless_listeners
+            return known[0] == KEYLESS or listener in self._keyless_listeners
 
     def forget(self, monitor: int) -> None:
         """The monitor is gone."""
