@@ -1,4 +1,4 @@
-"""The kernel's proc connector, followed from a test: what ran, when it changed uid, when it exited.
+"""The kernel's proc connector, followed from a test: what ran and forked, uid changes, exits.
 
 Tests use it to see what happened on the lab's nodes during a login without asking the
 product: every exec (with the command line read the moment the event arrives, so even a
@@ -18,6 +18,7 @@ from types import TracebackType
 from sshd_adopt._internal.node.procevents import (
     PROC_EVENT_EXEC,
     PROC_EVENT_EXIT,
+    PROC_EVENT_FORK,
     PROC_EVENT_UID,
     open_proc_connector,
     parse_proc_events,
@@ -56,6 +57,8 @@ class ProcWatch:
         self.uid_changes: list[UidChange] = []
         #: pid -> when it exited (kernel monotonic ns); a pid reused later keeps the last
         self.exits: dict[int, int] = {}
+        #: (parent, child) of every fork, in order
+        self.forks: list[tuple[int, int]] = []
         self.lost = 0
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -95,6 +98,8 @@ class ProcWatch:
                                                       event.timestamp_ns))
                 elif event.what == PROC_EVENT_EXIT:
                     self.exits[event.pid] = event.timestamp_ns
+                elif event.what == PROC_EVENT_FORK:
+                    self.forks.append((event.parent, event.pid))
 
     def commands(self, needle: str) -> list[str]:
         """Command lines of the execs that contain ``needle``."""

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import cgroupv2, sysnode
+from . import cgroupv2, kerberos, sysnode
 from . import generation as lab
 from .configs import DROPIN, broker_exe, skip_broker, skip_dropin, write_configs
 from .daemons import (
@@ -110,6 +110,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         create_namespaces()
     else:
         digests = write_configs()
+    kerberos.ensure_realm()
     validate_sshd_configs()
     if DROPIN.is_file() and not skip_dropin():
         say(f"sshd :22 includes the drop-in {DROPIN}")

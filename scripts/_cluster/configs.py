@@ -13,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from . import cgroupv2, sysnode
+from . import cgroupv2, kerberos, sysnode
 from . import generation as lab
 from .generation import COMPUTE, HOSTS, sname, v4, v6
 from .host import host_key, lab_ids
@@ -192,7 +192,7 @@ def write_configs() -> dict[str, str]:
 
     use_dropin = DROPIN.is_file() and not skip_dropin()
     penalties = "PerSourcePenalties no\n" if sshd_supports("PerSourcePenalties") else ""
-    digests = {"slurmctld": slurm_digest}
+    digests = {"slurmctld": slurm_digest, "krb5kdc": kerberos.write_configs()}
     for node in COMPUTE:
         node_etc = lab.ETC / node
         node_etc.mkdir(parents=True, exist_ok=True)
@@ -223,6 +223,9 @@ def write_configs() -> dict[str, str]:
             # their addresses in /etc/ssh/shosts.equiv: write_etc_ssh). The shipped drop-in
             # turns it off for managed users unless --auth-methods allows it.
             + "HostbasedAuthentication yes\nIgnoreUserKnownHosts yes\n"
+            # GSSAPI logins with tickets of the lab's realm (kerberos.py; the keytab is
+            # krb5.conf's default_keytab_name); off for managed users unless allowed.
+            + "GSSAPIAuthentication yes\n"
         )
         # MaxStartups is one of the few keywords where sshd keeps the LAST value: set the lab
         # default before the Include so that the shipped drop-in's value wins.

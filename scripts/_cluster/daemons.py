@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from . import cgroupv2
+from . import cgroupv2, kerberos
 from . import generation as lab
 from .configs import broker_exe, skip_broker, skip_dropin
 from .generation import COMPUTE, sname
@@ -100,6 +100,8 @@ def daemons() -> list[Daemon]:
             f"--seed-file={lab.VAR}/munge/munged.seed", f"--log-file={lab.LOG}/munged.log",
         ], lab.LOG / "munged.stderr", own_log=lab.LOG / "munged.log", ready=munge_ready,
             stale=[lab.RUN / "munge" / "munged.pid"]),
+        Daemon("krb5kdc", "ctl", kerberos.kdc_argv(), lab.LOG / "krb5kdc.stderr",
+               own_log=lab.LOG / "krb5kdc.log", ready=partial(port_listening, 88)),
         Daemon("slurmctld", "ctl", ["/usr/sbin/slurmctld", "-D", "-i"],
                lab.LOG / "slurmctld.stderr", own_log=lab.LOG / "slurmctld.log",
                ready=slurmctld_ready, ready_timeout=40, stale=[lab.RUN / "slurmctld.pid"]),

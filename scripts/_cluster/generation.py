@@ -61,6 +61,9 @@ class Generation:
     #: (the host's controller-less cgroup2 hierarchy bound at each node's /sys/fs/cgroup,
     #: docs/generations.md "cgroup v2 on a hybrid host")
     cgroup: str = "v1"
+    #: OpenSSH's server and client packages: Debian 14 builds GSSAPI (Kerberos) only into
+    #: its *-gssapi variants, which replace the plain ones (the lab's realm: kerberos.py)
+    ssh_packages: tuple[str, str] = ("openssh-server", "openssh-client")
 
     def in_root(self, path: Path | str) -> Path:
         """A path inside the lab's userland, seen from the host."""
@@ -100,7 +103,8 @@ GENERATIONS = {
         cluster_name="labf", node_names=(("n1", "f1"), ("n2", "f2"), ("n3", "f3")),
         pam_service_by="config",
         pam_module="/usr/lib/x86_64-linux-gnu/security/pam_slurm_adopt.so",
-        python="/usr/bin/python3", cgroup="v2"),
+        python="/usr/bin/python3", cgroup="v2",
+        ssh_packages=("openssh-server-gssapi", "openssh-client-gssapi")),
 }
 DEFAULT_GENERATION = "bookworm"
 

@@ -32,13 +32,22 @@ PACKAGES = (
     "gcc", "libc6-dev",
     # X11 jobs end to end: alice's X server on the login host, X clients on the nodes
     "xvfb", "x11-utils",
+    # GSSAPI logins: the lab's Kerberos realm (kerberos.py), kinit on the login host
+    "krb5-kdc", "krb5-admin-server", "krb5-user",
 )
 # Packages of a chroot generation (installed inside it, with policy-rc.d in place).
 ROOT_PACKAGES = (
     "munge", "slurmctld", "slurmd", "slurm-client", "libpam-slurm-adopt", "openssh-server",
     "openssh-client", "python3", "python3-venv", "iproute2", "procps", "psmisc", "rsync",
     "util-linux", "xauth", "ca-certificates", "iptables", "zsh", "xvfb", "x11-utils",
+    "krb5-kdc", "krb5-admin-server", "krb5-user",
 )
+
+
+def root_packages() -> tuple[str, ...]:
+    """ROOT_PACKAGES with the generation's own OpenSSH packages (Generation.ssh_packages)."""
+    swap = dict(zip(("openssh-server", "openssh-client"), lab.GEN.ssh_packages, strict=True))
+    return tuple(swap.get(name, name) for name in ROOT_PACKAGES)
 #: Where the host's /etc/ssl/certs is visible (read-only) inside a generation's root.
 HOST_CERTS = "/run/sshd-adopt-host-certs"
 #: The host's python3 (lab helpers that run on the host's userland, the bookworm venv).
@@ -131,14 +140,15 @@ def host_mirror() -> str:
 
 
 def ensure_root() -> None:
-    """Build (once) and cache the generation's Debian root, with ROOT_PACKAGES installed.
+    """Build (once) and cache the generation's Debian root, with root_packages() installed.
 
     policy-rc.d exists before apt runs: otherwise maintainer scripts would start munged,
     slurmd and sshd in the host's network namespace."""
     root = lab.GEN.root
     assert root is not None
     stamp = root / ".sshd-adopt-lab-root"
-    if stamp.is_file() and stamp.read_text() == " ".join(ROOT_PACKAGES):
+    packages = root_packages()
+    if stamp.is_file() and stamp.read_text() == " ".join(packages):
         return
     if not (root / "usr" / "lib" / "os-release").is_file():
         if not shutil.which("debootstrap"):
@@ -174,12 +184,12 @@ def ensure_root() -> None:
     # refreshed daily then fails `apt-get update`. The lab root takes the mirror as it is.
     (root / "etc" / "apt" / "apt.conf.d" / "99sshd-adopt-lab").write_text(
         'Acquire::Check-Valid-Until "false";\n')
-    say(f"installing packages in {root}: {' '.join(ROOT_PACKAGES)}")
+    say(f"installing packages in {root}: {' '.join(packages)}")
     t0 = time.monotonic()
     root_exec(["sh", "-c", "apt-get update -q && apt-get install -y -q "
-               "--no-install-recommends \"$@\" && apt-get clean", "sh", *ROOT_PACKAGES],
+               "--no-install-recommends \"$@\" && apt-get clean", "sh", *packages],
               timeout=1800)
-    stamp.write_text(" ".join(ROOT_PACKAGES))
+    stamp.write_text(" ".join(packages))
     say(f"packages installed ({time.monotonic() - t0:.0f}s)")
 
 

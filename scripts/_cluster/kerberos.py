@@ -110,13 +110,13 @@ def ensure_realm() -> None:
         if path.exists():
             run(["rm", "-rf", str(path)])
         path.mkdir(parents=True, mode=0o700)
-    _tool("kdb5_util", "create", "-s", "-r", REALM, "-P", "lab-master-key")
+    _tool("/usr/sbin/kdb5_util", "create", "-s", "-r", REALM, "-P", "lab-master-key")
     for user in USERS:
-        _tool("kadmin.local", "-q", f"addprinc -pw {password(user)} {user}")
+        _tool("/usr/sbin/kadmin.local", "-q", f"addprinc -pw {password(user)} {user}")
     hosts = [f"host/{node}" for node in COMPUTE]
     for principal in hosts:
-        _tool("kadmin.local", "-q", f"addprinc -randkey {principal}")
-    _tool("kadmin.local", "-q", f"ktadd -k {keytab()} {' '.join(hosts)}")
+        _tool("/usr/sbin/kadmin.local", "-q", f"addprinc -randkey {principal}")
+    _tool("/usr/sbin/kadmin.local", "-q", f"ktadd -k {keytab()} {' '.join(hosts)}")
     keytab().chmod(0o600)
     stamp.write_text(want)
 

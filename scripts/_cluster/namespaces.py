@@ -88,6 +88,7 @@ def etc_binds(host: str) -> list[tuple[Path, str]]:
         (lab.ETC / "hosts", "/etc/hosts"),
         (etc_ssh(host), "/etc/ssh"),
         (lab.ETC / "pam.d", "/etc/pam.d"),
+        (lab.ETC / "krb5.conf", "/etc/krb5.conf"),  # kerberos.py
     ]
 
 

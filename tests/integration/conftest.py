@@ -31,15 +31,16 @@ def sysnode(cluster: Cluster) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def hostbased_lab(cluster: Cluster,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def auth_methods_lab(cluster: Cluster,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Every node's port-22 sshd with the drop-in as ``scripts/install --auth-methods
-    hostbased`` writes it (``scripts/cluster up`` with SSHD_ADOPT_LAB_DROPIN: the sshds
-    restart, new pids, so no broker keeps an earlier answer of theirs); the shipped drop-in
-    again after the module."""
+    hostbased,gssapi-with-mic`` writes it (``scripts/cluster up`` with
+    SSHD_ADOPT_LAB_DROPIN: the sshds restart, new pids, so no broker keeps an earlier
+    answer of theirs); the shipped drop-in again after the module."""
     shipped = REPO / "sshd_config.d" / "sshd-adopt.conf"
     dropin = tmp_path_factory.mktemp("dropin") / "sshd-adopt.conf"
-    dropin.write_text(dropin_with_methods(shipped.read_text(), parse_methods("hostbased")))
+    dropin.write_text(dropin_with_methods(shipped.read_text(),
+                                          parse_methods("hostbased,gssapi-with-mic")))
     os.environ["SSHD_ADOPT_LAB_DROPIN"] = str(dropin)
     try:
         cluster.run_script("up", timeout=600)
@@ -48,6 +49,23 @@ def hostbased_lab(cluster: Cluster,
         del os.environ["SSHD_ADOPT_LAB_DROPIN"]
         cluster.cancel_all()
         cluster.run_script("up", timeout=600)
+
+
+#: The lab's Kerberos passwords (scripts/_cluster/kerberos.py: password()).
+KERBEROS_USERS = ("alice", "bob", "carol")
+
+
+@pytest.fixture(scope="module")
+def kerberos_tickets(cluster: Cluster) -> Iterator[None]:
+    """alice, bob and carol hold tickets of the lab's realm (kinit on the login host; the
+    ticket caches in /tmp are seen by every lab host of the generation)."""
+    for user in KERBEROS_USERS:
+        cluster.exec("login", "kinit", user, user=user, input=f"{user}-lab-krb5\n")
+    try:
+        yield
+    finally:
+        for user in KERBEROS_USERS:
+            cluster.exec("login", "kdestroy", user=user, check=False)
 
 
 def reload_broker(cluster: Cluster, node: str) -> None:

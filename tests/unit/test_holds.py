@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sshd_adopt._internal.services.holds import MAX_REMEMBERED, Holds
+from sshd_adopt._internal.services.holds import MAX_REMEMBERED, VERDICT_TTL, Holds
 
 ALICE, SSHD = 2001, 100  # the user, and the privilege-separation user
 
@@ -44,3 +44,37 @@ def test_memory_is_bounded() -> None:
         holds.checked(monitor, 1, keyless=True)
     assert not holds.should_hold(MAX_REMEMBERED + 5, 2, ALICE)  # not remembered
     assert holds.should_hold(5, 2, ALICE)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_refusal_dooms_the_users_next_attempt_at_its_key_check() -> None:
+    """The key check runs on a worker and may finish after authentication: the same user's
+    next attempt on the same listener is doomed on the watcher thread, at once."""
+    clock = Clock()
+    holds = Holds(clock)
+    holds.checking(10, ALICE, 1)
+    assert holds.doomed(10) is None
+    holds.doom(10, "no jobs", 1)
+    holds.checking(11, ALICE, 1)
+    assert holds.doomed(11) == "no jobs"
+    holds.checking(12, ALICE, 2)  # another listener: its own answer
+    assert holds.doomed(12) is None
+    clock.now += VERDICT_TTL
+    holds.checking(13, ALICE, 1)
+    assert holds.doomed(13) is None
+
+
+def test_a_refusal_is_forgotten_when_the_users_jobs_change() -> None:
+    holds = Holds(Clock())
+    holds.checking(10, ALICE, 1)
+    holds.doom(10, "no jobs", 1)
+    holds.jobs_changed(ALICE)
+    holds.checking(11, ALICE, 1)
+    assert holds.doomed(11) is None

@@ -121,6 +121,9 @@ class FakeAdoption:
     def key_check(self, monitor_pid: int, monitor_start: float) -> None:
         self.log.record("adoption.key_check", monitor_pid, monitor_start)
 
+    def doomed_ended(self, monitor_pid: int, pids: list[int]) -> None:
+        self.log.record("adoption.doomed_ended", monitor_pid, pids)
+
 
 class FakeSweeper:
     def __init__(self, log: Recorder) -> None:
@@ -196,7 +199,12 @@ def node(alive: dict[int, float], monkeypatch: pytest.MonkeyPatch) -> Node:
         made.log.record("signals.hold", pid)
         return True
 
+    def kill_now(pid: int) -> bool:  # nor a real SIGKILL
+        made.log.record("signals.kill_now", pid)
+        return True
+
     monkeypatch.setattr(signals, "hold", hold)
+    monkeypatch.setattr(signals, "kill_now", kill_now)
     return made
 
 
@@ -244,6 +252,35 @@ def test_a_login_whose_key_check_is_still_running_is_not_held(node: Node) -> Non
     node.feed(fork(LISTENER, MONITOR), uid(MONITOR, 0, ALICE), uid(MONITOR, 0, 0),
               fork(MONITOR, CHILD), uid(CHILD, ALICE, ALICE))
     assert node.log.named("signals.hold") == []  # FakeAdoption never answers
+
+
+PREAUTH, KEYS_COMMAND = 905, 906
+
+
+def test_a_doomed_connection_is_killed_when_authentication_is_over(node: Node) -> None:
+    """The key check refused a user who may come in without a key: when sshd's pre-auth
+    child exits, the monitor and what it forked are killed, and so is any later child."""
+    node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), uid(MONITOR, 0, ALICE))
+    holds = node.watcher._adoption.holds
+    holds.checked(MONITOR, LISTENER, keyless=True)
+    holds.doom(MONITOR, "user has no jobs on this node")
+    node.feed(fork(MONITOR, KEYS_COMMAND))  # before authentication ends: left alone
+    assert node.log.named("signals.kill_now") == []
+    node.feed(exits(KEYS_COMMAND))
+    assert node.log.named("signals.kill_now") == []
+    node.feed(exits(PREAUTH))
+    assert node.log.named("signals.kill_now") == [(MONITOR,)]
+    assert node.log.named("adoption.doomed_ended") == [(MONITOR, [MONITOR])]
+    node.feed(fork(MONITOR, CHILD))
+    assert node.log.named("signals.kill_now") == [(MONITOR,), (CHILD,)]
+
+
+def test_a_connection_not_doomed_is_left_alone_when_authentication_is_over(
+        node: Node) -> None:
+    node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), uid(MONITOR, 0, ALICE))
+    node.watcher._adoption.holds.checked(MONITOR, LISTENER, keyless=True)
+    node.feed(exits(PREAUTH), fork(MONITOR, CHILD))
+    assert node.log.named("signals.kill_now") == []
 
 
 def test_the_pre_authentication_child_is_not_held(node: Node) -> None:

@@ -126,3 +126,4 @@ class Node:
 
     def _jobs_changed(self, uid: int, has_jobs: bool) -> None:
         self.admission.jobs_changed(uid, has_jobs)
+        self.adoption.holds.jobs_changed(uid)

@@ -55,6 +55,8 @@ SETTLE_EVERY: Final = 0.05
 REWATCH_EVERY: Final = 2.0
 #: Most connections followed at once (monitors and their children).
 MAX_FOLLOWED: Final = 65536
+#: A monitor's pre-authentication child has exited: authentication is over.
+AUTH_OVER: Final = 0
 
 
 class Watcher:
@@ -78,6 +80,9 @@ class Watcher:
         self._monitors: dict[int, float] = {}  # monitor pid -> start time
         self._listener_of: dict[int, int] = {}  # monitor pid -> the listener that forked it
         self._children: dict[int, int] = {}  # child pid -> its monitor
+        #: monitor -> its first (pre-authentication) child, AUTH_OVER once that exited
+        self._first_child: dict[int, int] = {}
+        self._preauth_of: dict[int, int] = {}  # pre-authentication child -> its monitor
         self._reconciling: Future[None] | None = None
         self._settling: Future[None] | None = None
 
@@ -204,43 +209,76 @@ class Watcher:
     def dispatch(self, event: ProcEvent) -> None:
         """Route one proc connector event (on the watcher thread: nothing slow here)."""
         if event.what == PROC_EVENT_FORK:
-            if event.parent in self._sweeper.listeners:
-                with contextlib.suppress(ProcError):
-                    if len(self._monitors) < MAX_FOLLOWED:
-                        self._monitors[event.pid] = procfs.started_at(event.pid)
-                        self._listener_of[event.pid] = event.parent
-                self._sweeper.connection_opened(event.pid)
-                return
-            if event.parent in self._monitors and len(self._children) < MAX_FOLLOWED:
-                self._children[event.pid] = event.parent
-            self._sweeper.forked(event.parent, event.pid)
+            self._forked(event)
         elif event.what == PROC_EVENT_UID:
-            if event.pid in self._monitors:
-                # The monitor reads the user's keys with the user's effective uid: an
-                # adoption may follow within milliseconds.
-                if event.ruid == 0 and event.euid != 0 and self._state().config.adoption.early:
-                    self._adoption.holds.checking(event.pid, event.euid)
-                    self._submit(None, functools.partial(
-                        self._adoption.key_check, event.pid, self._monitors[event.pid]))
-                return
-            monitor = self._children.get(event.pid)
-            if monitor is None or event.ruid != event.euid or event.ruid == 0:
-                return
-            start = self._monitors.get(monitor)
-            if start is not None and self._state().config.adoption.early:
-                # A login that may have met no key entry is stopped right here, before
-                # its session handles a packet, until it is decided (services/holds.py).
-                held = self._adoption.holds.should_hold(
-                    monitor, self._listener_of.get(monitor), event.ruid
-                ) and signals.hold(event.pid)
-                self._submit(None, functools.partial(
-                    self._adoption.authenticated, monitor, start, event.pid, held=held))
+            self._uid_changed(event)
         elif event.what == PROC_EVENT_EXEC:
             self._sweeper.executed(event.pid)
         elif event.what == PROC_EVENT_EXIT:
-            self._table.process_exited(event.pid)
-            if self._monitors.pop(event.pid, None) is not None:
-                self._listener_of.pop(event.pid, None)
-                self._adoption.monitor_gone(event.pid)
-            self._children.pop(event.pid, None)
-            self._sweeper.exited(event.pid)
+            self._exited(event.pid)
+
+    def _forked(self, event: ProcEvent) -> None:
+        if event.parent in self._sweeper.listeners:
+            with contextlib.suppress(ProcError):
+                if len(self._monitors) < MAX_FOLLOWED:
+                    self._monitors[event.pid] = procfs.started_at(event.pid)
+                    self._listener_of[event.pid] = event.parent
+            self._sweeper.connection_opened(event.pid)
+            return
+        monitor = event.parent
+        if monitor in self._monitors and len(self._children) < MAX_FOLLOWED:
+            first = self._first_child.get(monitor)
+            if first is None:  # the monitor's first child: sshd's pre-authentication one
+                self._first_child[monitor] = event.pid
+                self._preauth_of[event.pid] = monitor
+            elif first == AUTH_OVER and self._adoption.holds.doomed(monitor) is not None:
+                self._end_doomed(monitor, [event.pid])
+            self._children[event.pid] = monitor
+        self._sweeper.forked(monitor, event.pid)
+
+    def _uid_changed(self, event: ProcEvent) -> None:
+        if event.pid in self._monitors:
+            # The monitor reads the user's keys with the user's effective uid: an
+            # adoption may follow within milliseconds.
+            if event.ruid == 0 and event.euid != 0 and self._state().config.adoption.early:
+                self._adoption.holds.checking(event.pid, event.euid,
+                                              self._listener_of.get(event.pid))
+                self._submit(None, functools.partial(
+                    self._adoption.key_check, event.pid, self._monitors[event.pid]))
+            return
+        monitor = self._children.get(event.pid)
+        if monitor is None or event.ruid != event.euid or event.ruid == 0:
+            return
+        start = self._monitors.get(monitor)
+        if start is not None and self._state().config.adoption.early:
+            # A login that may have met no key entry is stopped right here, before its
+            # session handles a packet, until it is decided (services/holds.py).
+            held = self._adoption.holds.should_hold(
+                monitor, self._listener_of.get(monitor), event.ruid
+            ) and signals.hold(event.pid)
+            self._submit(None, functools.partial(
+                self._adoption.authenticated, monitor, start, event.pid, held=held))
+
+    def _exited(self, pid: int) -> None:
+        monitor = self._preauth_of.pop(pid, None)
+        if monitor is not None:
+            self._first_child[monitor] = AUTH_OVER
+            if self._adoption.holds.doomed(monitor) is not None:
+                # Authentication is over: the session child is being (or about to be)
+                # forked. Kill the connection before it handles a packet of the session.
+                self._end_doomed(monitor, [monitor, *(
+                    child for child, parent in self._children.items()
+                    if parent == monitor and child != pid)])
+        self._table.process_exited(pid)
+        if self._monitors.pop(pid, None) is not None:
+            self._listener_of.pop(pid, None)
+            self._first_child.pop(pid, None)
+            self._adoption.monitor_gone(pid)
+        self._children.pop(pid, None)
+        self._sweeper.exited(pid)
+
+    def _end_doomed(self, monitor: int, pids: list[int]) -> None:
+        """SIGKILL a doomed connection's processes now (watcher thread: a kill each), and
+        have a worker log it."""
+        killed = [pid for pid in pids if signals.kill_now(pid)]
+        self._submit(None, functools.partial(self._adoption.doomed_ended, monitor, killed))

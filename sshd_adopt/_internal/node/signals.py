@@ -71,6 +71,12 @@ def end_at_authentication(monitor: int, user_side: Sequence[int], *, kill_after:
     return killed + terminate([monitor], kill_after=kill_after, why=why)
 
 
+def kill_now(pid: int) -> bool:
+    """SIGKILL ``pid`` at once (no log line: callers on the watcher thread log later);
+    False if it is gone."""
+    return _send(pid, signal.SIGKILL)
+
+
 def hold(pid: int) -> bool:
     """Stop ``pid`` (SIGSTOP) until :func:`release`; False if it is gone."""
     return _send(pid, signal.SIGSTOP)

@@ -127,6 +127,8 @@ class Adoption:
         unless the connection is ended.
         """
         ended = False
+        if held:
+            logger().debug("early: child %d of %d held until decided", child_pid, monitor_pid)
         try:
             ended = self._authenticated(monitor_pid, monitor_start, child_pid)
         finally:
@@ -184,14 +186,36 @@ class Adoption:
             if monitor.start_time != monitor_start or user is None:
                 return
             listener = procfs.proc_info(monitor.ppid)
-            answer = self._managed.query(listener, user, procfs.connection_of(monitor_pid))
+            connection = procfs.connection_of(monitor_pid)
+            answer = self._managed.query(listener, user, connection)
             keyless = answer.managed and bool(answer.keyless)
             if answer.managed and self.warm is not None:
                 self.warm()
+            if keyless:
+                self._doom_if_refused(monitor_pid, listener_pid, user, connection)
         except (ProcError, SshdConfigError) as err:
             logger().debug("key check of monitor %d: %s", monitor_pid, err)
         finally:
             self.holds.checked(monitor_pid, listener_pid, keyless=keyless)
+
+    def _doom_if_refused(self, monitor_pid: int, listener_pid: int, user: str,
+                         connection: Connection | None) -> None:
+        """A user who may come in without a key, and whom the decision refuses before
+        any source job is asked (no job here, for one): the connection is ended the
+        moment authentication completes (:mod:`.holds`). Nothing is done for it now."""
+        account = self._core.accounts.by_name(user)
+        if account is None or self._core.exempt(account):
+            return
+        options = self._state().config.options
+        _facts, decision = self._core.gather(account, connection, options, ask_source=False)
+        if isinstance(decision, dec.Deny):
+            self.holds.doom(monitor_pid, decision.reason, listener_pid)
+
+    def doomed_ended(self, monitor_pid: int, pids: list[int]) -> None:
+        """The watcher killed a doomed connection at authentication: say so (worker)."""
+        logger().warning("early: monitor=%d ended as authentication completed (%s): SIGKILL "
+                         "sent to %s", monitor_pid, self.holds.doomed(monitor_pid) or "?",
+                         sorted(pids)[:20])
 
     def in_flight(self, monitor_pid: int, monitor_start: float) -> bool:
         """Whether an early adoption of this connection is still being decided (the sweeper

@@ -1,4 +1,5 @@
-"""Which authenticated connections are held still until their admission is decided.
+"""Which authenticated connections are held still until their admission is decided, and
+which are ended the moment authentication completes.
 
 A publickey login of a managed user met a key entry before sshd accepted it: a user who
 may not be here got, at most, a ``restrict``-ed key (no forwarding, the wrapper as the
@@ -24,11 +25,26 @@ authentication ends (``sshd -T`` takes 10-20 ms; answers are cached for a minute
 and address) is not held: on a listener that never admitted a keyless login before, the
 first one is ended by the decision alone, milliseconds after authentication. Publickey-
 only nodes hold nothing.
+
+Holding at the uid change can be too late: the client learns of its success before the
+server forks that child, and channel requests it sends meanwhile are handled by the child
+straight after it took the uid (OpenSSH reads them with the key state). So where the key
+check's answer is already a refusal (a user who may come in without a key and whom the
+decision without the source job refuses: no job here), the connection is doomed: when its
+pre-authentication child exits -- authentication has completed, or failed -- the watcher
+kills the monitor and any child it has, before the session child is forked or while it is
+being set up; a fork of a doomed monitor after that is killed as it appears. The key check
+runs on a worker and may finish after authentication did; so a refusal is remembered per
+listener and user for :data:`VERDICT_TTL` seconds (and forgotten when the user's jobs here
+change), and the next attempt is doomed on the watcher thread the moment its monitor
+takes the user's uid, long before authentication can complete.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Final
 
 #: A monitor's key check is running; its answer is not in yet.
@@ -39,23 +55,33 @@ KEYLESS: Final = "keyless"
 KEYED: Final = "keyed"
 #: Bound on the monitors and listeners remembered (a flood of attempts cannot grow them).
 MAX_REMEMBERED: Final = 65536
+#: Seconds a refusal found by a key check dooms the same user's next attempts at once.
+VERDICT_TTL: Final = 10.0
 
 
 class Holds:
     """Key-check answers per monitor, and listeners known to admit keyless logins
     (thread-safe; the watcher asks on its own thread, so every call is a dict lookup)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._refused: dict[tuple[int, int], tuple[str, float]] = {}  # (listener, uid)
         self._lock = threading.Lock()
         self._monitors: dict[int, tuple[str, int]] = {}  # monitor -> (state, user's uid)
         self._keyless_listeners: set[int] = set()
+        self._doomed: dict[int, str] = {}  # monitor -> why its user is refused
 
-    def checking(self, monitor: int, uid: int) -> None:
+    def checking(self, monitor: int, uid: int, listener: int | None = None) -> None:
         """The monitor took ``uid`` as its effective uid and its key check was submitted
-        (watcher thread)."""
+        (watcher thread). A refusal of this user on this listener a moment ago dooms the
+        connection now."""
         with self._lock:
             if len(self._monitors) < MAX_REMEMBERED:
                 self._monitors.setdefault(monitor, (CHECKING, uid))
+            refused = self._refused.get((listener or 0, uid))
+            if refused is not None and self._clock() - refused[1] < VERDICT_TTL \
+                    and monitor in self._monitors and len(self._doomed) < MAX_REMEMBERED:
+                self._doomed[monitor] = refused[0]
 
     def checked(self, monitor: int, listener: int, *, keyless: bool) -> None:
         """The key check's answer: whether this monitor's user may log in without a key."""
@@ -75,7 +101,36 @@ class Holds:
                 return False
             return known[0] == KEYLESS or listener in self._keyless_listeners
 
+    def doom(self, monitor: int, why: str, listener: int | None = None) -> None:
+        """The key check found this monitor's user refused, and keyless logins possible:
+        end the connection as soon as authentication completes (and the user's next
+        attempts on ``listener`` too, for a while)."""
+        now = self._clock()
+        with self._lock:
+            known = self._monitors.get(monitor)
+            if known is None:
+                return
+            if len(self._doomed) < MAX_REMEMBERED:
+                self._doomed[monitor] = why
+            if len(self._refused) >= MAX_REMEMBERED:
+                self._refused = {k: v for k, v in self._refused.items()
+                                 if now - v[1] < VERDICT_TTL}
+            if len(self._refused) < MAX_REMEMBERED:
+                self._refused[(listener or 0, known[1])] = (why, now)
+
+    def jobs_changed(self, uid: int) -> None:
+        """The user's jobs on this node changed: no refusal of theirs stands."""
+        with self._lock:
+            for key in [k for k in self._refused if k[1] == uid]:
+                del self._refused[key]
+
+    def doomed(self, monitor: int) -> str | None:
+        """Why this monitor's connection is to be ended at authentication (None: it is not)."""
+        with self._lock:
+            return self._doomed.get(monitor)
+
     def forget(self, monitor: int) -> None:
         """The monitor is gone."""
         with self._lock:
             self._monitors.pop(monitor, None)
+            self._doomed.pop(monitor, None)
