@@ -49,9 +49,10 @@ PARTITION = "systemd"
 #: What the image layer adds to the generation's root: logind needs dbus, and
 #: libpam-systemd puts pam_systemd into common-session (pam-auth-update).
 IMAGE_PACKAGES = ("dbus", "libpam-systemd")
-#: Units of the root that must not start in the node: the controller runs on ctl, and
-#: the rest would only wait for hardware or the network a lab node has not got.
-MASKED = ("slurmctld.service", "console-getty.service", "getty@tty1.service",
+#: Units of the root that must not start in the node: the controller and the KDC run on
+#: ctl, and the rest would only wait for hardware or the network a lab node has not got.
+MASKED = ("slurmctld.service", "krb5-kdc.service", "krb5-admin-server.service",
+          "console-getty.service", "getty@tty1.service",
           "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
           "e2scrub_all.timer", "fstrim.timer", "man-db.timer", "systemd-networkd-wait-online"
           ".service", "systemd-timesyncd.service")

@@ -24,6 +24,13 @@ GATE = ("sshd-adopt tells the refused user why in its own words (with hint lines
         "the reason in the broker log")
 
 
+KEYLESS_REFUSAL = (
+    "no key entry is consulted for a keyless login, so sshd-adopt enforces admission as "
+    "authentication completes: the connection of a refused user is killed before its "
+    "session runs anything, and the client sees it closed, without a message "
+    "(pam_slurm_adopt, in PAM's account phase, refuses with its message)")
+
+
 @dataclass(frozen=True)
 class Expectation:
     """What a row is expected to give on one Slurm release where it differs from the rest."""
@@ -199,6 +206,19 @@ SCENARIOS: tuple[Scenario, ...] = (
        GATE),
     _s("job_ending", "the job ends while the session runs",
        "one job that ends 3 s after the login (its batch script exits)", "same"),
+    _s("hostbased_one_job", "hostbased login, one job",
+       "sshd-adopt's drop-in lets managed users in by hostbased (scripts/install "
+       "--auth-methods); alice has one job on n1 and logs in from login by hostbased "
+       "(ssh-keysign, shosts.equiv)", "same"),
+    _s("hostbased_no_job", "hostbased login, no job",
+       "as above, bob (no job) logs in by hostbased", "differs on purpose",
+       ("stderr",), KEYLESS_REFUSAL),
+    _s("gssapi_one_job", "GSSAPI login, one job",
+       "the drop-in also lets managed users in by gssapi-with-mic; alice holds a ticket of "
+       "the lab's realm (an MIT KDC on ctl) and has one job on n1", "same"),
+    _s("gssapi_no_job", "GSSAPI login, no job",
+       "as above, bob (ticket, no job) logs in by GSSAPI", "differs on purpose",
+       ("stderr",), KEYLESS_REFUSAL),
     _s("pam_systemd", "pam_systemd in the PAM stack (node booted with systemd)",
        "26.05 lab only: node s1 boots systemd as its init, logind runs, and both sshds use "
        "Debian's PAM stack with pam_systemd (sshd-adopt's drop-in on port 22, "

@@ -123,11 +123,12 @@ def dave(cluster: Cluster) -> Iterator[str]:
 
 
 def login(cluster: Cluster, src: str, dst: str, user: str, port: int,
-          labels: dict[int, str]) -> Observation:
+          labels: dict[int, str], extra_opts: tuple[str, ...] = ()) -> Observation:
     """One ssh login running PROBE; the whole ssh invocation is timed."""
     started = time.monotonic()
     try:
-        result = cluster.ssh(src, dst, PROBE, user=user, port=port, timeout=40)
+        result = cluster.ssh(src, dst, PROBE, user=user, port=port, timeout=40,
+                             extra_opts=extra_opts)
     except subprocess.TimeoutExpired:
         return Observation("refused", -1, "(client killed after 40 s)", "none", "unset",
                            "unset", "-", "-", 40.0)
@@ -136,10 +137,10 @@ def login(cluster: Cluster, src: str, dst: str, user: str, port: int,
 
 
 def both(cluster: Cluster, key: str, src: str, dst: str, user: str,
-         labels: dict[int, str]) -> Row:
+         labels: dict[int, str], extra_opts: tuple[str, ...] = ()) -> Row:
     """Run one scenario against both front ends and record the row."""
-    row = Row.compare(key, login(cluster, src, dst, user, PAM, labels),
-                      login(cluster, src, dst, user, ADOPT, labels))
+    row = Row.compare(key, login(cluster, src, dst, user, PAM, labels, extra_opts),
+                      login(cluster, src, dst, user, ADOPT, labels, extra_opts))
     ROWS[key] = row
     return row
 
@@ -499,3 +500,25 @@ def test_pam_systemd_on_a_systemd_node(sysnode: Cluster) -> None:
     sessions_vs_job(sysnode, "pam_systemd", "login", "s1", "alice", {job: "A"},
                     lambda: sysnode.cancel(job), settle=10)
     verify("pam_systemd")
+
+
+#: ssh options forcing each keyless method (the lab: scripts/_cluster/kerberos.py, and
+#: configs.py's write_etc_ssh for hostbased).
+KEYLESS = {
+    "hostbased": ("-o", "HostbasedAuthentication=yes",
+                  "-o", "PreferredAuthentications=hostbased"),
+    "gssapi": ("-o", "GSSAPIAuthentication=yes",
+               "-o", "PreferredAuthentications=gssapi-with-mic"),
+}
+
+
+def test_keyless_methods(auth_methods_lab: Cluster, kerberos_tickets: None) -> None:
+    """Hostbased and GSSAPI logins, sshd-adopt's drop-in as `scripts/install --auth-methods
+    hostbased,gssapi-with-mic` writes it; pam_slurm_adopt's sshd allows both for everyone.
+    (Last in the module: its fixtures change every node's drop-in until the module ends.)"""
+    cluster = auth_methods_lab
+    job = cluster.submit("alice", ["n1"])
+    for method, options in KEYLESS.items():
+        both(cluster, f"{method}_one_job", "login", "n1", "alice", {job: "A"}, options)
+        both(cluster, f"{method}_no_job", "login", "n1", "bob", {job: "A"}, options)
+    verify(*(f"{method}_{case}" for method in KEYLESS for case in ("one_job", "no_job")))

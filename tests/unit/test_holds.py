@@ -19,6 +19,16 @@ def test_a_keyless_answer_holds_that_users_child_and_later_ones_of_its_listener(
     assert not holds.should_hold(12, 2, ALICE)  # no key check seen: never held
 
 
+def test_an_unknown_answer_holds_that_connection_only() -> None:
+    holds = Holds()
+    holds.checking(10, ALICE, 1)
+    holds.checked(10, 1, keyless=True, known=False)
+    assert holds.should_hold(10, 1, ALICE)
+    holds.checking(11, ALICE, 1)
+    holds.checked(11, 1, keyless=False)
+    assert not holds.should_hold(11, 1, ALICE)  # the listener was not flagged
+
+
 def test_the_pre_authentication_child_is_never_held() -> None:
     """It takes the privilege-separation user's uid; a stop and continue can kill it (its
     seccomp filter has no restart_syscall)."""

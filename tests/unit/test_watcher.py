@@ -121,8 +121,8 @@ class FakeAdoption:
     def key_check(self, monitor_pid: int, monitor_start: float) -> None:
         self.log.record("adoption.key_check", monitor_pid, monitor_start)
 
-    def doomed_ended(self, monitor_pid: int, pids: list[int]) -> None:
-        self.log.record("adoption.doomed_ended", monitor_pid, pids)
+    def doomed_ended(self, monitor_pid: int, why: str, pids: list[int]) -> None:
+        self.log.record("adoption.doomed_ended", monitor_pid, why, pids)
 
 
 class FakeSweeper:
@@ -270,7 +270,8 @@ def test_a_doomed_connection_is_killed_when_authentication_is_over(node: Node) -
     assert node.log.named("signals.kill_now") == []
     node.feed(exits(PREAUTH))
     assert node.log.named("signals.kill_now") == [(MONITOR,)]
-    assert node.log.named("adoption.doomed_ended") == [(MONITOR, [MONITOR])]
+    assert node.log.named("adoption.doomed_ended") == [
+        (MONITOR, "user has no jobs on this node", [MONITOR])]
     node.feed(fork(MONITOR, CHILD))
     assert node.log.named("signals.kill_now") == [(MONITOR,), (CHILD,)]
 

@@ -11,7 +11,11 @@ directory (:mod:`sshd_adopt._internal.node.inotify`). What it sees goes to:
   before that, the monitor taking the user's effective uid for the key check
   (:meth:`~sshd_adopt._internal.services.adoption.Adoption.key_check`: warm the
   cgroup-migration path for a managed connection);
-* the sweeper: forks, execs and exits of processes of followed connections.
+* the sweeper: forks, execs and exits of processes of followed connections;
+* holds (:mod:`sshd_adopt._internal.services.holds`): a login that may have met no key
+  entry (hostbased, GSSAPI) is stopped when its session child takes the user's uid, or,
+  when its key check already refused the user, killed as sshd's pre-authentication
+  child exits -- here, on this thread, with a signal each: no worker could be as quick.
 
 Timers drive the rest: settling new sockets whose stepd did not answer yet, the
 periodic reconcile of the job table, and watching the spool directory again when it
@@ -281,4 +285,5 @@ class Watcher:
         """SIGKILL a doomed connection's processes now (watcher thread: a kill each), and
         have a worker log it."""
         killed = [pid for pid in pids if signals.kill_now(pid)]
-        self._submit(None, functools.partial(self._adoption.doomed_ended, monitor, killed))
+        why = self._adoption.holds.doomed(monitor) or "refused"
+        self._submit(None, functools.partial(self._adoption.doomed_ended, monitor, why, killed))

@@ -176,9 +176,9 @@ class Adoption:
         key check): ask sshd about this user's connection. If it is managed, an adoption
         may follow within milliseconds -- warm the cgroup-migration path for it; and tell
         :attr:`holds` whether the user may come in without a key (nothing is decided or
-        done for the connection). Unknown counts as keyless."""
+        done for the connection). Unknown counts as keyless, for this connection only."""
         listener_pid = 0
-        keyless = True
+        keyless, known = True, False
         try:
             monitor = procfs.proc_info(monitor_pid)
             user = monitor_user(monitor.title)
@@ -188,7 +188,7 @@ class Adoption:
             listener = procfs.proc_info(monitor.ppid)
             connection = procfs.connection_of(monitor_pid)
             answer = self._managed.query(listener, user, connection)
-            keyless = answer.managed and bool(answer.keyless)
+            keyless, known = answer.managed and bool(answer.keyless), True
             if answer.managed and self.warm is not None:
                 self.warm()
             if keyless:
@@ -196,7 +196,7 @@ class Adoption:
         except (ProcError, SshdConfigError) as err:
             logger().debug("key check of monitor %d: %s", monitor_pid, err)
         finally:
-            self.holds.checked(monitor_pid, listener_pid, keyless=keyless)
+            self.holds.checked(monitor_pid, listener_pid, keyless=keyless, known=known)
 
     def _doom_if_refused(self, monitor_pid: int, listener_pid: int, user: str,
                          connection: Connection | None) -> None:
@@ -211,11 +211,11 @@ class Adoption:
         if isinstance(decision, dec.Deny):
             self.holds.doom(monitor_pid, decision.reason, listener_pid)
 
-    def doomed_ended(self, monitor_pid: int, pids: list[int]) -> None:
+    @staticmethod
+    def doomed_ended(monitor_pid: int, why: str, pids: list[int]) -> None:
         """The watcher killed a doomed connection at authentication: say so (worker)."""
         logger().warning("early: monitor=%d ended as authentication completed (%s): SIGKILL "
-                         "sent to %s", monitor_pid, self.holds.doomed(monitor_pid) or "?",
-                         sorted(pids)[:20])
+                         "sent to %s", monitor_pid, why, sorted(pids)[:20])
 
     def in_flight(self, monitor_pid: int, monitor_start: float) -> bool:
         """Whether an early adoption of this connection is still being decided (the sweeper

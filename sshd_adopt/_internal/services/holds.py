@@ -83,13 +83,15 @@ class Holds:
                     and monitor in self._monitors and len(self._doomed) < MAX_REMEMBERED:
                 self._doomed[monitor] = refused[0]
 
-    def checked(self, monitor: int, listener: int, *, keyless: bool) -> None:
-        """The key check's answer: whether this monitor's user may log in without a key."""
+    def checked(self, monitor: int, listener: int, *, keyless: bool,
+                known: bool = True) -> None:
+        """The key check's answer: whether this monitor's user may log in without a key
+        (``known``: sshd said so; an unknown answer holds this connection only)."""
         with self._lock:
-            known = self._monitors.get(monitor)
-            if known is not None:
-                self._monitors[monitor] = (KEYLESS if keyless else KEYED, known[1])
-            if keyless and len(self._keyless_listeners) < MAX_REMEMBERED:
+            entry = self._monitors.get(monitor)
+            if entry is not None:
+                self._monitors[monitor] = (KEYLESS if keyless else KEYED, entry[1])
+            if keyless and known and len(self._keyless_listeners) < MAX_REMEMBERED:
                 self._keyless_listeners.add(listener)
 
     def should_hold(self, monitor: int, listener: int | None, uid: int) -> bool:
