@@ -10,6 +10,7 @@ only at the end.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -77,6 +78,16 @@ def _job_steps(cluster: Cluster, host: str, user: str, job: int) -> list[Path]:
     batch = extern.parent / "step_batch"
     wait_until(lambda: extern.is_dir() and batch.is_dir(), timeout=10,
                what=f"job {job}'s step cgroups under {extern.parent}")
+
+    def script_running() -> bool:  # the batch script's `sleep` started: nothing more joins
+        for pid in Cluster.cgroup_pids(batch):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
+                    return True
+        return False
+
+    # Else the batch script's own processes, started a moment later, count as joining.
+    wait_until(script_running, timeout=10, what=f"job {job}'s batch script")
     return sorted(extern.parent.glob("step_*"))
 
 

@@ -88,3 +88,39 @@ def test_a_refusal_is_forgotten_when_the_users_jobs_change() -> None:
     holds.jobs_changed(ALICE)
     holds.checking(11, ALICE, 1)
     assert holds.doomed(11) is None
+
+
+def test_a_monitor_is_stopped_at_authentication_until_its_key_check_answers() -> None:
+    """The first attempt: authentication completed before sshd -T answered, on a listener
+    that admits keyless logins. The monitor waits; the answer's caller continues or kills."""
+    stopped: list[int] = []
+    holds = Holds(Clock(), stop=Recorder(stopped))
+    holds.checking(1, ALICE, 7)
+    holds.checked(1, 7, keyless=True)  # an earlier login flagged the listener
+    holds.checking(10, ALICE, 7)
+    assert holds.stop_if_awaiting(10, 7) and stopped == [10]
+    assert holds.checked(10, 7, keyless=True)  # the caller must now act
+    assert not holds.checked(10, 7, keyless=True)  # once
+
+
+def test_no_stop_when_answered_or_the_listener_admits_no_keyless_login() -> None:
+    stopped: list[int] = []
+    holds = Holds(Clock(), stop=Recorder(stopped))
+    holds.checking(10, ALICE, 7)
+    assert not holds.stop_if_awaiting(10, 7)  # listener not flagged
+    holds.checked(10, 7, keyless=True)
+    holds.checking(11, ALICE, 7)
+    holds.checked(11, 7, keyless=False)
+    assert not holds.stop_if_awaiting(11, 7)  # answered already
+    assert stopped == []
+
+
+class Recorder:
+    """A stand-in for SIGSTOP that records the pids."""
+
+    def __init__(self, into: list[int]) -> None:
+        self.into = into
+
+    def __call__(self, pid: int) -> bool:
+        self.into.append(pid)
+        return True

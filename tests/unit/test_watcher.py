@@ -254,7 +254,7 @@ def test_a_login_whose_key_check_is_still_running_is_not_held(node: Node) -> Non
     assert node.log.named("signals.hold") == []  # FakeAdoption never answers
 
 
-PREAUTH, KEYS_COMMAND = 905, 906
+PREAUTH, KEYS_COMMAND, OTHER_MONITOR = 905, 906, 907
 
 
 def test_a_doomed_connection_is_killed_when_authentication_is_over(node: Node) -> None:
@@ -274,6 +274,18 @@ def test_a_doomed_connection_is_killed_when_authentication_is_over(node: Node) -
         (MONITOR, "user has no jobs on this node", [MONITOR])]
     node.feed(fork(MONITOR, CHILD))
     assert node.log.named("signals.kill_now") == [(MONITOR,), (CHILD,)]
+
+
+def test_a_monitor_whose_key_check_has_not_answered_waits_at_authentication(
+        node: Node) -> None:
+    """On a listener that admitted a keyless login before, authentication completing
+    before the key check answered stops the monitor (not its pre-auth child)."""
+    node.feed(fork(LISTENER, OTHER_MONITOR), uid(OTHER_MONITOR, 0, ALICE))
+    node.watcher._adoption.holds.checked(OTHER_MONITOR, LISTENER, keyless=True)
+    node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), uid(MONITOR, 0, ALICE),
+              exits(PREAUTH))
+    assert node.log.named("signals.hold") == [(MONITOR,)]
+    assert node.log.named("signals.kill_now") == []
 
 
 def test_a_connection_not_doomed_is_left_alone_when_authentication_is_over(

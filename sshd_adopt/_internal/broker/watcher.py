@@ -273,6 +273,8 @@ class Watcher:
                 self._end_doomed(monitor, [monitor, *(
                     child for child, parent in self._children.items()
                     if parent == monitor and child != pid)])
+            else:  # its key check may still doom it: the monitor waits for the answer
+                self._adoption.holds.stop_if_awaiting(monitor, self._listener_of.get(monitor))
         self._table.process_exited(pid)
         if self._monitors.pop(pid, None) is not None:
             self._listener_of.pop(pid, None)

@@ -196,7 +196,19 @@ class Adoption:
         except (ProcError, SshdConfigError) as err:
             logger().debug("key check of monitor %d: %s", monitor_pid, err)
         finally:
-            self.holds.checked(monitor_pid, listener_pid, keyless=keyless, known=known)
+            if self.holds.checked(monitor_pid, listener_pid, keyless=keyless, known=known):
+                self._after_stopped(monitor_pid)
+
+    def _after_stopped(self, monitor_pid: int) -> None:
+        """The watcher stopped this monitor as authentication completed, waiting for the
+        key check just answered: kill the connection if it is doomed, else continue it."""
+        why = self.holds.doomed(monitor_pid)
+        if why is None:
+            signals.release(monitor_pid)
+            return
+        pids = [monitor_pid, *self._members(monitor_pid)]
+        killed = [pid for pid in pids if signals.kill_now(pid)]
+        self.doomed_ended(monitor_pid, why, killed)
 
     def _doom_if_refused(self, monitor_pid: int, listener_pid: int, user: str,
                          connection: Connection | None) -> None:

@@ -37,7 +37,10 @@ being set up; a fork of a doomed monitor after that is killed as it appears. The
 runs on a worker and may finish after authentication did; so a refusal is remembered per
 listener and user for :data:`VERDICT_TTL` seconds (and forgotten when the user's jobs here
 change), and the next attempt is doomed on the watcher thread the moment its monitor
-takes the user's uid, long before authentication can complete.
+takes the user's uid, long before authentication can complete. When authentication
+completes before the key check has answered (the first attempt: ``sshd -T`` takes 10-20
+ms) on a listener that admits keyless logins, the monitor itself is stopped until the
+answer is in, before it can fork the session child, then killed or continued.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Final
+
+from sshd_adopt._internal.node import signals
 
 #: A monitor's key check is running; its answer is not in yet.
 CHECKING: Final = "checking"
@@ -63,8 +68,11 @@ class Holds:
     """Key-check answers per monitor, and listeners known to admit keyless logins
     (thread-safe; the watcher asks on its own thread, so every call is a dict lookup)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 stop: Callable[[int], bool] | None = None) -> None:
         self._clock = clock
+        self._stop = stop or _sigstop
+        self._stopped: set[int] = set()  # monitors stopped until their key check answers
         self._refused: dict[tuple[int, int], tuple[str, float]] = {}  # (listener, uid)
         self._lock = threading.Lock()
         self._monitors: dict[int, tuple[str, int]] = {}  # monitor -> (state, user's uid)
@@ -84,15 +92,34 @@ class Holds:
                 self._doomed[monitor] = refused[0]
 
     def checked(self, monitor: int, listener: int, *, keyless: bool,
-                known: bool = True) -> None:
+                known: bool = True) -> bool:
         """The key check's answer: whether this monitor's user may log in without a key
-        (``known``: sshd said so; an unknown answer holds this connection only)."""
+        (``known``: sshd said so; an unknown answer holds this connection only). Call it
+        after any :meth:`doom`. True when the monitor was stopped waiting for this answer
+        (:meth:`stop_if_awaiting`): the caller continues or kills it now."""
         with self._lock:
             entry = self._monitors.get(monitor)
             if entry is not None:
                 self._monitors[monitor] = (KEYLESS if keyless else KEYED, entry[1])
             if keyless and known and len(self._keyless_listeners) < MAX_REMEMBERED:
                 self._keyless_listeners.add(listener)
+            if monitor in self._stopped:
+                self._stopped.discard(monitor)
+                return True
+            return False
+
+    def stop_if_awaiting(self, monitor: int, listener: int | None) -> bool:
+        """Authentication just completed (sshd's pre-auth child exited) but the key check
+        has not answered yet, on a listener that admits keyless logins: stop the monitor
+        (before it forks the session child) until :meth:`checked`. Watcher thread."""
+        with self._lock:
+            entry = self._monitors.get(monitor)
+            if entry is None or entry[0] != CHECKING or listener not in self._keyless_listeners:
+                return False
+            if not self._stop(monitor):  # under the lock: checked() cannot miss it
+                return False
+            self._stopped.add(monitor)
+            return True
 
     def should_hold(self, monitor: int, listener: int | None, uid: int) -> bool:
         """Whether to stop the monitor's child that just took ``uid`` until it is decided:
@@ -136,3 +163,9 @@ class Holds:
         with self._lock:
             self._monitors.pop(monitor, None)
             self._doomed.pop(monitor, None)
+            self._stopped.discard(monitor)
+
+
+def _sigstop(pid: int) -> bool:
+    """signals.hold, looked up when called (tests replace it)."""
+    return signals.hold(pid)
