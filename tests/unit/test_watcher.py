@@ -288,6 +288,18 @@ def test_a_monitor_whose_key_check_has_not_answered_waits_at_authentication(
     assert node.log.named("signals.kill_now") == []
 
 
+def test_a_key_check_after_authentication_stops_the_monitor_until_answered(
+        node: Node) -> None:
+    """GSSAPI: the monitor takes the user's uid only after authentication (storing the
+    credentials), before it forks the session child: it waits for the answer there."""
+    node.feed(fork(LISTENER, OTHER_MONITOR), uid(OTHER_MONITOR, 0, ALICE))
+    node.watcher._adoption.holds.checked(OTHER_MONITOR, LISTENER, keyless=True)
+    node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), exits(PREAUTH))
+    assert node.log.named("signals.hold") == []
+    node.feed(uid(MONITOR, 0, ALICE))
+    assert node.log.named("signals.hold") == [(MONITOR,)]
+
+
 def test_a_connection_not_doomed_is_left_alone_when_authentication_is_over(
         node: Node) -> None:
     node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), uid(MONITOR, 0, ALICE))

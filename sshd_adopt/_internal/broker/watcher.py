@@ -245,8 +245,12 @@ class Watcher:
             # The monitor reads the user's keys with the user's effective uid: an
             # adoption may follow within milliseconds.
             if event.ruid == 0 and event.euid != 0 and self._state().config.adoption.early:
-                self._adoption.holds.checking(event.pid, event.euid,
-                                              self._listener_of.get(event.pid))
+                listener = self._listener_of.get(event.pid)
+                self._adoption.holds.checking(event.pid, event.euid, listener)
+                if self._first_child.get(event.pid) == AUTH_OVER:
+                    # After authentication (GSSAPI stores the user's credentials so,
+                    # before the session child is forked): wait for this answer.
+                    self._adoption.holds.stop_if_awaiting(event.pid, listener)
                 self._submit(None, functools.partial(
                     self._adoption.key_check, event.pid, self._monitors[event.pid]))
             return

@@ -40,7 +40,9 @@ change), and the next attempt is doomed on the watcher thread the moment its mon
 takes the user's uid, long before authentication can complete. When authentication
 completes before the key check has answered (the first attempt: ``sshd -T`` takes 10-20
 ms) on a listener that admits keyless logins, the monitor itself is stopped until the
-answer is in, before it can fork the session child, then killed or continued.
+answer is in, before it can fork the session child, then killed or continued; so is a
+monitor whose only key check comes after authentication (GSSAPI: storing the user's
+credentials, before the fork).
 """
 
 from __future__ import annotations
