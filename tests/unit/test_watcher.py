@@ -300,6 +300,20 @@ def test_a_key_check_after_authentication_stops_the_monitor_until_answered(
     assert node.log.named("signals.hold") == [(MONITOR,)]
 
 
+def test_a_refused_user_keyless_after_authentication_is_killed_at_the_key_check(
+        node: Node) -> None:
+    """GSSAPI again, and this user was refused on this listener a moment ago."""
+    node.feed(fork(LISTENER, OTHER_MONITOR), uid(OTHER_MONITOR, 0, ALICE))
+    holds = node.watcher._adoption.holds
+    holds.checked(OTHER_MONITOR, LISTENER, keyless=True)
+    holds.checking(OTHER_MONITOR, ALICE, LISTENER)
+    holds.doom(OTHER_MONITOR, "no jobs", LISTENER)
+    node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), exits(PREAUTH),
+              uid(MONITOR, 0, ALICE))
+    assert node.log.named("signals.kill_now") == [(MONITOR,)]
+    assert node.log.named("signals.hold") == []
+
+
 def test_a_connection_not_doomed_is_left_alone_when_authentication_is_over(
         node: Node) -> None:
     node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), uid(MONITOR, 0, ALICE))

@@ -249,8 +249,14 @@ class Watcher:
                 self._adoption.holds.checking(event.pid, event.euid, listener)
                 if self._first_child.get(event.pid) == AUTH_OVER:
                     # After authentication (GSSAPI stores the user's credentials so,
-                    # before the session child is forked): wait for this answer.
-                    self._adoption.holds.stop_if_awaiting(event.pid, listener)
+                    # before the session child is forked): a refusal remembered ends it
+                    # now, else it waits for this answer.
+                    if self._adoption.holds.doomed(event.pid) is not None:
+                        self._end_doomed(event.pid, [event.pid, *(
+                            child for child, parent in self._children.items()
+                            if parent == event.pid)])
+                    else:
+                        self._adoption.holds.stop_if_awaiting(event.pid, listener)
                 self._submit(None, functools.partial(
                     self._adoption.key_check, event.pid, self._monitors[event.pid]))
             return
