@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from sshd_adopt._internal.slurm.stepd import StepdConnection
 from sshd_adopt.errors import Error
 
@@ -170,6 +172,20 @@ class BatchResult:
     job_id: int
     returncode: int
     output: str
+
+
+def user_pids(user: str, pattern: str, *, exact: bool = False) -> list[int]:
+    """Host pids of ``user``'s processes whose command line matches ``pattern`` (``pgrep
+    -f``; all of it with ``exact``), leaving out the ssh clients and the nsenter/setpriv
+    that started them (their command lines name the remote command too)."""
+    out = subprocess.run(["pgrep", "-u", user, "-fx" if exact else "-f", pattern],
+                         capture_output=True, text=True, check=False).stdout.split()
+    pids = []
+    for pid in map(int, out):
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).name() not in ("ssh", "nsenter", "setpriv"):
+                pids.append(pid)
+    return pids
 
 
 def process_running(pid: int) -> bool:

@@ -23,7 +23,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import VENV, Cluster, HarnessError, remote_cgroup_job, wait_until
+from tests.harness import (
+    VENV,
+    Cluster,
+    HarnessError,
+    remote_cgroup_job,
+    user_pids,
+    wait_until,
+)
 
 #: How long a session that bypassed the wrapper may live outside its job:
 #: sweeper.grace (0.5 s) + the event-driven scan and adoption (~30 ms),
@@ -45,14 +52,7 @@ def _job_of(pid: int) -> int | None:
 
 def _pids(user: str, pattern: str) -> list[int]:
     """Processes of ``user`` whose command line matches ``pattern`` (not ssh clients)."""
-    out = subprocess.run(["pgrep", "-u", user, "-f", pattern], capture_output=True,
-                         text=True, check=False).stdout.split()
-    pids = []
-    for pid in map(int, out):
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).name() not in ("ssh", "nsenter", "setpriv"):
-                pids.append(pid)
-    return pids
+    return user_pids(user, pattern)
 
 
 def _gone(pid: int) -> bool:

@@ -25,7 +25,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import UNIT, Cluster, capability_mask, unit_capabilities, wait_until
+from tests.harness import (
+    UNIT,
+    Cluster,
+    capability_mask,
+    unit_capabilities,
+    user_pids,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -57,14 +64,7 @@ def exists_in_node(node: Cluster, path: str) -> bool:
 
 def remote_pids(user: str, command: str) -> list[int]:
     """Host pids of ``user``'s processes running exactly ``command`` (not the ssh client)."""
-    out = subprocess.run(["pgrep", "-u", user, "-fx", command], capture_output=True,
-                         text=True, check=False).stdout.split()
-    found = []
-    for pid in map(int, out):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if psutil.Process(pid).name() != "ssh":
-                found.append(pid)
-    return found
+    return user_pids(user, command, exact=True)
 
 
 def in_job(node: Cluster, pid: int, job: int) -> bool:

@@ -252,9 +252,7 @@ class Watcher:
                     # before the session child is forked): a refusal remembered ends it
                     # now, else it waits for this answer.
                     if self._adoption.holds.doomed(event.pid) is not None:
-                        self._end_doomed(event.pid, [event.pid, *(
-                            child for child, parent in self._children.items()
-                            if parent == event.pid)])
+                        self._end_doomed(event.pid, self._connection(event.pid))
                     else:
                         self._adoption.holds.stop_if_awaiting(event.pid, listener)
                 self._submit(None, functools.partial(
@@ -280,9 +278,7 @@ class Watcher:
             if self._adoption.holds.doomed(monitor) is not None:
                 # Authentication is over: the session child is being (or about to be)
                 # forked. Kill the connection before it handles a packet of the session.
-                self._end_doomed(monitor, [monitor, *(
-                    child for child, parent in self._children.items()
-                    if parent == monitor and child != pid)])
+                self._end_doomed(monitor, self._connection(monitor, leaving=pid))
             else:  # its key check may still doom it: the monitor waits for the answer
                 self._adoption.holds.stop_if_awaiting(monitor, self._listener_of.get(monitor))
         self._table.process_exited(pid)
@@ -292,6 +288,11 @@ class Watcher:
             self._adoption.monitor_gone(pid)
         self._children.pop(pid, None)
         self._sweeper.exited(pid)
+
+    def _connection(self, monitor: int, leaving: int | None = None) -> list[int]:
+        """The monitor and the children it is known to have (but ``leaving``, exiting)."""
+        return [monitor, *(child for child, parent in self._children.items()
+                           if parent == monitor and child != leaving)]
 
     def _end_doomed(self, monitor: int, pids: list[int]) -> None:
         """SIGKILL a doomed connection's processes now (watcher thread: a kill each), and
