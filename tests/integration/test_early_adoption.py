@@ -17,7 +17,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,6 +229,32 @@ def test_forwarding_only_connection_is_in_the_job_right_after_authentication(
         finally:
             client.send_signal(signal.SIGTERM)
             client.wait(timeout=10)
+
+
+def test_the_first_login_through_a_restarted_sshd_is_adopted_early(
+        cluster: Cluster, broker_policy: Callable[..., None]) -> None:
+    """sshd restarted under a running broker: a listener no scan has found yet (the
+    sweeper's scans are five minutes apart here). Its very first connection is followed from
+    its exec of sshd (-R, or sshd-session), and adopted at authentication."""
+    broker_policy("n1", sweeper={"interval": 300})
+    time.sleep(2.5)  # the scan due under the old interval (2 s) is behind us
+    job = cluster.submit("alice", ["n1"])
+    broker = cluster.broker_pid("n1")
+    old = cluster.daemon_pid("sshd-n1-22")
+    log = cluster.broker_log("n1")
+    mark = log.mark()
+    os.kill(old, signal.SIGTERM)
+    wait_until(lambda: not psutil.pid_exists(old), 10, "the old sshd to exit")
+    cluster.run_script("up")
+    new = cluster.daemon_pid("sshd-n1-22")
+    assert new != old and cluster.broker_pid("n1") == broker
+    result = cluster.ssh("login", "n1", CGROUP, user="alice", check=True)
+    found = remote_cgroup_job(result.stdout)
+    assert found is not None and found.job == job
+    log.wait_for(f"sshd listener {new} started since the last full scan", mark=mark,
+                 timeout=5)
+    early = log.wait_for(f"outcome=adopt job={job}", mark=mark, timeout=5)
+    assert re.search(rf"INFO: early: user=alice .* outcome=adopt job={job}\b", early), early
 
 
 def test_without_the_proc_connector_logins_are_adopted_by_the_wrapper(

@@ -29,7 +29,7 @@ from sshd_adopt._internal.node.sessions import Authenticated, SshSession
 from sshd_adopt._internal.node.sshdconfig import ManagedQuery, SshdConfigError
 from sshd_adopt._internal.services import adoption
 from sshd_adopt._internal.services.adoption import Adoption, Peer
-from sshd_adopt.errors import NoSuchProcess, NotAnSshSession
+from sshd_adopt.errors import AccessDenied, NoSuchProcess, NotAnSshSession
 from tests.unit.fakes import (
     ALICE,
     BOB,
@@ -540,7 +540,10 @@ def test_request_for_an_unknown_uid_fails(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("error", [NotAnSshSession("peer 40 is not under sshd"),
-                                   NoSuchProcess("peer 40 is gone")])
+                                   NoSuchProcess("peer 40 is gone"),
+                                   # reparented to an init of another pid namespace (seen:
+                                   # a wrapper whose monitor was killed, /proc/1/exe denied)
+                                   AccessDenied("not allowed to inspect process 1")])
 def test_a_peer_that_is_not_an_ssh_session_is_denied(monkeypatch: pytest.MonkeyPatch,
                                                      error: Exception) -> None:
     world = make(monkeypatch, jobs=ONE_JOB)

@@ -42,7 +42,7 @@ from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.services.admission import Keys, KeysOutcome, Refused
 from sshd_adopt._internal.services.adoption import Peer
 from sshd_adopt._internal.slurm import hints
-from sshd_adopt.errors import BrokerProtocolError
+from sshd_adopt.errors import AccessDenied, BrokerProtocolError
 from tests.unit.fakes import broker_state
 
 CONFIG_PATH = "/etc/sshd-adopt/test.toml"
@@ -60,11 +60,14 @@ class FakeAdoption:
         self.asked: list[tuple[Peer, dict[str, str]]] = []
         self.outcome: Outcome = Allowed("root")
         self.hold: threading.Event | None = None
+        self.error: Exception | None = None
 
     def request(self, peer: Peer, overrides: dict[str, str]) -> Outcome:
         self.asked.append((peer, dict(overrides)))
         if self.hold is not None:
             self.hold.wait(5)
+        if self.error is not None:
+            raise self.error
         return self.outcome
 
 
@@ -514,6 +517,20 @@ def test_a_request_over_its_deadline_fails_instead_of_hanging(make_broker: MakeB
     assert len(node.adoption.asked) == 1
     assert writer.reply() == {"v": "1", "result": "failed",
                               "message": "sshd-adopt: the broker timed out"}
+
+
+def test_a_failing_service_closes_that_client_unanswered_and_serving_goes_on(
+        make_broker: MakeBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug (here an error nobody mapped) is logged with its traceback; the wrapper,
+    without an answer, fails closed; the next request is served."""
+    broker, node = make_broker()
+    node.adoption.error = AccessDenied("not allowed to inspect process 1")
+    writer = talk(broker, frame(protocol.adopt_request({})))
+    assert writer.closed and not writer.data
+    assert "request of pid 4321 uid 2001 failed" in caplog.text
+    assert "not allowed to inspect process 1" in caplog.text
+    node.adoption.error = None
+    assert talk(broker, frame(protocol.adopt_request({}))).reply()["result"] == "allowed"
 
 
 @pytest.fixture

@@ -437,6 +437,37 @@ def test_a_listener_that_ended_brings_the_full_pass_forward(
     assert world.steps.joined == [(7, ALICE.uid, (MONITOR, SESSION, SHELL))]
 
 
+def test_a_listener_started_beside_the_known_ones_is_known_once_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher saw a connection of pid 11 exec sshd: 11 is a new listener; the next
+    listener-only pass reads its children too, with no full pass."""
+    world = make(monkeypatch)
+    world.sweeper.scan(full=True)
+    world.table[11] = proc(11, 1, 0, LISTENER_TITLE, 50.0)
+    assert world.sweeper.listener_found(11)
+    assert world.sweeper.listeners == frozenset({LISTENER, 11})
+    world.table[12] = proc(12, 11, 0, f"sshd: {world.user} [priv]", 60.0)
+    world.sweeper.scan(full=False)
+    assert world.full_passes == 1
+    assert 12 in world.sweeper._monitors
+
+
+@pytest.mark.parametrize("title, uid, netns", [
+    ("sshd: alice [priv]", 0, NETNS),  # a monitor, not a listener
+    (LISTENER_TITLE, 1000, NETNS),  # not root
+    (LISTENER_TITLE, 0, "net:[1]"),  # another network namespace's sshd
+])
+def test_only_a_root_listener_of_this_namespace_is_found(
+        monkeypatch: pytest.MonkeyPatch, title: str, uid: int, netns: str) -> None:
+    world = make(monkeypatch)
+    world.sweeper.scan(full=True)
+    world.table[11] = proc(11, 1, uid, title, 50.0)
+    monkeypatch.setattr(procfs, "netns_of", lambda pid: netns if pid == 11 else NETNS)
+    assert not world.sweeper.listener_found(11)
+    assert not world.sweeper.listener_found(13)  # no such process
+    assert world.sweeper.listeners == frozenset({LISTENER})
+
+
 def test_a_pid_reused_by_another_process_is_not_taken_for_the_listener(
         monkeypatch: pytest.MonkeyPatch) -> None:
     world = make(monkeypatch)

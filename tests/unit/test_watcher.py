@@ -129,6 +129,14 @@ class FakeSweeper:
     def __init__(self, log: Recorder) -> None:
         self.log = log
         self.listeners: frozenset[int] = frozenset({LISTENER})
+        self.started: set[int] = set()  # listeners the last full pass did not see
+
+    def listener_found(self, pid: int) -> bool:
+        self.log.record("sweeper.listener_found", pid)
+        if pid not in self.started:
+            return False
+        self.listeners = self.listeners | {pid}
+        return True
 
     def connection_opened(self, monitor_pid: int) -> None:
         self.log.record("sweeper.connection_opened", monitor_pid)
@@ -163,6 +171,8 @@ class Node:
 
     def __init__(self, state: BrokerState | None = None) -> None:
         self.log = Recorder()
+        self.exes: dict[int, str] = {}  # procfs.executable
+        self.parents: dict[int, int] = {}  # procfs.parent_of
         self.state = state or broker_state()
         self.watcher = Watcher(
             lambda: self.state, table=cast(JobTable, FakeTable(self.log)),
@@ -199,12 +209,19 @@ def node(alive: dict[int, float], monkeypatch: pytest.MonkeyPatch) -> Node:
         made.log.record("signals.hold", pid)
         return True
 
-    def kill_now(pid: int) -> bool:  # nor a real SIGKILL
-        made.log.record("signals.kill_now", pid)
-        return True
+    def kill_connection(monitor: int, pids: list[int]) -> list[int]:  # nor a real SIGKILL
+        made.log.record("signals.kill_connection", monitor, pids)
+        return [monitor, *(pid for pid in pids if pid != monitor)]
 
+    def parent_of(pid: int) -> int:
+        if pid not in made.parents:
+            raise NoSuchProcess(f"no process {pid}")
+        return made.parents[pid]
+
+    monkeypatch.setattr(procfs, "executable", made.exes.get)
+    monkeypatch.setattr(procfs, "parent_of", parent_of)
     monkeypatch.setattr(signals, "hold", hold)
-    monkeypatch.setattr(signals, "kill_now", kill_now)
+    monkeypatch.setattr(signals, "kill_connection", kill_connection)
     return made
 
 
@@ -265,15 +282,16 @@ def test_a_doomed_connection_is_killed_when_authentication_is_over(node: Node) -
     holds.checked(MONITOR, LISTENER, keyless=True)
     holds.doom(MONITOR, "user has no jobs on this node")
     node.feed(fork(MONITOR, KEYS_COMMAND))  # before authentication ends: left alone
-    assert node.log.named("signals.kill_now") == []
+    assert node.log.named("signals.kill_connection") == []
     node.feed(exits(KEYS_COMMAND))
-    assert node.log.named("signals.kill_now") == []
+    assert node.log.named("signals.kill_connection") == []
     node.feed(exits(PREAUTH))
-    assert node.log.named("signals.kill_now") == [(MONITOR,)]
+    assert node.log.named("signals.kill_connection") == [(MONITOR, [MONITOR])]
     assert node.log.named("adoption.doomed_ended") == [
         (MONITOR, "user has no jobs on this node", [MONITOR])]
     node.feed(fork(MONITOR, CHILD))
-    assert node.log.named("signals.kill_now") == [(MONITOR,), (CHILD,)]
+    assert node.log.named("signals.kill_connection") == [(MONITOR, [MONITOR]),
+                                                         (MONITOR, [CHILD])]
 
 
 def test_a_monitor_whose_key_check_has_not_answered_waits_at_authentication(
@@ -285,7 +303,7 @@ def test_a_monitor_whose_key_check_has_not_answered_waits_at_authentication(
     node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), uid(MONITOR, 0, ALICE),
               exits(PREAUTH))
     assert node.log.named("signals.hold") == [(MONITOR,)]
-    assert node.log.named("signals.kill_now") == []
+    assert node.log.named("signals.kill_connection") == []
 
 
 def test_a_key_check_after_authentication_stops_the_monitor_until_answered(
@@ -310,7 +328,7 @@ def test_a_refused_user_keyless_after_authentication_is_killed_at_the_key_check(
     holds.doom(OTHER_MONITOR, "no jobs", LISTENER)
     node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), exits(PREAUTH),
               uid(MONITOR, 0, ALICE))
-    assert node.log.named("signals.kill_now") == [(MONITOR,)]
+    assert node.log.named("signals.kill_connection") == [(MONITOR, [MONITOR])]
     assert node.log.named("signals.hold") == []
 
 
@@ -319,7 +337,7 @@ def test_a_connection_not_doomed_is_left_alone_when_authentication_is_over(
     node.feed(fork(LISTENER, MONITOR), fork(MONITOR, PREAUTH), uid(MONITOR, 0, ALICE))
     node.watcher._adoption.holds.checked(MONITOR, LISTENER, keyless=True)
     node.feed(exits(PREAUTH), fork(MONITOR, CHILD))
-    assert node.log.named("signals.kill_now") == []
+    assert node.log.named("signals.kill_connection") == []
 
 
 def test_the_pre_authentication_child_is_not_held(node: Node) -> None:
@@ -437,6 +455,60 @@ def test_an_exited_child_is_forgotten(node: Node) -> None:
 def test_exec_goes_to_the_sweeper_only(node: Node) -> None:
     node.feed(execs(OTHER))
     assert node.log.calls == [("sweeper.executed", (OTHER,))]
+
+
+NEW_LISTENER = 150  # sshd restarted after the sweeper's last full pass
+
+
+def test_a_connection_of_a_listener_started_since_the_last_scan_is_followed_from_its_exec(
+        node: Node) -> None:
+    """Its fork went unseen (the listener was unknown); its exec of sshd-session makes
+    the listener known and the connection followed: its login is then adopted early."""
+    sweeper = cast(FakeSweeper, node.watcher._sweeper)
+    sweeper.started.add(NEW_LISTENER)
+    node.feed(fork(NEW_LISTENER, MONITOR))
+    assert node.log.named("sweeper.connection_opened") == []
+    node.exes[MONITOR] = "/usr/lib/openssh/sshd-session"
+    node.parents[MONITOR] = NEW_LISTENER
+    node.feed(execs(MONITOR))
+    assert node.log.named("sweeper.listener_found") == [(NEW_LISTENER,)]
+    assert node.log.named("sweeper.connection_opened") == [(MONITOR,)]
+    node.feed(fork(MONITOR, CHILD), uid(CHILD, ALICE, ALICE))
+    assert node.authenticated() == [(MONITOR, STARTS[MONITOR], CHILD)]
+    node.feed(fork(NEW_LISTENER, OTHER))  # its next connection: from the fork, as usual
+    assert node.log.named("sweeper.connection_opened") == [(MONITOR,), (OTHER,)]
+    assert node.log.named("sweeper.listener_found") == [(NEW_LISTENER,)]
+
+
+@pytest.mark.parametrize("exe, parent", [
+    ("/usr/bin/bash", NEW_LISTENER),  # not sshd
+    ("/usr/sbin/sshd", OTHER),  # sshd started by something that is no listener
+    (None, NEW_LISTENER),  # gone before its exe could be read
+])
+def test_other_execs_follow_nothing(node: Node, exe: str | None, parent: int) -> None:
+    cast(FakeSweeper, node.watcher._sweeper).started.add(NEW_LISTENER)
+    if exe is not None:
+        node.exes[MONITOR] = exe
+    node.parents[MONITOR] = parent
+    node.feed(execs(MONITOR))
+    assert node.log.named("sweeper.connection_opened") == []
+
+
+def test_the_brokers_own_sshd_runs_are_not_asked_about(node: Node) -> None:
+    """``sshd -T`` (the key check's question) is an exec of sshd under the broker."""
+    node.exes[MONITOR] = "/usr/sbin/sshd"
+    node.parents[MONITOR] = os.getpid()
+    node.feed(execs(MONITOR))
+    assert node.log.named("sweeper.listener_found") == []
+    assert node.log.named("sweeper.connection_opened") == []
+
+
+def test_a_followed_connections_exec_asks_nothing(node: Node) -> None:
+    node.exes[MONITOR] = "/usr/lib/openssh/sshd-session"
+    node.parents[MONITOR] = LISTENER
+    node.feed(fork(LISTENER, MONITOR), execs(MONITOR))
+    assert node.log.named("sweeper.listener_found") == []
+    assert node.log.named("sweeper.connection_opened") == [(MONITOR,)]
 
 
 def test_unrelated_events_reach_nothing_but_the_owners_own_filters(node: Node) -> None:

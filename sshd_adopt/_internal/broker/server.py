@@ -312,6 +312,8 @@ class Broker:
             logger().debug("client pid %d uid %d closed before a whole request", pid, uid)
         except (TimeoutError, ConnectionError, BrokerProtocolError) as err:
             logger().warning("dropped client pid %d uid %d: %s", pid, uid, err or "timeout")
+        except Exception:  # a bug: the client gets no answer (it fails closed), we go on
+            logger().exception("request of pid %d uid %d failed", pid, uid)
         finally:
             if admitted:
                 self._total -= 1

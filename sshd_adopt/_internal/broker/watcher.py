@@ -11,7 +11,9 @@ directory (:mod:`sshd_adopt._internal.node.inotify`). What it sees goes to:
   before that, the monitor taking the user's effective uid for the key check
   (:meth:`~sshd_adopt._internal.services.adoption.Adoption.key_check`: warm the
   cgroup-migration path for a managed connection);
-* the sweeper: forks, execs and exits of processes of followed connections;
+* the sweeper: forks, execs and exits of processes of followed connections; an exec of
+  sshd by a connection of a listener it does not know yet (sshd restarted since its
+  last full pass) makes that listener known at once;
 * holds (:mod:`sshd_adopt._internal.services.holds`): a login that may have met no key
   entry (hostbased, GSSAPI) is stopped when its session child takes the user's uid, or,
   when its key check already refused the user, killed as sshd's pre-authentication
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import select
 import socket
 import threading
@@ -217,7 +220,7 @@ class Watcher:
         elif event.what == PROC_EVENT_UID:
             self._uid_changed(event)
         elif event.what == PROC_EVENT_EXEC:
-            self._sweeper.executed(event.pid)
+            self._executed(event.pid)
         elif event.what == PROC_EVENT_EXIT:
             self._exited(event.pid)
 
@@ -239,6 +242,22 @@ class Watcher:
                 self._end_doomed(monitor, [event.pid])
             self._children[event.pid] = monitor
         self._sweeper.forked(monitor, event.pid)
+
+    def _executed(self, pid: int) -> None:
+        self._sweeper.executed(pid)
+        if pid in self._monitors or pid in self._children:
+            return
+        # A connection's process execs sshd right after its listener forked it (OpenSSH
+        # 9.2: ``sshd -R``; 9.8 and later: sshd-session). One whose fork was not followed
+        # has a listener started since the sweeper's last full pass (sshd restarted):
+        # follow that listener from now on, and this connection as if its fork was seen.
+        if procfs.executable(pid) not in self._state().config.sshd.executables:
+            return
+        with contextlib.suppress(ProcError):
+            parent = procfs.parent_of(pid)
+            if parent != os.getpid() and (parent in self._sweeper.listeners
+                                          or self._sweeper.listener_found(parent)):
+                self._forked(ProcEvent(PROC_EVENT_FORK, pid, parent=parent))
 
     def _uid_changed(self, event: ProcEvent) -> None:
         if event.pid in self._monitors:
@@ -295,8 +314,8 @@ class Watcher:
                            if parent == monitor and child != leaving)]
 
     def _end_doomed(self, monitor: int, pids: list[int]) -> None:
-        """SIGKILL a doomed connection's processes now (watcher thread: a kill each), and
-        have a worker log it."""
-        killed = [pid for pid in pids if signals.kill_now(pid)]
+        """SIGKILL a doomed connection now (watcher thread: its monitor's process group and
+        ``pids``), and have a worker log it."""
+        killed = signals.kill_connection(monitor, pids)
         why = self._adoption.holds.doomed(monitor) or "refused"
         self._submit(None, functools.partial(self._adoption.doomed_ended, monitor, why, killed))

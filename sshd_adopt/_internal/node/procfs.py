@@ -439,6 +439,24 @@ def started_at(pid: int) -> float:
             return proc.create_time()
 
 
+def executable(pid: int) -> str | None:
+    """The raw ``/proc/<pid>/exe`` link (one readlink: for hot paths), None when it cannot
+    be read (gone, a kernel thread, not allowed)."""
+    try:
+        return os.readlink(f"{PROCFS}/{pid}/exe")
+    except OSError:
+        return None
+
+
+def parent_of(pid: int) -> int:
+    """``pid``'s parent pid, from its stat file alone (0: none). Raises NoSuchProcess
+    for a vanished process."""
+    if pid <= 0:
+        raise NoSuchProcess(f"no process {pid}")
+    with _mapped(pid):
+        return psutil.Process(pid).ppid()
+
+
 def still_running(pid: int, start_time: float) -> bool:
     """True if ``pid`` still names the process that started at ``start_time``.
 

@@ -71,10 +71,35 @@ def end_at_authentication(monitor: int, user_side: Sequence[int], *, kill_after:
     return killed + terminate([monitor], kill_after=kill_after, why=why)
 
 
-def kill_now(pid: int) -> bool:
-    """SIGKILL ``pid`` at once (no log line: callers on the watcher thread log later);
-    False if it is gone."""
-    return _send(pid, signal.SIGKILL)
+def kill_connection(monitor: int, pids: Sequence[int]) -> list[int]:
+    """SIGKILL a connection at once: its monitor's whole process group, then ``pids``.
+
+    sshd makes each connection's process the leader of a session and process group of
+    its own (``setsid()`` after the listener's fork: OpenSSH sshd.c), and the pre- and
+    post-authentication children it forks stay in that group (the user's shell calls
+    ``setsid()`` again: session.c). One ``killpg`` therefore also reaches a child whose
+    fork the broker has not heard of yet, and a fork racing with it fails (the kernel
+    restarts a fork that a group signal interrupts). The group is signalled only while
+    the monitor (or its zombie) still leads it, so the id cannot have been reused.
+    ``pids`` outside the group get their own SIGKILL. No log line (watcher thread).
+    Returns the pids signalled (the monitor first when the group was).
+    """
+    killed: list[int] = []
+    try:
+        leads = os.getpgid(monitor) == monitor
+    except ProcessLookupError:
+        leads = False
+    if leads:
+        try:
+            os.killpg(monitor, signal.SIGKILL)
+            killed.append(monitor)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            logger().error("cannot send SIGKILL to process group %d: permission denied "
+                           "(is CAP_KILL granted?)", monitor)
+    killed += [pid for pid in pids if pid not in killed and _send(pid, signal.SIGKILL)]
+    return killed
 
 
 def hold(pid: int) -> bool:

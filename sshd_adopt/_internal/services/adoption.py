@@ -206,8 +206,8 @@ class Adoption:
         if why is None:
             signals.release(monitor_pid)
             return
-        pids = [monitor_pid, *self._members(monitor_pid)]
-        killed = [pid for pid in pids if signals.kill_now(pid)]
+        killed = signals.kill_connection(monitor_pid, [monitor_pid,
+                                                       *self._members(monitor_pid)])
         self.doomed_ended(monitor_pid, why, killed)
 
     def _doom_if_refused(self, monitor_pid: int, listener_pid: int, user: str,
@@ -372,7 +372,7 @@ class Adoption:
         try:
             session = find_session(peer.pid, peer.uid,
                                    sshd_executables=frozenset(state.config.sshd.executables))
-        except (NotAnSshSession, NoSuchProcess) as err:
+        except (NotAnSshSession, ProcError) as err:  # gone, or an ancestor we may not read
             logger().warning("refused request from %s pid %d: not an ssh session: %s",
                              account.name, peer.pid, err)
             return Denied(dec.Message.NOT_AN_SSH_SESSION, str(err), account.name)

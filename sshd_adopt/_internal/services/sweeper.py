@@ -257,6 +257,26 @@ class Sweeper:
         self.listeners = frozenset(listeners)
         return monitors, procfs.ProcessTree.of(links)
 
+    def listener_found(self, pid: int) -> bool:
+        """Whether ``pid`` is one of this node's sshd listeners that the last full pass did
+        not see (started since: sshd was restarted); if so it is known from now on. The
+        watcher asks when a connection of an unknown parent execs sshd. Same tests as the
+        full pass (root, this network namespace, the listener's title); one /proc read."""
+        try:
+            found = procfs.proc_info(pid)
+            if (found.real_uid != 0 or not found.name.startswith("sshd")
+                    or not is_listener_title(found.title)
+                    or procfs.netns_of(pid) != self._netns):
+                return False
+        except ProcError:
+            return False
+        with self._lock:  # replaced, never changed in place: a pass may be reading them
+            self._listener_starts = {**self._listener_starts, pid: found.start_time}
+            self.listeners = frozenset(self._listener_starts)
+        logger().info("sshd listener %d started since the last full scan: following its "
+                      "connections", pid)
+        return True
+
     def _listener_pass(self) -> tuple[list[_Monitor], None] | None:
         """The monitors among the known listeners' children; None if a listener is gone
         (or none is known): the caller makes a full pass instead."""
