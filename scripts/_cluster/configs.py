@@ -169,11 +169,14 @@ def write_configs() -> dict[str, str]:
     ))
     write_etc_ssh()
 
-    # PAM: a copy of the host's /etc/pam.d plus one reference service per node.
+    # PAM: a copy of the host's /etc/pam.d plus one reference service per node, and the
+    # shipped service of managed users under the keyless profile (pam.d/sshd-adopt: the
+    # drop-in names it only with --auth-methods hostbased/gssapi on OpenSSH >= 9.8).
     pam_dir = lab.ETC / "pam.d"
     pam_dir.mkdir(parents=True, exist_ok=True)
-    run(["rsync", "-a", "--delete", "--exclude", "sshd-psa-*", f"{lab.GEN.in_root('/etc/pam.d')}/",
-         f"{pam_dir}/"])
+    run(["rsync", "-a", "--delete", "--exclude", "sshd-psa-*", "--exclude", "sshd-adopt",
+         f"{lab.GEN.in_root('/etc/pam.d')}/", f"{pam_dir}/"])
+    write_if_changed(pam_dir / "sshd-adopt", (REPO / "pam.d" / "sshd-adopt").read_text())
     pam_texts = {}
     for node in COMPUTE:
         text = fill("pam-sshd-psa.in", NODE=sname(node), **values)

@@ -4,10 +4,14 @@ Admission by key entries covers publickey (certificates included): sshd reads th
 or asks the gate before it accepts a key. The shipped drop-in therefore lets managed users
 in by publickey only. A site whose users hop between nodes by hostbased authentication
 (``ssh-keysign``, ``shosts.equiv``) or log in with Kerberos tickets (GSSAPI) lets them use
-those too (``scripts/install --auth-methods``); no key entry is consulted for such a login,
-and the broker enforces admission right after authentication instead: it ends a refused
-user's connection at the post-authentication child's uid change (early adoption), before
-the session runs anything (``services/adoption.py``).
+those too (``scripts/install --auth-methods``); no key entry is consulted for such a login.
+On OpenSSH 9.8 and later the drop-in then gives managed users a PAM service of their own
+(``PAMServiceName``, allowed in ``Match`` since 9.8): its account phase, which sshd runs
+for every method before it tells the client that authentication succeeded, lets through
+only the users the broker lists as having a job here (``pam.d/sshd-adopt``,
+``pam_listfile``). The broker also ends a refused user's connection right after
+authentication (``services/holds.py``) -- the only enforcement on older OpenSSH, and
+there a refused user's session may run for milliseconds.
 
 Method names are OpenSSH's (``AuthenticationMethods`` in ``sshd_config(5)``); this module
 has no dependencies, so ``scripts/install`` imports it before the venv exists.
@@ -19,6 +23,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+#: The PAM service of managed users under the keyless profile (/etc/pam.d/sshd-adopt).
+PAM_SERVICE: Final = "sshd-adopt"
+#: The first OpenSSH release that allows ``PAMServiceName`` in a ``Match`` block.
+PAM_SERVICE_SINCE: Final = (9, 8)
 #: The methods a managed user may be allowed, publickey always among them.
 SUPPORTED: Final = ("publickey", "hostbased", "gssapi-with-mic")
 #: The sshd switch of each method (``sshd -T`` prints the keywords in lower case).
@@ -42,11 +50,25 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return tuple(name for name in SUPPORTED if name == "publickey" or name in names)
 
 
-def dropin_with_methods(text: str, methods: Sequence[str]) -> str:
+def openssh_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) from ``sshd -V``'s ``OpenSSH_10.0p2 Debian-7, OpenSSL ...``."""
+    found = re.search(r"OpenSSH_(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def keyless(methods: Sequence[str]) -> bool:
+    """Whether ``methods`` let a managed user in without a key."""
+    return any(method != "publickey" for method in methods)
+
+
+def dropin_with_methods(text: str, methods: Sequence[str], *,
+                        pam_service: str | None = None) -> str:
     """The drop-in ``text`` letting managed users in by ``methods`` (any one of them).
 
     Rewrites the ``AuthenticationMethods`` line and the hostbased and GSSAPI switches in
-    its ``Match`` block; everything else is kept byte for byte. Raises ValueError when a
+    its ``Match`` block; everything else is kept byte for byte. With ``pam_service`` and a
+    method without a key, the Match block also names that PAM service and ``UsePAM yes``
+    goes before it (the service's account phase is the gate). Raises ValueError when a
     line to rewrite is missing (a drop-in edited by hand: change it by hand too).
     """
     wanted = {
@@ -60,6 +82,13 @@ def dropin_with_methods(text: str, methods: Sequence[str]) -> str:
             raise ValueError(f"expected one indented '{keyword}' line in the drop-in's Match "
                              "block")
         text = pattern.sub(rf"\g<1>{keyword} {value}", text)
+    if pam_service and keyless(methods):
+        text = re.sub(r"^(\s+)(AuthenticationMethods .*)$",
+                      rf"\g<1>\g<2>\n\g<1># Their account phase admits only users with a "
+                      rf"job here (/etc/pam.d/{pam_service}).\n\g<1>PAMServiceName {pam_service}",
+                      text, count=1, flags=re.MULTILINE)
+        text = re.sub(r"^(Match )", "# The keyless methods' gate is a PAM account check.\n"
+                      "UsePAM yes\n\\1", text, count=1, flags=re.MULTILINE)
     return text
 
 

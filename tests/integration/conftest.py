@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from sshd_adopt._internal.authmethods import dropin_with_methods, parse_methods
+from sshd_adopt._internal.authmethods import (
+    PAM_SERVICE,
+    PAM_SERVICE_SINCE,
+    dropin_with_methods,
+    openssh_version,
+    parse_methods,
+)
 from tests.harness import REPO, Cluster, wait_until
 
 
@@ -30,6 +36,14 @@ def sysnode(cluster: Cluster) -> Iterator[Cluster]:
         cluster.run_script("sysnode", "down", timeout=120)
 
 
+def pam_gate_service(cluster: Cluster) -> str | None:
+    """The keyless profile's PAM service where the generation's sshd takes it in a Match
+    block (OpenSSH 9.8 and later), as scripts/install decides it; None before."""
+    found = cluster.exec("n1", "/usr/sbin/sshd", "-V", check=False)
+    version = openssh_version(found.stderr + found.stdout)
+    return PAM_SERVICE if version is not None and version >= PAM_SERVICE_SINCE else None
+
+
 @pytest.fixture(scope="module")
 def auth_methods_lab(cluster: Cluster,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -40,7 +54,8 @@ def auth_methods_lab(cluster: Cluster,
     shipped = REPO / "sshd_config.d" / "sshd-adopt.conf"
     dropin = tmp_path_factory.mktemp("dropin") / "sshd-adopt.conf"
     dropin.write_text(dropin_with_methods(shipped.read_text(),
-                                          parse_methods("hostbased,gssapi-with-mic")))
+                                          parse_methods("hostbased,gssapi-with-mic"),
+                                          pam_service=pam_gate_service(cluster)))
     os.environ["SSHD_ADOPT_LAB_DROPIN"] = str(dropin)
     try:
         cluster.run_script("up", timeout=600)

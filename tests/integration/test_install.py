@@ -50,10 +50,14 @@ class Layout:
     def systemd_dir(self) -> Path:
         return self.root / "etc" / "systemd" / "system"
 
+    @property
+    def pam_dir(self) -> Path:
+        return self.root / "etc" / "pam.d"
+
     def run(self, *extra: str) -> subprocess.CompletedProcess[str]:
         argv = [str(SCRIPT), "--prefix", str(self.prefix), "--etc-dir", str(self.etc),
                 "--sshd-config-dir", str(self.sshd_dir), "--systemd-dir", str(self.systemd_dir),
-                "--skip-gate-user", *extra]
+                "--pam-dir", str(self.pam_dir), "--skip-gate-user", *extra]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc
@@ -137,6 +141,10 @@ def test_auth_methods_rewrite_the_dropin_and_sshd_accepts_it(installed: Layout,
     assert "    HostbasedAuthentication yes\n" in text
     assert "    GSSAPIAuthentication no\n" in text
     assert "sshd -t -f" in out and "FAILED" not in out, out
+    # This host's OpenSSH (Debian 12: 9.2) takes no PAMServiceName in a Match block: no
+    # PAM gate, and the installer says what that means.
+    assert "warning: OpenSSH 9.2: no PAM gate before OpenSSH 9.8" in out, out
+    assert "PAMServiceName" not in text and not (installed.pam_dir / "sshd-adopt").exists()
     check = tmp_path / "sshd_config"
     check.write_text(f"Include {dropin}\n")
     managed = subprocess.run(["sshd", "-T", "-f", str(check), "-C",

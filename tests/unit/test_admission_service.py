@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -62,12 +63,22 @@ class Node:
 
     def config(self, **changes: object) -> Config:
         settings = AdmissionSettings(keys_dir=str(self.keys_dir),
-                                     principals_dir=str(self.principals_dir))
+                                     principals_dir=str(self.principals_dir),
+                                     present_file=str(self.present_file))
         return Config(path="/etc/sshd-adopt/sshd-adopt.toml",
                       admission=dataclasses.replace(settings, **changes))  # type: ignore[arg-type]
 
+    @property
+    def present_file(self) -> Path:
+        return self.base / "present"
+
+    def present(self) -> list[str]:
+        """The present list's lines (the keyless profile's PAM gate reads it)."""
+        return self.present_file.read_text().splitlines()
+
     def entries(self) -> KeyEntries:
-        return KeyEntries(str(self.keys_dir), str(self.principals_dir))
+        return KeyEntries(str(self.keys_dir), str(self.principals_dir),
+                          present_file=str(self.present_file))
 
 
 def _home(base: Path, account: Account, keys: str | None) -> Account:
@@ -177,6 +188,31 @@ def test_first_job_makes_the_entries_and_the_last_ones_end_removes_them(
     assert not os.path.lexists(link)
     assert not (node.principals_dir / "alice").exists()
     assert node.entries().admitted() == frozenset()
+
+
+def test_the_present_list_names_the_users_with_a_job_here(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = make(node, monkeypatch)
+    gate.service.rebuild(frozenset({DAVE.uid}))
+    assert node.present() == ["dave"]
+    gate.service.jobs_changed(ALICE.uid, True)
+    assert node.present() == ["alice", "dave"]
+    assert stat.S_IMODE(node.present_file.stat().st_mode) == 0o644
+    assert node.present_file.stat().st_uid == 0
+    gate.service.jobs_changed(DAVE.uid, False)
+    assert node.present() == ["alice"]
+    gate.service.wipe()  # the broker stops: nobody passes the PAM gate (onerr=fail)
+    assert not node.present_file.exists()
+
+
+def test_the_present_list_is_kept_when_keys_come_from_a_command(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No key entries then, but hostbased and GSSAPI logins still need the list."""
+    gate = make(node, monkeypatch,
+                config=node.config(keys_command="/usr/bin/sss_ssh_authorizedkeys %u"))
+    gate.service.jobs_changed(ALICE.uid, True)
+    assert node.present() == ["alice"]
+    assert os.listdir(node.keys_dir) == []
 
 
 def test_jobs_changed_for_an_unknown_uid_makes_nothing(

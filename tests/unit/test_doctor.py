@@ -23,6 +23,7 @@ from sshd_adopt._internal.doctor.sshd import SshdView
 from sshd_adopt._internal.node.sshdconfig import parse_sshd_t
 from sshd_adopt._internal.slurm.facts import SlurmFacts
 from sshd_adopt.cli import doctor as doctor_cli
+from tests.harness import REPO
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG
@@ -455,3 +456,40 @@ def test_auth_methods_ok_for_publickey_only_and_warned_otherwise() -> None:
     assert "hostbased" in open_door.detail and "after authentication" in open_door.detail
     assert "AuthenticationMethods publickey" in open_door.fix
     assert sshd_checks.check_auth_methods(SshdView("alice", error="no sshd")) is None
+
+
+PAM_GATE = (REPO / "pam.d" / "sshd-adopt").read_text()
+KEYLESS_VIEW = {"authenticationmethods": "publickey hostbased gssapi-with-mic", **SWITCHES_ON}
+
+
+def test_the_keyless_profiles_pam_gate_is_ok_with_the_shipped_service() -> None:
+    gated = sshd_checks.check_auth_methods(
+        view(usepam="yes", pamservicename="sshd-adopt", **KEYLESS_VIEW),
+        "/run/sshd-adopt/present", PAM_GATE)
+    assert gated is not None and gated.status is Status.OK, gated
+    assert "account phase" in gated.detail and "/run/sshd-adopt/present" in gated.detail
+
+
+@pytest.mark.parametrize("pam_text", [None, "account include sshd\n"])
+def test_a_pam_service_without_the_gate_fails(pam_text: str | None) -> None:
+    """The drop-in names the service, but it is missing or checks nothing."""
+    found = sshd_checks.check_auth_methods(
+        view(usepam="yes", pamservicename="sshd-adopt", **KEYLESS_VIEW),
+        "/run/sshd-adopt/present", pam_text)
+    assert found is not None and found.status is Status.FAIL, found
+    assert "/etc/pam.d/sshd-adopt" in found.fix
+
+
+def test_the_gate_checking_another_list_is_no_gate() -> None:
+    found = sshd_checks.check_auth_methods(
+        view(usepam="yes", pamservicename="sshd-adopt", **KEYLESS_VIEW),
+        "/srv/other/present", PAM_GATE)
+    assert found is not None and found.status is Status.FAIL
+
+
+def test_without_pam_the_keyless_ways_are_enforced_after_authentication_only() -> None:
+    found = sshd_checks.check_auth_methods(
+        view(usepam="no", pamservicename="sshd-adopt", **KEYLESS_VIEW),
+        "/run/sshd-adopt/present", PAM_GATE)
+    assert found is not None and found.status is Status.WARN
+    assert "right after authentication only" in found.detail

@@ -29,19 +29,23 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="entries need root-own
 
 @pytest.fixture
 def entries() -> Iterator[KeyEntries]:
-    """Prepared entry directories with entries for alice and bob."""
+    """Prepared entry directories with entries for alice and bob, and the present list."""
     top = tempfile.mkdtemp(prefix="sa-guard-", dir="/run")
-    made = KeyEntries(os.path.join(top, "keys"), os.path.join(top, "principals"))
+    made = KeyEntries(os.path.join(top, "keys"), os.path.join(top, "principals"),
+                      present_file=os.path.join(top, "present"))
     made.prepare()
     assert made.admit(ALICE)
     assert made.admit(BOB)
+    made.write_present(frozenset({"alice", "bob"}))
     assert made.admitted() == {"alice", "bob"}
     yield made
     shutil.rmtree(top, ignore_errors=True)
 
 
 def remaining(entries: KeyEntries) -> list[str]:
-    return sorted(os.listdir(entries.keys_dir) + os.listdir(entries.principals_dir))
+    """Every entry left, and "present" while the present list is there."""
+    return sorted(os.listdir(entries.keys_dir) + os.listdir(entries.principals_dir)
+                  + (["present"] if os.path.exists(entries.present_file) else []))
 
 
 def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -78,7 +82,7 @@ def test_release_wipes_every_entry_and_the_guardian_ends(entries: KeyEntries) ->
     try:
         eventually(lambda: ignores(guard.pid, signal.SIGTERM), "the guardian is ready")
         assert guard.alive()
-        assert remaining(entries) == ["alice", "alice", "bob", "bob"]
+        assert remaining(entries) == ["alice", "alice", "bob", "bob", "present"]
     finally:
         guard.release()
     assert not guard.alive()
@@ -93,7 +97,7 @@ def test_the_guardian_outlives_a_service_stop_signal(entries: KeyEntries) -> Non
             os.kill(guard.pid, sig)
         time.sleep(0.2)
         assert guard.alive()
-        assert remaining(entries) == ["alice", "alice", "bob", "bob"]
+        assert remaining(entries) == ["alice", "alice", "bob", "bob", "present"]
     finally:
         guard.release()
     assert remaining(entries) == []
@@ -105,7 +109,7 @@ sys.path.insert(0, sys.argv[1])
 from sshd_adopt._internal.broker.guardian import Guardian
 from sshd_adopt._internal.node.keyentries import KeyEntries
 import subprocess
-guard = Guardian(KeyEntries(sys.argv[2], sys.argv[3]))
+guard = Guardian(KeyEntries(sys.argv[2], sys.argv[3], present_file=sys.argv[4]))
 # something the broker started, that outlives it, with every inheritable fd of the broker
 leftover = subprocess.Popen(["sleep", "60"], close_fds=False)
 print(guard.pid, leftover.pid, flush=True)
@@ -118,12 +122,12 @@ def test_a_broker_killed_outright_leaves_no_entry_behind(entries: KeyEntries) ->
     leftover = 0
     broker = subprocess.Popen(
         [sys.executable, "-I", "-c", _BROKER, guardian_module._PACKAGE_ROOT, entries.keys_dir,
-         entries.principals_dir], stdout=subprocess.PIPE, text=True)
+         entries.principals_dir, entries.present_file], stdout=subprocess.PIPE, text=True)
     try:
         assert broker.stdout is not None
         guard, leftover = map(int, broker.stdout.readline().split())
         eventually(lambda: ignores(guard, signal.SIGTERM), "the guardian is ready")
-        assert remaining(entries) == ["alice", "alice", "bob", "bob"]
+        assert remaining(entries) == ["alice", "alice", "bob", "bob", "present"]
         broker.kill()
         broker.wait(5)
         eventually(lambda: remaining(entries) == [], "the entries are wiped")

@@ -40,7 +40,7 @@ class Guardian:
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-I", "-c", _START, _PACKAGE_ROOT, entries.keys_dir,
-                 entries.principals_dir],
+                 entries.principals_dir, entries.present_file],
                 stdin=read_end, stdout=subprocess.DEVNULL, close_fds=True, cwd="/",
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             )
@@ -64,10 +64,11 @@ class Guardian:
 
 
 def main(argv: list[str]) -> int:
-    """Wait for end-of-file on stdin, then wipe the entries in the two directories."""
+    """Wait for end-of-file on stdin, then wipe the entries in the two directories and
+    the present list."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    keys_dir, principals_dir = argv
+    keys_dir, principals_dir, present_file = (*argv, "")[:3]
     while True:
         try:
             if not os.read(0, 64):
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
             continue
         except OSError:
             break
-    KeyEntries(keys_dir, principals_dir).wipe()
+    KeyEntries(keys_dir, principals_dir, present_file=present_file).wipe()
     return 0
 
 

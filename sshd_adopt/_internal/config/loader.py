@@ -145,6 +145,7 @@ SECTIONS: Final[Mapping[str, Schema]] = {
     "admission": {
         "keys_dir": absolute_path,
         "principals_dir": absolute_path,
+        "present_file": absolute_path,
         "keys_file": keys_file,
         "principals_file": optional(keys_file),
         "command_user": plain_name,

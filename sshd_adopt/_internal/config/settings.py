@@ -202,10 +202,16 @@ class AdmissionSettings:
     ``restrict``-ed keys (no forwarding, agent, X11 or pty), the wrapper prints why,
     and nothing of theirs runs on the node; every other shell is refused at
     authentication ("Permission denied (publickey)"). ``refuse``: everyone is.
+
+    ``present_file`` lists, one name per line, the users with a job on this node now
+    (root's, mode 0644, replaced whole at each change): the keyless profile's PAM
+    service (``pam.d/sshd-adopt``, ``pam_listfile``) admits only them, in sshd's account
+    phase, before authentication succeeds.
     """
 
     keys_dir: str = "/run/sshd-adopt/keys"
     principals_dir: str = "/run/sshd-adopt/principals"
+    present_file: str = "/run/sshd-adopt/present"
     keys_file: str = ".ssh/authorized_keys"
     principals_file: str = ""
     command_user: str = "sshd-adopt-gate"

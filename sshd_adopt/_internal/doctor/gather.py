@@ -220,11 +220,23 @@ def _user_checks(request: Request, config: Config | None, slurm: SlurmFacts | No
         found = sshd_checks.check_sshd_exempt(view)
     else:
         found = sshd_checks.check_sshd_managed(view, config.admission)
-        methods = sshd_checks.check_auth_methods(view)
+        methods = sshd_checks.check_auth_methods(
+            view, config.admission.present_file, _pam_service_text(view.get("pamservicename")))
         if methods is not None:
             found.append(methods)
     dry, check = _dry_run(request.user, config, slurm)
     return [*found, check], dry
+
+
+def _pam_service_text(service: str, pam_dir: str = "/etc/pam.d") -> str | None:
+    """The PAM service's configuration (first 64 KiB), None when it cannot be read."""
+    if not service or service == "none" or "/" in service:
+        return None
+    try:
+        with open(os.path.join(pam_dir, service), encoding="utf-8", errors="replace") as f:
+            return f.read(65536)
+    except OSError:
+        return None
 
 
 def gather(request: Request) -> tuple[list[Check], DryRun | None]:

@@ -9,11 +9,12 @@ unit test with made-up input. The keywords and their meaning are OpenSSH's
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sshd_adopt._internal.authmethods import ways_in_without_a_key
+from sshd_adopt._internal.authmethods import PAM_SERVICE, ways_in_without_a_key
 from sshd_adopt._internal.config import AdmissionSettings
 from sshd_adopt._internal.doctor.checks import WRAPPER_NAME, Check, Status, ok
 
@@ -121,16 +122,20 @@ def check_sshd_managed(view: SshdView, admission: AdmissionSettings) -> list[Che
     return checks
 
 
-def check_auth_methods(view: SshdView) -> Check | None:
+def check_auth_methods(view: SshdView, present_file: str = "/run/sshd-adopt/present",
+                       pam_text: str | None = None) -> Check | None:
     """How a managed user can authenticate, and what enforces admission for each way.
 
     A publickey login passes the broker's key entries or its gate before sshd accepts
     it, and a refused user is told why. Any other way in (hostbased, GSSAPI, password,
-    keyboard-interactive) consults neither: the broker enforces admission right after
-    authentication (early adoption ends a refused user's connection at the post-
-    authentication child's uid change, before its session runs anything, and without a
-    message; without the proc connector, only the sweeper's next scan ends it, and
-    forwarded ports may carry data until then). None when sshd could not be asked.
+    keyboard-interactive) consults neither. With ``UsePAM yes`` and the user's
+    ``PAMServiceName`` (OpenSSH 9.8 and later) a service whose text (``pam_text``, read
+    by the caller from /etc/pam.d) checks ``present_file``, sshd's account phase refuses
+    a user without a job here before authentication succeeds (``pam.d/sshd-adopt``).
+    Without it the broker alone enforces admission, right after authentication (a
+    refused user's connection is ended at the post-authentication child's uid change,
+    without a message; without the proc connector only at the sweeper's next scan).
+    None when sshd could not be asked.
     """
     if view.error is not None:
         return None
@@ -140,14 +145,31 @@ def check_auth_methods(view: SshdView) -> Check | None:
     if not ways:
         return ok(name, f"AuthenticationMethods {methods}: every login passes the key "
                   "entries or the gate, before sshd accepts it")
+    service = view.get("pamservicename")
+    if view.get("usepam") == "yes" and service not in ("", "none"):
+        gate = pam_text is not None and re.search(
+            rf"^\s*account\s.*pam_listfile\.so\s.*file={re.escape(present_file)}(\s|$)",
+            pam_text, re.MULTILINE)
+        if gate:
+            return ok(name, f"AuthenticationMethods {methods}: {', '.join(ways)} log in "
+                      f"without a key; PAM service {service} refuses a user without a job "
+                      f"here in sshd's account phase ({present_file}), before "
+                      "authentication succeeds")
+        if service == PAM_SERVICE or pam_text is None:
+            return Check(name, Status.FAIL,
+                         f"{', '.join(ways)} log in without a key, and PAM service {service!r} "
+                         + ("does not exist" if pam_text is None else
+                            f"does not check {present_file}")
+                         + ": nothing refuses a user without a job before the session starts",
+                         f"scripts/install --auth-methods ... installs /etc/pam.d/{PAM_SERVICE}")
     return Check(name, Status.WARN,
                  f"AuthenticationMethods {methods}: {', '.join(ways)} log in without a key; "
-                 "admission is enforced right after authentication: a refused user's "
+                 "admission is enforced right after authentication only: a refused user's "
                  "connection is ended at the post-authentication uid change (early "
                  "adoption; without the proc connector, at the sweeper's next scan), "
                  "with no message",
-                 "AuthenticationMethods publickey in the drop-in's Match block, unless the "
-                 "post-authentication bound is accepted (docs/threat-model.md)")
+                 "AuthenticationMethods publickey in the drop-in's Match block, or OpenSSH "
+                 "9.8 or later with scripts/install --auth-methods (its PAM gate)")
 
 
 def check_entries(problems: Sequence[str], admitted: Iterable[str], keys_dir: str) -> Check:

@@ -14,6 +14,12 @@ the entry directories themselves are the boundary: root-owned, every directory u
 refuses to start otherwise (:class:`UnsafeDirectory` names the directory), and doctor
 checks it. Entries are created atomically (a temporary name, then ``rename``), and all
 are wiped when the broker starts and stops, and by its guardian when it dies.
+
+Beside them, the present list (``present_file``): the names of the users with a job
+here now, one per line, for the keyless profile's PAM service (``pam_listfile`` in
+sshd's account phase: a login by hostbased or GSSAPI authentication meets no entry).
+It is replaced whole at each change and removed with the entries: no file, nobody
+passes (``onerr=fail``).
 """
 
 from __future__ import annotations
@@ -79,13 +85,15 @@ class KeyEntries:
 
     ``keys_file`` and ``principals_file`` are sshd-style patterns (``%h``, ``%u``;
     relative to the home). An empty ``principals_file`` means the entry names the user
-    (sshd's own rule without an AuthorizedPrincipalsFile).
+    (sshd's own rule without an AuthorizedPrincipalsFile). ``present_file``: the present
+    list's path (empty: none is kept).
     """
 
     keys_dir: str
     principals_dir: str
     keys_file: str = ".ssh/authorized_keys"
     principals_file: str = ""
+    present_file: str = ""
 
     def prepare(self) -> None:
         """Create the directories if missing (0755, root) and check them.
@@ -138,8 +146,20 @@ class KeyEntries:
             return frozenset()
         return frozenset(name for name in names if _NAME.fullmatch(name))
 
+    def write_present(self, names: frozenset[str]) -> None:
+        """Replace the present list with ``names`` (those that can be entries; sorted)."""
+        if not self.present_file:
+            return
+        directory, name = os.path.split(self.present_file)
+        text = "".join(f"{n}\n" for n in sorted(names) if _NAME.fullmatch(n))
+        _replace_with_file(directory, name, text, force=True)
+
     def wipe(self) -> int:
-        """Remove every entry (and leftover temporaries); returns how many keys entries went."""
+        """Remove every entry (and leftover temporaries) and the present list; returns how
+        many keys entries went."""
+        if self.present_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.present_file)
         removed = 0
         for directory in (self.keys_dir, self.principals_dir):
             try:
@@ -174,10 +194,10 @@ def _replace_with_link(directory: str, name: str, target: str) -> None:
         raise
 
 
-def _replace_with_file(directory: str, name: str, text: str) -> None:
+def _replace_with_file(directory: str, name: str, text: str, *, force: bool = False) -> None:
     final = os.path.join(directory, name)
     with contextlib.suppress(OSError), open(final, encoding="utf-8") as existing:
-        if not os.path.islink(final) and existing.read(4096) == text:
+        if not force and not os.path.islink(final) and existing.read(4096) == text:
             return
     temp = _temp(directory)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

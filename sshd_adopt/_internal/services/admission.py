@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def entries_of(state: BrokerState) -> KeyEntries:
     """The entry directories and targets the configuration names."""
     admission = state.config.admission
     return KeyEntries(admission.keys_dir, admission.principals_dir, admission.keys_file,
-                      admission.principals_file)
+                      admission.principals_file, admission.present_file)
 
 
 def restrict_keys(keys: str) -> str:
@@ -102,6 +103,8 @@ class Admission:
         self._core = core
         self._netns = netns
         self._verdicts: TtlCache[tuple[int, float, str], tuple[bool, str]] = TtlCache(VERDICT_TTL)
+        self._lock = threading.Lock()
+        self._present: frozenset[str] = frozenset()  # users with a job here (present list)
 
     # ------------------------------------------------------------------ key entries
 
@@ -111,12 +114,15 @@ class Admission:
 
     def jobs_changed(self, uid: int, has_jobs: bool) -> None:
         """The job table's news: ``uid`` got its first job here, or lost its last."""
-        if not self.uses_entries():
-            return
         account = self._core.accounts.by_uid(uid)
         if account is None:
             return
         entries = entries_of(self._state())
+        name = account.name
+        self._update_present(entries, lambda present: present | {name} if has_jobs
+                             else present - {name})
+        if not self.uses_entries():
+            return
         try:
             if has_jobs:
                 if entries.admit(account):
@@ -134,18 +140,29 @@ class Admission:
         entries = entries_of(self._state())
         entries.prepare()
         entries.wipe()
+        accounts = [a for uid in sorted(uids) if (a := self._core.accounts.by_uid(uid))]
+        self._update_present(entries, lambda _: frozenset(a.name for a in accounts))
         if not self.uses_entries():
             return 0
-        made = 0
-        for uid in sorted(uids):
-            account = self._core.accounts.by_uid(uid)
-            if account is not None and entries.admit(account):
-                made += 1
-        return made
+        return sum(1 for account in accounts if entries.admit(account))
+
+    def _update_present(self, entries: KeyEntries,
+                        change: Callable[[frozenset[str]], frozenset[str]]) -> None:
+        """Change the present list and write it (one writer at a time: the file written
+        last holds the newest list)."""
+        with self._lock:
+            self._present = change(self._present)
+            try:
+                entries.write_present(self._present)
+            except OSError as err:
+                logger().error("admission: present list %s: %s", entries.present_file, err)
 
     def wipe(self) -> None:
-        """Remove every entry (the broker is stopping: nobody may enter by them)."""
-        entries_of(self._state()).wipe()
+        """Remove every entry and the present list (the broker is stopping: nobody may
+        enter by them)."""
+        with self._lock:
+            self._present = frozenset()
+            entries_of(self._state()).wipe()
 
     # ------------------------------------------------------------------ the command gate
 
