@@ -322,6 +322,26 @@ def test_a_connection_wholly_in_its_job_is_in_order(monkeypatch: pytest.MonkeyPa
     assert world.untouched()
 
 
+def test_a_connection_in_order_is_not_read_again_while_it_lives(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 adopted connections must not cost every scan of a fan-out 64 /proc and cgroup
+    reads: what they fork is born in the job."""
+    world = make(monkeypatch)
+    world.in_job = {MONITOR: 7, SESSION: 7, SHELL: 7}
+    world.opened(10)
+    world.sweeper.scan()
+    reads: list[int] = []
+
+    def extern_job_of(pid: int, nodename: str, named: object = None) -> int:
+        reads.append(pid)
+        return 7
+
+    monkeypatch.setattr(cgroups, "extern_job_of", extern_job_of)
+    world.sweeper.scan()
+    world.sweeper.scan(full=False)
+    assert reads == [] and world.untouched()
+
+
 def test_a_stray_that_left_its_connection_is_still_part_of_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     world = make(monkeypatch)

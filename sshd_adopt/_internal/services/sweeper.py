@@ -335,7 +335,12 @@ class Sweeper:
         monitor_job = jobs[info.pid]
         outside = [pid for pid, job in jobs.items() if job is None or job != monitor_job]
         if monitor_job is not None and not outside:
-            return  # in order
+            # In order, and it stays so: what these processes fork is born in the job, and
+            # a user cannot move a process out of it (cgroup.procs above the step is
+            # root's). Not judged again while it lives: a fan-out of many connections
+            # would cost every scan a /proc and cgroup read of each of their processes.
+            self._settled[(info.pid, info.start_time)] = f"in job {monitor_job}"
+            return
         where = f"user={account.name} monitor={info.pid} from={connection or '?'}"
         if monitor_job is not None:
             logger().warning("sweeper: %s: %d process(es) %s outside job %d of its "
