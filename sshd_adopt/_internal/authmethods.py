@@ -5,13 +5,14 @@ or asks the gate before it accepts a key. The shipped drop-in therefore lets man
 in by publickey only. A site whose users hop between nodes by hostbased authentication
 (``ssh-keysign``, ``shosts.equiv``) or log in with Kerberos tickets (GSSAPI) lets them use
 those too (``scripts/install --auth-methods``); no key entry is consulted for such a login.
-On OpenSSH 9.8 and later the drop-in then gives managed users a PAM service of their own
-(``PAMServiceName``, allowed in ``Match`` since 9.8): its account phase, which sshd runs
-for every method before it tells the client that authentication succeeded, lets through
-only the users the broker lists as having a job here (``pam.d/sshd-adopt``,
-``pam_listfile``). The broker also ends a refused user's connection right after
-authentication (``services/holds.py``) -- the only enforcement on older OpenSSH, and
-there a refused user's session may run for milliseconds.
+The gate is then sshd's PAM account phase, which sshd runs for every method before it
+tells the client that authentication succeeded: it lets through only the users the broker
+lists as having a job here (``pam_listfile``). On OpenSSH 9.8 and later managed users get
+a PAM service of their own (``PAMServiceName`` in the drop-in's ``Match`` block,
+``pam.d/sshd-adopt``); before 9.8 a marked block at the top of the account phase of
+``/etc/pam.d/sshd`` does it for the users the drop-in's ``Match Group`` line manages
+(:func:`pam_gate_block`). The broker also ends a refused user's connection right after
+authentication (``services/holds.py``): a race it usually wins, kept as a second line.
 
 Method names are OpenSSH's (``AuthenticationMethods`` in ``sshd_config(5)``); this module
 has no dependencies, so ``scripts/install`` imports it before the venv exists.
@@ -68,8 +69,10 @@ def dropin_with_methods(text: str, methods: Sequence[str], *,
     Rewrites the ``AuthenticationMethods`` line and the hostbased and GSSAPI switches in
     its ``Match`` block; everything else is kept byte for byte. With ``pam_service`` and a
     method without a key, the Match block also names that PAM service and ``UsePAM yes``
-    goes before it (the service's account phase is the gate). Raises ValueError when a
-    line to rewrite is missing (a drop-in edited by hand: change it by hand too).
+    goes before it (the service's account phase is the gate); ``pam_service="sshd"``
+    (the default service, whose file then holds the gate: OpenSSH before 9.8) adds only
+    ``UsePAM yes``. Raises ValueError when a line to rewrite is missing (a drop-in edited
+    by hand: change it by hand too).
     """
     wanted = {
         "AuthenticationMethods": " ".join(methods),
@@ -82,14 +85,96 @@ def dropin_with_methods(text: str, methods: Sequence[str], *,
             raise ValueError(f"expected one indented '{keyword}' line in the drop-in's Match "
                              "block")
         text = pattern.sub(rf"\g<1>{keyword} {value}", text)
-    if pam_service and keyless(methods):
+    if pam_service and pam_service != "sshd" and keyless(methods):
         text = re.sub(r"^(\s+)(AuthenticationMethods .*)$",
                       rf"\g<1>\g<2>\n\g<1># Their account phase admits only users with a "
                       rf"job here (/etc/pam.d/{pam_service}).\n\g<1>PAMServiceName {pam_service}",
                       text, count=1, flags=re.MULTILINE)
+    if pam_service and keyless(methods):
         text = re.sub(r"^(Match )", "# The keyless methods' gate is a PAM account check.\n"
                       "UsePAM yes\n\\1", text, count=1, flags=re.MULTILINE)
     return text
+
+
+#: The lines that enclose the gate in /etc/pam.d/sshd (OpenSSH before 9.8).
+GATE_BEGIN: Final = "# BEGIN sshd-adopt gate"
+GATE_END: Final = "# END sshd-adopt gate"
+#: What a refused user reads (pam_echo; as the wrapper's message for no jobs).
+GATE_MESSAGE: Final = "Access denied by sshd-adopt: you have no active jobs on this node"
+
+
+def match_groups(dropin: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """The groups of the drop-in's ``Match Group a,b,!c`` line: (managed, excluded);
+    None when its Match line is anything else (the gate cannot mirror it)."""
+    found = re.findall(r"^Match\s+(.*)$", dropin, re.MULTILINE)
+    if len(found) != 1:
+        return None
+    words = found[0].split()
+    if len(words) != 2 or words[0].lower() != "group":
+        return None
+    names = words[1].split(",")
+    plain = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+    managed = tuple(n for n in names if not n.startswith("!"))
+    excluded = tuple(n[1:] for n in names if n.startswith("!"))
+    if not managed or not all(plain.fullmatch(n) for n in (*managed, *excluded)):
+        return None
+    return managed, excluded
+
+
+def pam_gate_block(managed: Sequence[str], excluded: Sequence[str], present_file: str) -> str:
+    """The account lines that refuse a managed user without a job here, for the top of
+    /etc/pam.d/sshd: users in none of ``managed``, or in one of ``excluded``, skip them
+    (as the drop-in's Match block leaves them alone)."""
+    gate = [
+        f"account [success=2 default=ignore] pam_listfile.so item=user sense=allow "
+        f"file={present_file} onerr=fail",
+        f"account required pam_echo.so {GATE_MESSAGE}",
+        "account requisite pam_deny.so",
+    ]
+    if excluded:
+        gate.insert(0, f"account [success={len(gate)} default=ignore] pam_succeed_if.so "
+                       f"quiet user ingroup {':'.join(excluded)}")
+    gate.insert(0, f"account [success={len(gate)} default=ignore] pam_succeed_if.so quiet "
+                   f"user notingroup {':'.join(managed)}")
+    groups = ",".join((*managed, *(f"!{n}" for n in excluded)))
+    return "\n".join([
+        GATE_BEGIN + " (scripts/install --auth-methods; OpenSSH before 9.8)",
+        f"# Users the drop-in manages (Match Group {groups}) log in only with a job here,",
+        "# whatever the method: sshd runs the account phase before authentication succeeds.",
+        *gate, GATE_END, ""])
+
+
+def with_pam_gate(pam_text: str, block: str) -> str:
+    """``pam_text`` (/etc/pam.d/sshd) with ``block`` as its first account lines (an earlier
+    block replaced). Raises ValueError when the file has no account line."""
+    text = without_pam_gate(pam_text)
+    found = re.search(r"^(account\s|@include\s+common-account)", text, re.MULTILINE)
+    if found is None:
+        raise ValueError("no account line (nor @include common-account) to put the gate before")
+    return text[:found.start()] + block + text[found.start():]
+
+
+def without_pam_gate(pam_text: str) -> str:
+    """``pam_text`` without the gate block."""
+    return re.sub(rf"^{re.escape(GATE_BEGIN)}.*?^{re.escape(GATE_END)}\n", "", pam_text,
+                  flags=re.MULTILINE | re.DOTALL)
+
+
+def pam_service_of(settings: Mapping[str, str]) -> str | None:
+    """The PAM service sshd uses for one user, given their ``sshd -T`` settings (None:
+    ``UsePAM no``). OpenSSH before 9.8 prints no ``pamservicename``: its service is
+    ``sshd``."""
+    if settings.get("usepam", "no").lower() != "yes":
+        return None
+    service = settings.get("pamservicename", "")
+    return "sshd" if service in ("", "none") else service
+
+
+def gate_in(pam_text: str, present_file: str) -> bool:
+    """Whether a PAM service's text checks the broker's present list in its account
+    phase (``pam_listfile`` over ``present_file``)."""
+    return re.search(rf"^\s*account\s.*pam_listfile\.so\s.*file={re.escape(present_file)}"
+                     r"(\s|$)", pam_text, re.MULTILINE) is not None
 
 
 def ways_in_without_a_key(settings: Mapping[str, str]) -> list[str]:

@@ -25,13 +25,11 @@ GATE = ("sshd-adopt tells the refused user why in its own words (with hint lines
 
 
 KEYLESS_REFUSAL = (
-    "no key entry is consulted for a keyless login. OpenSSH 9.8 and later (24.11, 26.05 "
-    "labs): the drop-in gives managed users their own PAM service, whose account phase "
-    "lets only users with a job here through, so bob is refused where pam_slurm_adopt "
-    "refuses him, before authentication succeeds, and reads sshd-adopt's message; "
-    "OpenSSH 9.2 (22.05 lab): no such gate, the broker kills the connection of a refused "
-    "user as authentication completes, before its session runs anything, and the client "
-    "sees it closed, without a message")
+    "no key entry is consulted for a keyless login: the keyless profile's gate is sshd's "
+    "PAM account phase (managed users' own service sshd-adopt on OpenSSH 9.8 and later, a "
+    "block in /etc/pam.d/sshd before), so bob is refused where pam_slurm_adopt refuses "
+    "him, before authentication succeeds; he reads sshd-adopt's fixed message, not "
+    "pam_slurm_adopt's")
 
 
 @dataclass(frozen=True)

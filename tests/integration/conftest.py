@@ -15,8 +15,11 @@ from sshd_adopt._internal.authmethods import (
     PAM_SERVICE,
     PAM_SERVICE_SINCE,
     dropin_with_methods,
+    match_groups,
     openssh_version,
+    pam_gate_block,
     parse_methods,
+    with_pam_gate,
 )
 from tests.harness import REPO, Cluster, wait_until
 
@@ -36,12 +39,13 @@ def sysnode(cluster: Cluster) -> Iterator[Cluster]:
         cluster.run_script("sysnode", "down", timeout=120)
 
 
-def pam_gate_service(cluster: Cluster) -> str | None:
-    """The keyless profile's PAM service where the generation's sshd takes it in a Match
-    block (OpenSSH 9.8 and later), as scripts/install decides it; None before."""
+def pam_gate_service(cluster: Cluster) -> str:
+    """The PAM service that gates the keyless profile, as scripts/install decides it: its
+    own where the generation's sshd takes PAMServiceName in a Match block (OpenSSH 9.8
+    and later), else ``sshd`` (the gate block in /etc/pam.d/sshd)."""
     found = cluster.exec("n1", "/usr/sbin/sshd", "-V", check=False)
     version = openssh_version(found.stderr + found.stdout)
-    return PAM_SERVICE if version is not None and version >= PAM_SERVICE_SINCE else None
+    return PAM_SERVICE if version is not None and version >= PAM_SERVICE_SINCE else "sshd"
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +57,19 @@ def auth_methods_lab(cluster: Cluster,
     answer of theirs); the shipped drop-in again after the module."""
     shipped = REPO / "sshd_config.d" / "sshd-adopt.conf"
     dropin = tmp_path_factory.mktemp("dropin") / "sshd-adopt.conf"
+    service = pam_gate_service(cluster)
     dropin.write_text(dropin_with_methods(shipped.read_text(),
                                           parse_methods("hostbased,gssapi-with-mic"),
-                                          pam_service=pam_gate_service(cluster)))
+                                          pam_service=service))
     os.environ["SSHD_ADOPT_LAB_DROPIN"] = str(dropin)
     try:
         cluster.run_script("up", timeout=600)
+        if service == "sshd":  # the lab's copy of pam.d (`up` puts the original back)
+            sshd_pam = cluster.var / "etc" / "pam.d" / "sshd"
+            groups = match_groups(shipped.read_text())
+            assert groups is not None
+            sshd_pam.write_text(with_pam_gate(sshd_pam.read_text(), pam_gate_block(
+                *groups, present_file="/run/sshd-adopt/present")))
         yield cluster
     finally:
         del os.environ["SSHD_ADOPT_LAB_DROPIN"]

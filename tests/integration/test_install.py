@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from sshd_adopt._internal.authmethods import GATE_BEGIN, without_pam_gate
 from tests.harness import REPO
 
 SCRIPT = REPO / "scripts" / "install"
@@ -79,6 +81,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     layout = Layout(tmp_path_factory.mktemp("install"))
     (layout.root / "etc" / "systemd").mkdir(parents=True)  # "this host has systemd"
+    layout.pam_dir.mkdir(parents=True)
+    shutil.copy2("/etc/pam.d/sshd", layout.pam_dir / "sshd")  # Debian's, as on a node
     layout.run()
     return layout
 
@@ -141,18 +145,25 @@ def test_auth_methods_rewrite_the_dropin_and_sshd_accepts_it(installed: Layout,
     assert "    HostbasedAuthentication yes\n" in text
     assert "    GSSAPIAuthentication no\n" in text
     assert "sshd -t -f" in out and "FAILED" not in out, out
-    # This host's OpenSSH (Debian 12: 9.2) takes no PAMServiceName in a Match block: no
-    # PAM gate, and the installer says what that means.
-    assert "warning: OpenSSH 9.2: no PAM gate before OpenSSH 9.8" in out, out
-    assert "PAMServiceName" not in text and not (installed.pam_dir / "sshd-adopt").exists()
+    # This host's OpenSSH (Debian 12: 9.2) takes no PAMServiceName in a Match block: the
+    # gate goes into sshd's own PAM file (backed up first), for the Match Group's users.
+    debian = Path("/etc/pam.d/sshd").read_text()
+    sshd_pam = (installed.pam_dir / "sshd").read_text()
+    assert "PAMServiceName" not in text and "\nUsePAM yes\nMatch Group " in text
+    assert not (installed.pam_dir / "sshd-adopt").exists()
+    assert without_pam_gate(sshd_pam) == debian and GATE_BEGIN in sshd_pam
+    assert "pam_succeed_if.so quiet user notingroup slurmusers" in sshd_pam
+    assert "file=/run/sshd-adopt/present onerr=fail" in sshd_pam
+    assert [p.read_text() for p in installed.pam_dir.glob("sshd.*.bak")] == [debian]
     check = tmp_path / "sshd_config"
     check.write_text(f"Include {dropin}\n")
     managed = subprocess.run(["sshd", "-T", "-f", str(check), "-C",
                               "user=alice,host=n1,addr=10.0.0.1"],
                              capture_output=True, text=True, check=True).stdout
     assert "authenticationmethods publickey hostbased" in managed
-    installed.run()  # back to the shipped drop-in (the old one is backed up)
+    installed.run()  # back to the shipped drop-in (the old one is backed up), no gate
     assert "    AuthenticationMethods publickey\n" in dropin.read_text()
+    assert (installed.pam_dir / "sshd").read_text() == debian
     refused = subprocess.run([str(SCRIPT), "--auth-methods", "password", "--dry-run"],
                              capture_output=True, text=True, check=False)
     assert refused.returncode == 2 and "unknown authentication method(s) password" in \

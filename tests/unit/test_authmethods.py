@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from sshd_adopt._internal.authmethods import dropin_with_methods, openssh_version, parse_methods
+from sshd_adopt._internal.authmethods import (
+    GATE_BEGIN,
+    GATE_END,
+    GATE_MESSAGE,
+    dropin_with_methods,
+    match_groups,
+    openssh_version,
+    pam_gate_block,
+    parse_methods,
+    with_pam_gate,
+    without_pam_gate,
+)
 from tests.harness import REPO
 
 SHIPPED = (REPO / "sshd_config.d" / "sshd-adopt.conf").read_text()
@@ -63,3 +74,56 @@ def test_publickey_only_needs_no_pam_service() -> None:
 ])
 def test_openssh_version_from_sshd_minus_v(text: str, version: tuple[int, int] | None) -> None:
     assert openssh_version(text) == version
+
+
+DEBIAN_SSHD_PAM = """# PAM configuration for the Secure Shell service
+@include common-auth
+account    required     pam_nologin.so
+@include common-account
+session    required     pam_loginuid.so
+@include common-session
+"""
+
+
+def test_the_shipped_match_line_gives_the_managed_and_excluded_groups() -> None:
+    assert match_groups(SHIPPED) == (("slurmusers",), ("clusteradm",))
+
+
+@pytest.mark.parametrize("line", ["Match User alice,bob",
+                                  "Match Group slurmusers Address 10.0.0.0/8",
+                                  "Match Group !clusteradm", "Match Group a;b"])
+def test_a_match_line_the_gate_cannot_mirror_gives_nothing(line: str) -> None:
+    assert match_groups(SHIPPED.replace("Match Group slurmusers,!clusteradm", line)) is None
+
+
+def test_the_gate_block_skips_unmanaged_and_excluded_users_and_refuses_the_rest() -> None:
+    """Each ``success=N`` must land right after pam_deny (PAM counts lines)."""
+    block = pam_gate_block(("slurmusers", "hpc"), ("clusteradm",), "/run/sshd-adopt/present")
+    lines = [line for line in block.splitlines() if line.startswith("account")]
+    assert lines[0].startswith("account [success=4 default=ignore] pam_succeed_if.so quiet "
+                               "user notingroup slurmusers:hpc")
+    assert lines[1].startswith("account [success=3 default=ignore] pam_succeed_if.so quiet "
+                               "user ingroup clusteradm")
+    assert lines[2] == ("account [success=2 default=ignore] pam_listfile.so item=user "
+                        "sense=allow file=/run/sshd-adopt/present onerr=fail")
+    assert lines[3] == f"account required pam_echo.so {GATE_MESSAGE}"
+    assert lines[4] == "account requisite pam_deny.so" and len(lines) == 5
+    alone = pam_gate_block(("slurmusers",), (), "/p")
+    assert "[success=3 default=ignore] pam_succeed_if.so quiet user notingroup slurmusers" \
+        in alone and "ingroup" not in alone.replace("notingroup", "")
+
+
+def test_the_gate_goes_before_the_first_account_line_once_and_comes_out_again() -> None:
+    block = pam_gate_block(("slurmusers",), ("clusteradm",), "/run/sshd-adopt/present")
+    gated = with_pam_gate(DEBIAN_SSHD_PAM, block)
+    assert gated.index(GATE_END) < gated.index("account    required     pam_nologin.so")
+    assert gated.index("@include common-auth") < gated.index(GATE_BEGIN)
+    assert with_pam_gate(gated, block) == gated
+    assert without_pam_gate(gated) == DEBIAN_SSHD_PAM
+    with pytest.raises(ValueError, match="no account line"):
+        with_pam_gate("auth required pam_deny.so\n", block)
+
+
+def test_openssh_before_9_8_gets_use_pam_but_no_service_name() -> None:
+    text = dropin_with_methods(SHIPPED, ("publickey", "hostbased"), pam_service="sshd")
+    assert "\nUsePAM yes\nMatch " in text and "PAMServiceName" not in text

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sshd_adopt._internal import protocol
-from sshd_adopt._internal.authmethods import ways_in_without_a_key
+from sshd_adopt._internal.authmethods import pam_gate_block, ways_in_without_a_key, with_pam_gate
 from sshd_adopt._internal.config import AdmissionSettings, Config, Exemptions
 from sshd_adopt._internal.core.decision import Adopt, AskCallerId, Deny, LocalJob, Message
 from sshd_adopt._internal.core.options import Options, UnknownAction
@@ -493,3 +493,17 @@ def test_without_pam_the_keyless_ways_are_enforced_after_authentication_only() -
         "/run/sshd-adopt/present", PAM_GATE)
     assert found is not None and found.status is Status.WARN
     assert "right after authentication only" in found.detail
+
+
+def test_before_openssh_9_8_the_gate_in_pam_d_sshd_counts() -> None:
+    """sshd -T prints no pamservicename there: the service is sshd, its file holds the
+    gate block (scripts/install)."""
+    sshd_pam = with_pam_gate("@include common-account\n", pam_gate_block(
+        ("slurmusers",), ("clusteradm",), "/run/sshd-adopt/present"))
+    gated = sshd_checks.check_auth_methods(
+        view(usepam="yes", **KEYLESS_VIEW), "/run/sshd-adopt/present", sshd_pam)
+    assert gated is not None and gated.status is Status.OK and "PAM service sshd" in gated.detail
+    bare = sshd_checks.check_auth_methods(
+        view(usepam="yes", **KEYLESS_VIEW), "/run/sshd-adopt/present",
+        "@include common-account\n")
+    assert bare is not None and bare.status is Status.WARN

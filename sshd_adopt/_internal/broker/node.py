@@ -44,7 +44,7 @@ class Node:
         steps = ExternStepClient(state)
         self.core = LoginCore(state, jobs=self.table, source=SourceJobs(state), steps=steps,
                               accounts=Accounts())
-        managed = ManagedQuery()
+        managed = ManagedQuery(present_file=lambda: state().config.admission.present_file)
         self.tickets = TicketDesk(
             SessionTickets(protocol.sessions_dir(state().config.broker.socket_path)), state,
             sluid_of=self.table.sluid_of)

@@ -221,16 +221,17 @@ def _user_checks(request: Request, config: Config | None, slurm: SlurmFacts | No
     else:
         found = sshd_checks.check_sshd_managed(view, config.admission)
         methods = sshd_checks.check_auth_methods(
-            view, config.admission.present_file, _pam_service_text(view.get("pamservicename")))
+            view, config.admission.present_file,
+            _pam_service_text(sshd_checks.pam_service_of(view)))
         if methods is not None:
             found.append(methods)
     dry, check = _dry_run(request.user, config, slurm)
     return [*found, check], dry
 
 
-def _pam_service_text(service: str, pam_dir: str = "/etc/pam.d") -> str | None:
+def _pam_service_text(service: str | None, pam_dir: str = "/etc/pam.d") -> str | None:
     """The PAM service's configuration (first 64 KiB), None when it cannot be read."""
-    if not service or service == "none" or "/" in service:
+    if not service or "/" in service:
         return None
     try:
         with open(os.path.join(pam_dir, service), encoding="utf-8", errors="replace") as f:

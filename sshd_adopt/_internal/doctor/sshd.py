@@ -9,11 +9,11 @@ unit test with made-up input. The keywords and their meaning are OpenSSH's
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from sshd_adopt._internal import authmethods
 from sshd_adopt._internal.authmethods import PAM_SERVICE, ways_in_without_a_key
 from sshd_adopt._internal.config import AdmissionSettings
 from sshd_adopt._internal.doctor.checks import WRAPPER_NAME, Check, Status, ok
@@ -122,16 +122,22 @@ def check_sshd_managed(view: SshdView, admission: AdmissionSettings) -> list[Che
     return checks
 
 
+def pam_service_of(view: SshdView) -> str | None:
+    """The PAM service sshd uses for this user (None: ``UsePAM no``)."""
+    return authmethods.pam_service_of(view.settings)
+
+
 def check_auth_methods(view: SshdView, present_file: str = "/run/sshd-adopt/present",
                        pam_text: str | None = None) -> Check | None:
     """How a managed user can authenticate, and what enforces admission for each way.
 
     A publickey login passes the broker's key entries or its gate before sshd accepts
     it, and a refused user is told why. Any other way in (hostbased, GSSAPI, password,
-    keyboard-interactive) consults neither. With ``UsePAM yes`` and the user's
-    ``PAMServiceName`` (OpenSSH 9.8 and later) a service whose text (``pam_text``, read
-    by the caller from /etc/pam.d) checks ``present_file``, sshd's account phase refuses
-    a user without a job here before authentication succeeds (``pam.d/sshd-adopt``).
+    keyboard-interactive) consults neither. With ``UsePAM yes`` and a PAM service for the
+    user (``PAMServiceName`` on OpenSSH 9.8 and later, else ``sshd``) whose text
+    (``pam_text``, read by the caller from /etc/pam.d) checks ``present_file``, sshd's
+    account phase refuses a user without a job here before authentication succeeds
+    (``pam.d/sshd-adopt``, or the gate block in ``/etc/pam.d/sshd``).
     Without it the broker alone enforces admission, right after authentication (a
     refused user's connection is ended at the post-authentication child's uid change,
     without a message; without the proc connector only at the sweeper's next scan).
@@ -145,12 +151,9 @@ def check_auth_methods(view: SshdView, present_file: str = "/run/sshd-adopt/pres
     if not ways:
         return ok(name, f"AuthenticationMethods {methods}: every login passes the key "
                   "entries or the gate, before sshd accepts it")
-    service = view.get("pamservicename")
-    if view.get("usepam") == "yes" and service not in ("", "none"):
-        gate = pam_text is not None and re.search(
-            rf"^\s*account\s.*pam_listfile\.so\s.*file={re.escape(present_file)}(\s|$)",
-            pam_text, re.MULTILINE)
-        if gate:
+    service = pam_service_of(view)
+    if service is not None:
+        if pam_text is not None and authmethods.gate_in(pam_text, present_file):
             return ok(name, f"AuthenticationMethods {methods}: {', '.join(ways)} log in "
                       f"without a key; PAM service {service} refuses a user without a job "
                       f"here in sshd's account phase ({present_file}), before "

@@ -8,8 +8,10 @@ connection: the listener's own executable, with the configuration arguments the
 listener was started with (``-f``, ``-o``, ``-h``), and the connection's user and
 addresses as the ``Match`` criteria (``-C user=,addr=,host=,laddr=,lport=``). Managed
 means the effective ``ForceCommand`` runs ``sshd-adopt``. The same answer tells which
-ways in need no key (hostbased, GSSAPI...: :mod:`sshd_adopt._internal.authmethods`):
-a refused user who may come in that way is ended right after authentication.
+ways in need no key (hostbased, GSSAPI...: :mod:`sshd_adopt._internal.authmethods`),
+and whether the user's PAM service gates them (its account phase checks the broker's
+present list): where it does not, a refused user who may come in that way is ended
+right after authentication.
 
 ``sshd -T`` costs 10-17 ms (it parses the configuration and loads the host keys), so
 answers are cached per listener, user and addresses for :data:`TTL` seconds, and asked
@@ -19,12 +21,12 @@ once however many logins of a burst want them.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from sshd_adopt._internal import run
-from sshd_adopt._internal.authmethods import ways_in_without_a_key
+from sshd_adopt._internal.authmethods import gate_in, pam_service_of, ways_in_without_a_key
 from sshd_adopt._internal.cache import TtlCache
 from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.logs import logger
@@ -32,6 +34,8 @@ from sshd_adopt._internal.node.procfs import ProcInfo
 
 #: Seconds an answer is reused (an sshd reload takes effect within this).
 TTL: Final = 60.0
+#: Where PAM services are configured (pam.conf(5)).
+PAM_DIR: Final = "/etc/pam.d"
 #: Bound on one ``sshd -T`` run, in seconds.
 TIMEOUT: Final = 5.0
 #: The wrapper's command name: a ForceCommand running it means "managed".
@@ -112,14 +116,19 @@ class SshdAnswer:
 
     managed: bool
     keyless: tuple[str, ...] = ()
+    #: The user's PAM service refuses users without a job here in sshd's account phase.
+    gated: bool = False
 
 
 class ManagedQuery:
     """``managed(listener, user, connection)``, asked of sshd and cached (thread-safe)."""
 
-    def __init__(self, ttl: float = TTL) -> None:
+    def __init__(self, ttl: float = TTL, present_file: Callable[[], str] | None = None,
+                 pam_dir: str = PAM_DIR) -> None:
         self._answers: TtlCache[tuple[int, float, str, str, str, int], SshdAnswer] = \
             TtlCache(ttl)
+        self._present_file = present_file
+        self._pam_dir = pam_dir
 
     def managed(self, listener: ProcInfo, user: str, connection: Connection | None) -> bool:
         """True when sshd sends this connection through sshd-adopt.
@@ -148,8 +157,21 @@ class ManagedQuery:
         return self._answers.get_or_compute(
             key, lambda: self._ask(listener, user, addr, laddr, lport), wait=TIMEOUT + 1)
 
-    @staticmethod
-    def _ask(listener: ProcInfo, user: str, addr: str, laddr: str, lport: int) -> SshdAnswer:
+    def _gated(self, settings: dict[str, str]) -> bool:
+        """Whether the user's PAM service checks the present list (its file, first 64 KiB,
+        in /etc/pam.d: sshd reads it there too)."""
+        service = pam_service_of(settings)
+        if service is None or self._present_file is None or "/" in service:
+            return False
+        try:
+            with open(os.path.join(self._pam_dir, service), encoding="utf-8",
+                      errors="replace") as handle:
+                return gate_in(handle.read(65536), self._present_file())
+        except OSError:
+            return False
+
+    def _ask(self, listener: ProcInfo, user: str, addr: str, laddr: str,
+             lport: int) -> SshdAnswer:
         arguments = listener_arguments(listener)
         if arguments is None or listener.exe is None:
             raise SshdConfigError(f"listener {listener.pid}: cannot read its arguments "
@@ -168,10 +190,13 @@ class ManagedQuery:
         if done.returncode != 0:
             raise SshdConfigError(f"{' '.join(argv)}: {done.problem()}")
         text = done.text()
-        answer = SshdAnswer(runs_wrapper(forced_command(text)),
-                            tuple(ways_in_without_a_key(parse_sshd_t(text))))
-        logger().debug("sshd -T for %s from %s: %s%s", user, addr or "?",
+        settings = parse_sshd_t(text)
+        keyless = tuple(ways_in_without_a_key(settings))
+        answer = SshdAnswer(runs_wrapper(forced_command(text)), keyless,
+                            gated=bool(keyless) and self._gated(settings))
+        logger().debug("sshd -T for %s from %s: %s%s%s", user, addr or "?",
                        "managed" if answer.managed else "not managed",
                        f", in without a key by {' '.join(answer.keyless)}"
-                       if answer.keyless else "")
+                       if answer.keyless else "",
+                       " (PAM gate)" if answer.gated else "")
         return answer

@@ -188,7 +188,11 @@ class Adoption:
             listener = procfs.proc_info(monitor.ppid)
             connection = procfs.connection_of(monitor_pid)
             answer = self._managed.query(listener, user, connection)
-            keyless, known = answer.managed and bool(answer.keyless), True
+            # Behind the PAM gate sshd itself refuses a user without a job before
+            # authentication succeeds: nothing to doom or hold (a kill would only cut
+            # sshd's own log line of the refusal).
+            keyless = answer.managed and bool(answer.keyless) and not answer.gated
+            known = True
             if answer.managed and self.warm is not None:
                 self.warm()
             if keyless:

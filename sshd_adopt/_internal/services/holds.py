@@ -11,6 +11,12 @@ user's uid -- before it has handled a packet of the session -- and the decision 
 continues it or kills it (:meth:`~sshd_adopt._internal.services.adoption.Adoption.
 authenticated`).
 
+Behind the keyless profile's PAM gate (``pam.d/sshd-adopt``, or the block in
+``/etc/pam.d/sshd``: sshd refuses a user without a job in its account phase, before
+authentication succeeds) none of this happens: the key check's answer says ``gated``, and
+the connection counts as needing a key. What follows is the enforcement where there is no
+gate, and a race the broker usually wins, not a boundary.
+
 Whether a connection may be keyless is learnt from its monitor's key check: every login
 attempt makes sshd's monitor take the user's effective uid before authentication ends
 (publickey: reading the key files; hostbased: looking for ``~/.shosts``,
