@@ -11,8 +11,9 @@ lists as having a job here (``pam_listfile``). On OpenSSH 9.8 and later managed 
 a PAM service of their own (``PAMServiceName`` in the drop-in's ``Match`` block,
 ``pam.d/sshd-adopt``); before 9.8 a marked block at the top of the account phase of
 ``/etc/pam.d/sshd`` does it for the users the drop-in's ``Match Group`` line manages
-(:func:`pam_gate_block`). The broker also ends a refused user's connection right after
-authentication (``services/holds.py``): a race it usually wins, kept as a second line.
+(:func:`pam_gate_block`). Where there is no gate, the broker ends a refused user's
+connection right after authentication (``services/holds.py``): a race it usually wins,
+not a boundary.
 
 Method names are OpenSSH's (``AuthenticationMethods`` in ``sshd_config(5)``); this module
 has no dependencies, so ``scripts/install`` imports it before the venv exists.
@@ -20,6 +21,7 @@ has no dependencies, so ``scripts/install`` imports it before the venv exists.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Final
@@ -168,6 +170,18 @@ def pam_service_of(settings: Mapping[str, str]) -> str | None:
         return None
     service = settings.get("pamservicename", "")
     return "sshd" if service in ("", "none") else service
+
+
+def pam_service_text(service: str | None, pam_dir: str = "/etc/pam.d") -> str | None:
+    """A PAM service's configuration file (its first 64 KiB), None when there is none or it
+    cannot be read."""
+    if not service or "/" in service:
+        return None
+    try:
+        with open(os.path.join(pam_dir, service), encoding="utf-8", errors="replace") as f:
+            return f.read(65536)
+    except OSError:
+        return None
 
 
 def gate_in(pam_text: str, present_file: str) -> bool:

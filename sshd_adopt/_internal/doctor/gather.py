@@ -18,6 +18,7 @@ from pathlib import Path
 import sshd_adopt
 from sshd_adopt import __version__
 from sshd_adopt._internal import protocol, run
+from sshd_adopt._internal.authmethods import pam_service_text
 from sshd_adopt._internal.config import DEFAULT_CONFIG_PATH, Config, load_config
 from sshd_adopt._internal.core.accounts import Account, Accounts
 from sshd_adopt._internal.core.decision import LocalJob
@@ -222,22 +223,11 @@ def _user_checks(request: Request, config: Config | None, slurm: SlurmFacts | No
         found = sshd_checks.check_sshd_managed(view, config.admission)
         methods = sshd_checks.check_auth_methods(
             view, config.admission.present_file,
-            _pam_service_text(sshd_checks.pam_service_of(view)))
+            pam_service_text(sshd_checks.pam_service_of(view)))
         if methods is not None:
             found.append(methods)
     dry, check = _dry_run(request.user, config, slurm)
     return [*found, check], dry
-
-
-def _pam_service_text(service: str | None, pam_dir: str = "/etc/pam.d") -> str | None:
-    """The PAM service's configuration (first 64 KiB), None when it cannot be read."""
-    if not service or "/" in service:
-        return None
-    try:
-        with open(os.path.join(pam_dir, service), encoding="utf-8", errors="replace") as f:
-            return f.read(65536)
-    except OSError:
-        return None
 
 
 def gather(request: Request) -> tuple[list[Check], DryRun | None]:

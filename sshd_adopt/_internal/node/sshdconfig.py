@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from sshd_adopt._internal import run
-from sshd_adopt._internal.authmethods import gate_in, pam_service_of, ways_in_without_a_key
+from sshd_adopt._internal.authmethods import (
+    gate_in,
+    pam_service_of,
+    pam_service_text,
+    ways_in_without_a_key,
+)
 from sshd_adopt._internal.cache import TtlCache
 from sshd_adopt._internal.core.connection import Connection
 from sshd_adopt._internal.logs import logger
@@ -160,15 +165,9 @@ class ManagedQuery:
     def _gated(self, settings: dict[str, str]) -> bool:
         """Whether the user's PAM service checks the present list (its file, first 64 KiB,
         in /etc/pam.d: sshd reads it there too)."""
-        service = pam_service_of(settings)
-        if service is None or self._present_file is None or "/" in service:
-            return False
-        try:
-            with open(os.path.join(self._pam_dir, service), encoding="utf-8",
-                      errors="replace") as handle:
-                return gate_in(handle.read(65536), self._present_file())
-        except OSError:
-            return False
+        text = pam_service_text(pam_service_of(settings), self._pam_dir)
+        return text is not None and self._present_file is not None \
+            and gate_in(text, self._present_file())
 
     def _ask(self, listener: ProcInfo, user: str, addr: str, laddr: str,
              lport: int) -> SshdAnswer:
