@@ -18,7 +18,7 @@ from pathlib import Path
 import sshd_adopt
 from sshd_adopt import __version__
 from sshd_adopt._internal import protocol, run
-from sshd_adopt._internal.authmethods import pam_service_text
+from sshd_adopt._internal.authmethods import pam_service_of, pam_service_text
 from sshd_adopt._internal.config import DEFAULT_CONFIG_PATH, Config, load_config
 from sshd_adopt._internal.core.accounts import Account, Accounts
 from sshd_adopt._internal.core.decision import LocalJob
@@ -223,7 +223,7 @@ def _user_checks(request: Request, config: Config | None, slurm: SlurmFacts | No
         found = sshd_checks.check_sshd_managed(view, config.admission)
         methods = sshd_checks.check_auth_methods(
             view, config.admission.present_file,
-            pam_service_text(sshd_checks.pam_service_of(view)))
+            pam_service_text(pam_service_of(view.settings)))
         if methods is not None:
             found.append(methods)
     dry, check = _dry_run(request.user, config, slurm)

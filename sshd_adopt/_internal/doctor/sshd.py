@@ -122,11 +122,6 @@ def check_sshd_managed(view: SshdView, admission: AdmissionSettings) -> list[Che
     return checks
 
 
-def pam_service_of(view: SshdView) -> str | None:
-    """The PAM service sshd uses for this user (None: ``UsePAM no``)."""
-    return authmethods.pam_service_of(view.settings)
-
-
 def check_auth_methods(view: SshdView, present_file: str = "/run/sshd-adopt/present",
                        pam_text: str | None = None) -> Check | None:
     """How a managed user can authenticate, and what enforces admission for each way.
@@ -151,7 +146,7 @@ def check_auth_methods(view: SshdView, present_file: str = "/run/sshd-adopt/pres
     if not ways:
         return ok(name, f"AuthenticationMethods {methods}: every login passes the key "
                   "entries or the gate, before sshd accepts it")
-    service = pam_service_of(view)
+    service = authmethods.pam_service_of(view.settings)
     if service is not None:
         if pam_text is not None and authmethods.gate_in(pam_text, present_file):
             return ok(name, f"AuthenticationMethods {methods}: {', '.join(ways)} log in "

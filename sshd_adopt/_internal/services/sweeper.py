@@ -245,7 +245,7 @@ class Sweeper:
                 continue
             with contextlib.suppress(ProcError):
                 found = procfs.proc_info(proc.pid)
-                if found.real_uid != 0 or procfs.netns_of(found.pid) != self._netns:
+                if not self._ours(found):
                     continue
                 if is_listener_title(found.title):
                     listeners[found.pid] = found.start_time
@@ -264,9 +264,8 @@ class Sweeper:
         full pass (root, this network namespace, the listener's title); one /proc read."""
         try:
             found = procfs.proc_info(pid)
-            if (found.real_uid != 0 or not found.name.startswith("sshd")
-                    or not is_listener_title(found.title)
-                    or procfs.netns_of(pid) != self._netns):
+            if not (found.name.startswith("sshd") and is_listener_title(found.title)
+                    and self._ours(found)):
                 return False
         except ProcError:
             return False
@@ -276,6 +275,11 @@ class Sweeper:
         logger().info("sshd listener %d started since the last full scan: following its "
                       "connections", pid)
         return True
+
+    def _ours(self, found: procfs.ProcInfo) -> bool:
+        """A process of root's in this network namespace: this node's sshd may be it.
+        Raises ProcError when it is gone."""
+        return found.real_uid == 0 and procfs.netns_of(found.pid) == self._netns
 
     def _listener_pass(self) -> tuple[list[_Monitor], None] | None:
         """The monitors among the known listeners' children; None if a listener is gone
