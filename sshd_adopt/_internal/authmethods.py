@@ -156,6 +156,16 @@ def with_pam_gate(pam_text: str, block: str) -> str:
     return text[:found.start()] + block + text[found.start():]
 
 
+def sshd_pam_with_gate(pam_text: str, dropin: str, present_file: str) -> str:
+    """``pam_text`` (/etc/pam.d/sshd) gating the users the drop-in's ``Match Group`` line
+    manages (OpenSSH before 9.8). Raises ValueError when that line cannot be mirrored
+    (:func:`match_groups`) or the file has no account line."""
+    groups = match_groups(dropin)
+    if groups is None:
+        raise ValueError("the drop-in's Match line is not a plain 'Match Group' line")
+    return with_pam_gate(pam_text, pam_gate_block(*groups, present_file))
+
+
 def without_pam_gate(pam_text: str) -> str:
     """``pam_text`` without the gate block."""
     return re.sub(rf"^{re.escape(GATE_BEGIN)}.*?^{re.escape(GATE_END)}\n", "", pam_text,

@@ -15,11 +15,9 @@ from sshd_adopt._internal.authmethods import (
     PAM_SERVICE,
     PAM_SERVICE_SINCE,
     dropin_with_methods,
-    match_groups,
     openssh_version,
-    pam_gate_block,
     parse_methods,
-    with_pam_gate,
+    sshd_pam_with_gate,
 )
 from tests.harness import REPO, Cluster, wait_until
 
@@ -66,10 +64,8 @@ def auth_methods_lab(cluster: Cluster,
         cluster.run_script("up", timeout=600)
         if service == "sshd":  # the lab's copy of pam.d (`up` puts the original back)
             sshd_pam = cluster.var / "etc" / "pam.d" / "sshd"
-            groups = match_groups(shipped.read_text())
-            assert groups is not None
-            sshd_pam.write_text(with_pam_gate(sshd_pam.read_text(), pam_gate_block(
-                *groups, present_file="/run/sshd-adopt/present")))
+            sshd_pam.write_text(sshd_pam_with_gate(sshd_pam.read_text(), shipped.read_text(),
+                                                   "/run/sshd-adopt/present"))
         yield cluster
     finally:
         del os.environ["SSHD_ADOPT_LAB_DROPIN"]

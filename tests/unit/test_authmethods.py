@@ -13,6 +13,7 @@ from sshd_adopt._internal.authmethods import (
     openssh_version,
     pam_gate_block,
     parse_methods,
+    sshd_pam_with_gate,
     with_pam_gate,
     without_pam_gate,
 )
@@ -122,6 +123,10 @@ def test_the_gate_goes_before_the_first_account_line_once_and_comes_out_again() 
     assert without_pam_gate(gated) == DEBIAN_SSHD_PAM
     with pytest.raises(ValueError, match="no account line"):
         with_pam_gate("auth required pam_deny.so\n", block)
+    assert sshd_pam_with_gate(DEBIAN_SSHD_PAM, SHIPPED, "/run/sshd-adopt/present") == gated
+    with pytest.raises(ValueError, match="not a plain 'Match Group' line"):
+        sshd_pam_with_gate(DEBIAN_SSHD_PAM, SHIPPED.replace("Match Group", "Match User"),
+                           "/run/sshd-adopt/present")
 
 
 def test_openssh_before_9_8_gets_use_pam_but_no_service_name() -> None:
