@@ -485,3 +485,141 @@ def test_sluid_name_is_slurms_printed_form(value: int, name: str) -> None:
 def test_sluid_name_refuses_what_is_not_a_uint64() -> None:
     with pytest.raises(ValueError, match="uint64"):
         stepd.sluid_name(1 << 64)
+
+
+# -- the job's namespaces (REQUEST_GET_NS_FD / _FDS) ----------------------------------
+
+
+def send_fd(conn: socket.socket, fd: int) -> None:
+    """As ``send_fd_over_socket``: one byte, the descriptor as SCM_RIGHTS."""
+    socket.send_fds(conn, [b"\0"], [fd])
+
+
+def ns_stepd(version: int, replies: Callable[[socket.socket], None]) -> Handler:
+    """A stepd of ``version`` that answers one namespace request with ``replies``."""
+
+    def handle(conn: socket.socket) -> None:
+        read_int(conn)
+        send_int(conn, version)
+        code = read_int(conn)
+        assert code == (stepd.REQUEST_GET_NS_FDS if version >= stepd.NS_FDS_PROTOCOL
+                        else stepd.REQUEST_GET_NS_FD), code
+        replies(conn)
+        time.sleep(0.2)  # let the client read before the connection goes
+
+    return handle
+
+
+def same_namespace(fd: int, path: str) -> bool:
+    mine, theirs = os.fstat(fd), os.stat(path)
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def test_get_ns_fd_before_25_11_gives_the_mount_namespace(
+        serve: Callable[..., FakeStepd]) -> None:
+    """The descriptor received is the very namespace the stepd sent (its inode)."""
+    def replies(conn: socket.socket) -> None:
+        fd = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+        send_int(conn, fd)
+        send_fd(conn, fd)
+        os.close(fd)
+
+    server = serve(ns_stepd(V2205, replies))
+    with StepdConnection.open(server.path, timeout=2) as conn:
+        [(kind, fd)] = conn.namespace_fds()
+    try:
+        assert kind == stepd.CLONE_NEWNS and same_namespace(fd, "/proc/self/ns/mnt")
+        assert not os.get_inheritable(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("number, error", [(0, None), (-1, stepd.StepdRequestFailed)])
+def test_get_ns_fd_without_a_container_or_failing(serve: Callable[..., FakeStepd],
+                                                  number: int,
+                                                  error: type[Exception] | None) -> None:
+    server = serve(ns_stepd(V2205, lambda conn: send_int(conn, number)))
+    with StepdConnection.open(server.path, timeout=2) as conn:
+        if error is None:
+            assert conn.namespace_fds() == []
+        else:
+            with pytest.raises(error):
+                conn.namespace_fds()
+
+
+V2605 = PROTOCOL_VERSIONS["26.05"]
+
+
+def test_get_ns_fds_from_25_11_gives_each_namespace_in_order(
+        serve: Callable[..., FakeStepd]) -> None:
+    def replies(conn: socket.socket) -> None:
+        send_int(conn, 2)
+        for kind, name in ((stepd.CLONE_NEWPID, "pid"), (stepd.CLONE_NEWNS, "mnt")):
+            fd = os.open(f"/proc/self/ns/{name}", os.O_RDONLY)
+            conn.sendall(struct.pack("=I", kind))
+            send_fd(conn, fd)
+            os.close(fd)
+
+    server = serve(ns_stepd(V2605, replies))
+    with StepdConnection.open(server.path, timeout=2) as conn:
+        found = conn.namespace_fds()
+    try:
+        assert [kind for kind, _ in found] == [stepd.CLONE_NEWPID, stepd.CLONE_NEWNS]
+        assert same_namespace(found[0][1], "/proc/self/ns/pid")
+        assert same_namespace(found[1][1], "/proc/self/ns/mnt")
+    finally:
+        for _, fd in found:
+            os.close(fd)
+
+
+MARKER = "/proc/self/ns/uts"  # what the bad replies carry: nothing else here opens it
+
+
+def send_marker(conn: socket.socket) -> None:
+    fd = os.open(MARKER, os.O_RDONLY)
+    try:
+        send_fd(conn, fd)
+    finally:
+        os.close(fd)
+
+
+def markers_open() -> int:
+    """This process's descriptors on the marker's namespace (a leak would be one)."""
+    target = os.stat(MARKER)
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        count += (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino)
+    return count
+
+
+NEWNS = struct.pack("=I", stepd.CLONE_NEWNS)
+
+
+@pytest.mark.parametrize("steps, error", [
+    ([struct.pack("=i", 4)], StepdProtocolError),  # more namespaces than a job can have
+    ([struct.pack("=i", -1)], StepdProtocolError),
+    # an unknown type after a good one: the descriptor already received is closed
+    ([struct.pack("=i", 2), NEWNS, "fd", struct.pack("=I", 0x40)], StepdProtocolError),
+    ([struct.pack("=i", 2), NEWNS, "fd", NEWNS, "fd"], StepdProtocolError),  # twice
+    # the type announced, then nothing (26.05.3's namespace/tmpfs when .ns cannot open)
+    ([struct.pack("=i", 1), NEWNS], StepdUnavailable),
+    ([struct.pack("=i", 1), NEWNS, b"\0"], StepdProtocolError),  # the byte, no descriptor
+])
+def test_bad_namespace_replies_are_refused_and_leak_nothing(
+        serve: Callable[..., FakeStepd], steps: list[bytes | str],
+        error: type[Exception]) -> None:
+    def replies(conn: socket.socket) -> None:
+        for step in steps:
+            if isinstance(step, bytes):
+                conn.sendall(step)
+            else:
+                send_marker(conn)
+
+    server = serve(ns_stepd(V2605, replies))
+    with StepdConnection.open(server.path, timeout=1) as conn, pytest.raises(error):
+        conn.namespace_fds()
+    assert markers_open() == 0

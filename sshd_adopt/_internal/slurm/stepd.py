@@ -30,6 +30,7 @@ Failure classes, chosen for what the caller should do next:
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import re
@@ -61,6 +62,15 @@ REQUEST_DAEMON_PID: Final = 9
 REQUEST_STEP_UID: Final = 20
 REQUEST_ADD_EXTERN_PID: Final = 22
 REQUEST_X11_DISPLAY: Final = 23
+#: The job container's mount namespace as one descriptor (22.05 to 25.05; later releases
+#: keep it for the mount namespace alone): an int32 (0: none, -1: error, else a number
+#: of the stepd's), then one byte carrying the descriptor (SCM_RIGHTS). Any peer may ask
+#: before 25.11 (``_handle_get_ns_fd`` in ``src/slurmd/slurmstepd/req.c``).
+REQUEST_GET_NS_FD: Final = 26
+#: Every namespace of the job (25.11 on): an int32 count, then per namespace an int32
+#: ``CLONE_NEW*`` type and one byte carrying its descriptor, in the order PID, user,
+#: mount; only the job's owner, root or SlurmUser may ask (``_handle_get_ns_fds``).
+REQUEST_GET_NS_FDS: Final = 28
 
 #: SLURM_PROTOCOL_VERSION of each release ((N << 8), reference §2.3).
 PROTOCOL_VERSIONS: Final[Mapping[str, int]] = MappingProxyType(
@@ -80,6 +90,14 @@ PROTOCOL_VERSIONS: Final[Mapping[str, int]] = MappingProxyType(
 NEWEST_PROTOCOL: Final = max(PROTOCOL_VERSIONS.values())
 #: The first release whose stepds answer REQUEST_SLUID.
 SLUID_PROTOCOL: Final = PROTOCOL_VERSIONS["25.11"]
+#: The first release whose stepds answer REQUEST_GET_NS_FDS.
+NS_FDS_PROTOCOL: Final = PROTOCOL_VERSIONS["25.11"]
+#: Namespace types as the stepd names them (linux/sched.h).
+CLONE_NEWNS: Final = 0x00020000
+CLONE_NEWUSER: Final = 0x10000000
+CLONE_NEWPID: Final = 0x20000000
+#: Most namespaces a job has (namespace/linux: PID, user, mount).
+MAX_NAMESPACES: Final = 3
 #: Crockford's base32, in which Slurm prints a SLUID (``src/common/sluid.c``).
 _CROCKFORD32: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _UINT64: Final = struct.Struct("=Q")
@@ -266,7 +284,76 @@ class StepdConnection:
         raw = self._recv_exact(length, "X11_DISPLAY xauthority", deadline).split(b"\0", 1)[0]
         return display, (os.fsdecode(raw) if raw else None)
 
+    def namespace_fds(self) -> list[tuple[int, int]]:
+        """The job's namespaces, ``(CLONE_NEW* type, descriptor)`` in the order to join
+        them; empty when the job has none. The caller owns (and closes) the descriptors.
+
+        Asks REQUEST_GET_NS_FDS of stepds from 25.11 on, REQUEST_GET_NS_FD before.
+        Raises :class:`StepdRequestFailed` when the stepd says it could not open the
+        namespace, :class:`StepdProtocolError` for a count, type or message out of
+        bounds, :class:`StepdUnavailable` when it goes silent (26.05.3 can announce a
+        descriptor it then fails to send: the deadline ends the wait).
+        """
+        if self.protocol_version < NS_FDS_PROTOCOL:
+            deadline = self._start(REQUEST_GET_NS_FD, b"", "GET_NS_FD")
+            number = self._recv_int("GET_NS_FD", deadline, signed=True)
+            if number == 0:
+                return []
+            if number < 0:  # the stepd could not open the job's namespace
+                raise StepdRequestFailed(self.path, "GET_NS_FD", number)
+            return [(CLONE_NEWNS, self._recv_fd("GET_NS_FD", deadline))]
+        deadline = self._start(REQUEST_GET_NS_FDS, b"", "GET_NS_FDS")
+        count = self._recv_int("GET_NS_FDS", deadline, signed=True)
+        if not 0 <= count <= MAX_NAMESPACES:
+            raise StepdProtocolError(f"{self.path}: GET_NS_FDS announced {count} namespaces "
+                                     f"(accepted: 0..{MAX_NAMESPACES})")
+        found: list[tuple[int, int]] = []
+        try:
+            for _ in range(count):
+                kind = self._recv_int("GET_NS_FDS", deadline, signed=False)
+                if kind not in (CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWNS) or \
+                        any(kind == known for known, _ in found):
+                    raise StepdProtocolError(
+                        f"{self.path}: GET_NS_FDS: namespace type 0x{kind:08x} unknown or "
+                        "repeated")
+                found.append((kind, self._recv_fd("GET_NS_FDS", deadline)))
+        except BaseException:
+            for _, fd in found:
+                os.close(fd)
+            raise
+        return found
+
     # -- framing ------------------------------------------------------------
+
+    def _recv_fd(self, what: str, deadline: float) -> int:
+        """One descriptor, carried by a message of one byte (``send_fd_over_socket`` in
+        ``src/common/fd.c``). Read with a one-byte buffer, so the byte that carries it is
+        never consumed by a plain read (the kernel would drop the descriptor)."""
+        fds = array.array("i")
+        try:
+            self._sock.settimeout(self._remaining(deadline, what))
+            # recvmsg, not socket.recv_fds: that one drops its flags before Python 3.12,
+            # and the descriptor must arrive close-on-exec (the broker starts processes).
+            data, ancillary, flags, _ = self._sock.recvmsg(
+                1, socket.CMSG_SPACE(2 * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        except TimeoutError as err:
+            raise StepdUnavailable(
+                f"{self.path}: {what}: no descriptor within {self.timeout:g}s") from err
+        except OSError as err:
+            raise StepdError(f"{self.path}: {what}: receive failed: {err}") from err
+        if len(fds) != 1 or flags & socket.MSG_CTRUNC or len(data) != 1:
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                raise StepdUnavailable(
+                    f"{self.path}: {what}: stepd closed the connection before the descriptor")
+            raise StepdProtocolError(
+                f"{self.path}: {what}: expected one descriptor with one byte, got "
+                f"{len(fds)} with {len(data)}")
+        return fds[0]
 
     def _start(self, code: int, payload: bytes, what: str) -> float:
         """Send one request code plus payload; return the deadline for its reply."""
