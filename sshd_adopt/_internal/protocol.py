@@ -51,8 +51,29 @@ MONITOR_START = "monitor_start"
 SLUID = "sluid"
 
 #: Request kinds. "adopt": the wrapper asks for its session; "ping": doctor and
-#: readiness checks; "keys": the auth-time gate asks whether a user may enter.
-OPS = frozenset({"adopt", "ping", "keys"})
+#: readiness checks; "keys": the auth-time gate asks whether a user may enter;
+#: "spawn": the wrapper of a session whose job has namespaces asks for its command to
+#: be started inside them.
+OPS = frozenset({"adopt", "ping", "keys", "spawn"})
+
+#: In an "adopted" reply (and ticket): the job has namespaces of its own; the wrapper
+#: then sends a "spawn" request instead of running the session itself.
+NAMESPACES = "ns"
+#: A "spawn" request's items: whether the session has a terminal ("1"/"0"; the broker
+#: checks it is the session's own), and what ``internal-sftp`` runs (an absolute path).
+SPAWN_TTY = "tty"
+SPAWN_SFTP = "sftp"
+MAX_PATH_CHARS = 256
+#: The conversation of a "spawn" request: the broker answers ``result=send``; the wrapper
+#: then sends one byte carrying its standard input, output and error (SCM_RIGHTS, exactly
+#: three descriptors). Then, unless the broker refuses (``denied``/``failed``, or
+#: ``allowed``: the job has no namespaces after all, run the session yourself), the
+#: connection belongs to the spawned session's relay: the wrapper may send ``sig=<n>``
+#: frames (signals sshd sent it) and at the end receives ``result=exited`` with
+#: ``status=<n>`` or ``signal=<n>``.
+SEND = "send"
+EXITED = "exited"
+STD_FDS = 3
 
 #: Result of a "keys" request that lets the user in; the keys are in ``keys``.
 KEYS = "keys"
@@ -137,6 +158,15 @@ def parse_request(body: bytes) -> tuple[str, dict[str, str]]:
         if not user or len(user) > MAX_USER_CHARS or not _USER_CHARS.issuperset(user):
             raise BrokerProtocolError(f"bad user name {user[:40]!r}")
         return op, {KEYS_USER: user}
+    if op == "spawn":
+        if set(items) != {"v", "op", SPAWN_TTY, SPAWN_SFTP}:
+            raise BrokerProtocolError("a spawn request carries exactly v, op, tty and sftp")
+        sftp = items[SPAWN_SFTP]
+        if items[SPAWN_TTY] not in ("0", "1"):
+            raise BrokerProtocolError(f"bad tty flag {items[SPAWN_TTY][:8]!r}")
+        if not sftp.startswith("/") or len(sftp) > MAX_PATH_CHARS or not sftp.isprintable():
+            raise BrokerProtocolError(f"bad sftp server path {sftp[:40]!r}")
+        return op, {SPAWN_TTY: items[SPAWN_TTY], SPAWN_SFTP: sftp}
     overrides: dict[str, str] = {}
     for key, value in items.items():
         if key in ("v", "op"):
@@ -158,6 +188,12 @@ def adopt_request(overrides: dict[str, str]) -> dict[str, str]:
 def keys_request(user: str) -> dict[str, str]:
     """The AuthorizedKeysCommand's request: the keys of ``user`` (sshd's ``%u``), if any."""
     return {"v": PROTOCOL_VERSION, "op": "keys", KEYS_USER: user}
+
+
+def spawn_request(tty: bool, sftp_server: str) -> dict[str, str]:
+    """The wrapper's request to have its session started inside its job's namespaces."""
+    return {"v": PROTOCOL_VERSION, "op": "spawn", SPAWN_TTY: "1" if tty else "0",
+            SPAWN_SFTP: sftp_server}
 
 
 def ping_request() -> dict[str, str]:
@@ -208,10 +244,15 @@ def exchange(
         sock.settimeout(timeout)
         sock.connect(socket_path)
         sock.sendall(encode(request))
-        length = frame_length(_recv_exact(sock, LENGTH_BYTES), limit=limit)
-        return decode(_recv_exact(sock, length), limit=limit)
+        return read_frame(sock, limit=limit)
     finally:
         sock.close()
+
+
+def read_frame(sock: _socket.socket, *, limit: int = MAX_FRAME) -> dict[str, str]:
+    """One whole frame from ``sock`` (its timeout applies to each read)."""
+    length = frame_length(_recv_exact(sock, LENGTH_BYTES), limit=limit)
+    return decode(_recv_exact(sock, length), limit=limit)
 
 
 def _recv_exact(sock: _socket.socket, count: int) -> bytes:

@@ -24,6 +24,7 @@ import pwd
 import sys
 
 from sshd_adopt._internal import protocol
+from sshd_adopt._internal.sessioncmd import session_argv, session_environment
 from sshd_adopt.errors import BrokerProtocolError
 
 USAGE = """\
@@ -95,26 +96,11 @@ class Settings:
         return action == "allow"
 
 
-def session_argv(shell: str, command: str | None, sftp_server: str) -> list[str]:
-    """What sshd itself would run: a login shell, or ``shell -c command``."""
-    name = shell.rsplit("/", 1)[-1]
-    if command is None:
-        return ["-" + name]
-    if command == "internal-sftp" or command.startswith("internal-sftp "):
-        # sshd hands subsystems to a ForceCommand as the configured command
-        # line; internal-sftp lives inside sshd, so run the real server.
-        command = sftp_server + command[len("internal-sftp"):]
-    return [name, "-c", command]
-
-
-def session_environment(exported: dict[str, str]) -> dict[str, str]:
+def session_env(exported: dict[str, str]) -> dict[str, str]:
     """The session's environment: ours, plus what the job exports, minus our own traces."""
-    env = {key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
-           for key, value in posix.environ.items()}
-    env.pop("SSH_ORIGINAL_COMMAND", None)
-    env.pop("SHLVL", None)
-    env.update(exported)
-    return env
+    return session_environment(
+        {key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
+         for key, value in posix.environ.items()}, exported)
 
 
 def run_session(settings: Settings, exported: dict[str, str] | None = None) -> None:
@@ -125,7 +111,7 @@ def run_session(settings: Settings, exported: dict[str, str] | None = None) -> N
     argv = session_argv(shell, command, settings.sftp_server)
     sys.stdout.flush()
     sys.stderr.flush()
-    posix.execve(shell, argv, session_environment(exported or {}))
+    posix.execve(shell, argv, session_env(exported or {}))
 
 
 def _read(path: str, limit: int = 4096) -> bytes:
@@ -191,6 +177,25 @@ def read_ticket(socket_path: str) -> dict[str, str] | None:
     return None
 
 
+def spawn_session(settings: Settings) -> None:
+    """Have the broker start the session inside the job's namespaces and stand in for it
+    until it ends (never returns), unless the broker says to run it here (returns)."""
+    from sshd_adopt._internal import spawnclient  # noqa: PLC0415  (only for such jobs)
+
+    try:
+        relay, answer = spawnclient.request(settings.socket_path, timeout=settings.timeout,
+                                            sftp_server=settings.sftp_server)
+        if relay is None:
+            if answer.get("result") == protocol.ALLOWED:
+                return  # the job has no namespaces after all
+            deny(answer.get("message") or "sshd-adopt: access denied: the session could not "
+                 "be started in the job")
+            return
+        spawnclient.leave(spawnclient.relay(relay))
+    except (OSError, BrokerProtocolError) as err:
+        deny(f"sshd-adopt: access denied: the session could not be started in the job ({err})")
+
+
 def deny(message: str) -> None:
     """Tell the user why, on stderr, and end the session."""
     sys.stderr.write(message.rstrip("\n") + "\n")
@@ -221,9 +226,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = reply.get("result")
     if result == protocol.ADOPTED:
-        run_session(settings, {
-            key[len(protocol.ENV_PREFIX):]: value for key, value in reply.items()
-            if key.startswith(protocol.ENV_PREFIX) and key[len(protocol.ENV_PREFIX):] in EXPORTED})
+        exported = {key[len(protocol.ENV_PREFIX):]: value for key, value in reply.items()
+                    if key.startswith(protocol.ENV_PREFIX)
+                    and key[len(protocol.ENV_PREFIX):] in EXPORTED}
+        if reply.get(protocol.NAMESPACES) == "1":
+            spawn_session(settings)  # the broker exports the job's variables itself
+        run_session(settings, exported)
     elif result == protocol.ALLOWED:
         run_session(settings)
     elif result == protocol.DENIED:

@@ -34,7 +34,7 @@ from sshd_adopt._internal import protocol
 from sshd_adopt._internal.broker import server
 from sshd_adopt._internal.broker.node import Node
 from sshd_adopt._internal.broker.replies import render_adoption, render_keys
-from sshd_adopt._internal.broker.server import REQUESTS, Broker
+from sshd_adopt._internal.broker.server import CONVERSATIONS, REQUESTS, Broker
 from sshd_adopt._internal.config import AdmissionSettings, BrokerSettings, Config, Messages
 from sshd_adopt._internal.core.decision import Message
 from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Failed, Outcome
@@ -199,7 +199,8 @@ def talk(broker: Broker, data: bytes, peer: Peer = ALICE_PEER) -> FakeWriter:
 
 
 def test_the_table_serves_exactly_the_kinds_the_protocol_knows() -> None:
-    assert set(REQUESTS) == protocol.OPS
+    assert set(REQUESTS) | CONVERSATIONS == protocol.OPS
+    assert not set(REQUESTS) & CONVERSATIONS
 
 
 def test_adopt_goes_to_adoption_with_the_peer_and_overrides() -> None:
@@ -452,7 +453,7 @@ def test_answer_raises_a_protocol_error_for_bad_frames(make_broker: MakeBroker,
         reader = asyncio.StreamReader()
         reader.feed_data(data)
         reader.feed_eof()
-        await broker._answer(reader, ALICE_PEER)
+        await broker._read_request(reader)
 
     with pytest.raises(BrokerProtocolError):
         asyncio.run(run())

@@ -319,7 +319,7 @@ ERRORS: list[tuple[str, str, str]] = [
     ('[policy]\nacton_unknown = "deny"', "policy.acton_unknown",
      "did you mean 'action_unknown'?"),
     ('[policy]\nservice = "sshd"', "policy.service", "Match"),
-    ("[policy]\njoin_container = false", "policy.join_container", "does not implement"),
+    ('[policy]\njoin_container = "maybe"', "policy.join_container", "true or false"),
     ('[policy]\nworkers = 3', "policy.workers", "belongs in [broker]"),
     ('action_unknown = "deny"', "action_unknown", "belongs in [policy]"),
     ('[polcy]\naction_unknown = "deny"', "polcy", "did you mean 'policy'?"),

@@ -124,3 +124,44 @@ def test_user_name_and_override_bounds() -> None:
     for bad_key, bad_value in ((key + "k", "v"), (key, value + "v"), ("x.k", "v")):
         with pytest.raises(BrokerProtocolError):
             protocol.parse_request(body_of({"v": "1", "op": "adopt", bad_key: bad_value}))
+
+
+def test_a_spawn_request_carries_only_its_terminal_flag_and_sftp_server() -> None:
+    frame = protocol.encode(protocol.spawn_request(True, "/usr/lib/openssh/sftp-server"))
+    assert protocol.parse_request(frame[protocol.LENGTH_BYTES:]) == (
+        "spawn", {"tty": "1", "sftp": "/usr/lib/openssh/sftp-server"})
+    frame = protocol.encode(protocol.spawn_request(False, "/x"))
+    assert protocol.parse_request(frame[protocol.LENGTH_BYTES:])[1]["tty"] == "0"
+
+
+@pytest.mark.parametrize("body", [
+    b"v=1\0op=spawn\0tty=1",  # no sftp
+    b"v=1\0op=spawn\0tty=1\0sftp=/s\0uid=0",  # a claimed fact
+    b"v=1\0op=spawn\0tty=1\0sftp=/s\0o.action_unknown=deny",  # options are adopt's
+    b"v=1\0op=spawn\0tty=yes\0sftp=/s",
+    b"v=1\0op=spawn\0tty=1\0sftp=relative/sftp-server",
+    b"v=1\0op=spawn\0tty=1\0sftp=/" + b"a" * protocol.MAX_PATH_CHARS,
+    b"v=1\0op=spawn\0tty=1\0sftp=/a\nb",
+])
+def test_bad_spawn_requests_are_refused(body: bytes) -> None:
+    with pytest.raises(BrokerProtocolError):
+        protocol.parse_request(body)
+
+
+@given(st.dictionaries(st.sampled_from(["v", "op", "tty", "sftp", "job", "uid", "o.x"]),
+                       st.text(max_size=300).filter(lambda s: "\0" not in s), max_size=7))
+def test_spawn_requests_parse_to_the_two_items_or_fail(items: dict[str, str]) -> None:
+    items = {"v": "1", "op": "spawn", **{k: v for k, v in items.items() if k not in ("v", "op")}}
+    try:
+        frame = protocol.encode(items)
+    except BrokerProtocolError:
+        return
+    try:
+        op, arguments = protocol.parse_request(frame[protocol.LENGTH_BYTES:])
+    except BrokerProtocolError:
+        return
+    assert op == "spawn"
+    assert set(arguments) == {"tty", "sftp"}
+    assert arguments["tty"] in ("0", "1")
+    assert arguments["sftp"].startswith("/")
+    assert len(arguments["sftp"]) <= protocol.MAX_PATH_CHARS

@@ -28,6 +28,7 @@ from sshd_adopt._internal.node.keyentries import UnsafeDirectory
 from sshd_adopt._internal.node.sshdconfig import ManagedQuery
 from sshd_adopt._internal.services.admission import Admission, entries_of
 from sshd_adopt._internal.services.adoption import Adoption
+from sshd_adopt._internal.services.spawning import Spawner
 from sshd_adopt._internal.services.sweeper import Sweeper
 from sshd_adopt._internal.slurm.callerid import SourceJobs
 from sshd_adopt._internal.slurm.extern import ExternStepClient
@@ -51,6 +52,8 @@ class Node:
         self.admission = Admission(state, self.core, netns)
         self.adoption = Adoption(state, self.core, steps=steps, managed=managed, netns=netns,
                                  tickets=self.tickets, job_named=self.table.job_of_cgroup)
+        self.spawner = Spawner(state, self.core, decisions=self.adoption, steps=steps,
+                               job_named=self.table.job_of_cgroup)
         self.sweeper = Sweeper(state, self.core, steps=steps, managed=managed, netns=netns,
                                decisions=self.adoption, job_named=self.table.job_of_cgroup)
         self.watcher = Watcher(state, table=self.table, adoption=self.adoption,

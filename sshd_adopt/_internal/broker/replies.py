@@ -18,6 +18,7 @@ from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Denied, Outcome
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.services.admission import Keys, KeysOutcome
+from sshd_adopt._internal.services.spawning import NoNamespaces, Refused
 from sshd_adopt._internal.slurm import hints
 from sshd_adopt.errors import Error
 
@@ -25,6 +26,9 @@ from sshd_adopt.errors import Error
 def render_adoption(state: BrokerState, outcome: Outcome) -> dict[str, str]:
     """The wrapper's reply; a denial's text is rendered here, with where the jobs run."""
     if isinstance(outcome, Adopted):
+        if outcome.namespaces:  # the wrapper asks for its session to be started inside
+            return protocol.reply(protocol.ADOPTED, job=outcome.job, env=dict(outcome.env),
+                                  **{protocol.NAMESPACES: "1"})
         return protocol.reply(protocol.ADOPTED, job=outcome.job, env=dict(outcome.env))
     if isinstance(outcome, Allowed):
         return protocol.reply(protocol.ALLOWED)
@@ -37,6 +41,14 @@ def render_adoption(state: BrokerState, outcome: Outcome) -> dict[str, str]:
             text += _hint(outcome.user)
         return protocol.reply(protocol.DENIED, message=text)
     return protocol.reply(protocol.FAILED, message=f"sshd-adopt: {outcome.reason}")
+
+
+def render_spawn(outcome: Refused | NoNamespaces) -> dict[str, str]:
+    """The answer to a "spawn" request that did not start anything."""
+    if isinstance(outcome, NoNamespaces):
+        return protocol.reply(protocol.ALLOWED)
+    return protocol.reply(protocol.DENIED, message="sshd-adopt: access denied: cannot start "
+                          f"the session inside the job's namespaces: {outcome.reason}")
 
 
 def render_keys(outcome: KeysOutcome) -> dict[str, str]:

@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -34,10 +35,11 @@ from typing import Any
 from sshd_adopt import __version__
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.broker.node import Node
-from sshd_adopt._internal.broker.replies import render_adoption, render_keys
+from sshd_adopt._internal.broker.replies import render_adoption, render_keys, render_spawn
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.services.adoption import Peer
+from sshd_adopt._internal.services.spawning import Refused, Spawned
 from sshd_adopt.errors import BrokerProtocolError, Error
 
 _PEERCRED = struct.Struct("3i")
@@ -80,9 +82,10 @@ def _ping(node: Node, _peer: Peer, _arguments: dict[str, str]) -> dict[str, str]
                           config=state.config.path, events=node.events())
 
 
-#: Every request the broker serves. "adopt": the wrapper asks for its session;
-#: "keys": sshd's AuthorizedKeysCommand asks whether a user may enter; "ping": doctor
-#: and readiness checks.
+#: Every request the broker answers with one reply. "adopt": the wrapper asks for its
+#: session; "keys": sshd's AuthorizedKeysCommand asks whether a user may enter; "ping":
+#: doctor and readiness checks. ("spawn" is a conversation, not a reply:
+#: :meth:`Broker._spawn`.)
 REQUESTS: dict[str, Request] = {
     "adopt": Request(_adopt, lambda s: s.config.broker.decision_deadline),
     # The key source has its own bound (admission.timeout) on top of the decision's.
@@ -90,6 +93,11 @@ REQUESTS: dict[str, Request] = {
                     + s.config.admission.timeout, protocol.MAX_REPLY_FRAME),
     "ping": Request(_ping, lambda s: s.config.broker.request_timeout),
 }
+
+
+#: Requests that are a conversation rather than one reply: "spawn" (the wrapper of a
+#: session whose job has namespaces; :meth:`Broker._spawn`).
+CONVERSATIONS: frozenset[str] = frozenset({"spawn"})
 
 
 class Broker:
@@ -305,7 +313,11 @@ class Broker:
             admitted = True
             self._total += 1
             self._clients[uid] += 1
-            reply, limit = await self._answer(reader, peer)
+            op, arguments = await self._read_request(reader)
+            if op in CONVERSATIONS:
+                await self._spawn(writer, sock, peer, arguments)
+                return
+            reply, limit = await self._answer(op, arguments, peer)
             writer.write(protocol.encode(reply, limit=limit))
             await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
         except asyncio.IncompleteReadError:
@@ -325,11 +337,9 @@ class Broker:
                 await writer.wait_closed()
             self._in_flight.discard(task)
 
-    async def _answer(self, reader: asyncio.StreamReader,
-                      peer: Peer) -> tuple[dict[str, str], int]:
-        """Read one bounded request and compute its reply (and the reply's size bound)."""
-        state = self._state
-        timeout = state.config.broker.request_timeout
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+        """Read and parse one bounded request: its kind and arguments."""
+        timeout = self._state.config.broker.request_timeout
         deadline = time.monotonic() + timeout
         header = await asyncio.wait_for(reader.readexactly(4), timeout=timeout)
         length = protocol.frame_length(header)
@@ -338,7 +348,58 @@ class Broker:
                                           timeout=max(0.01, deadline - time.monotonic()))
         except asyncio.IncompleteReadError as err:
             raise BrokerProtocolError("frame cut short") from err
-        op, arguments = protocol.parse_request(body)
+        return protocol.parse_request(body)
+
+    async def _spawn(self, writer: asyncio.StreamWriter, sock: socket.socket, peer: Peer,
+                     arguments: dict[str, str]) -> None:
+        """A "spawn" conversation: ask for the wrapper's streams, check, start the session
+        (:mod:`sshd_adopt._internal.services.spawning`), and hand the connection on to the
+        session's helper, which reports its end to the wrapper. Only a refusal (or "no
+        namespaces: run it yourself") is answered here."""
+        state = self._state
+        # From here the streams' descriptors come: the transport must not read them as
+        # bytes (the kernel drops descriptors a plain read takes the byte of).
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)  # a socket's: reads and writes
+        transport.pause_reading()
+        writer.write(protocol.encode(protocol.reply(protocol.SEND)))
+        await asyncio.wait_for(writer.drain(), timeout=state.config.broker.request_timeout)
+        conn = socket.socket(fileno=os.dup(sock.fileno()))
+        work = asyncio.get_running_loop().run_in_executor(
+            self._pool, self.node.spawner.spawn, peer.pid, peer.uid, arguments, conn)
+        try:
+            outcome = await asyncio.wait_for(work, timeout=state.config.broker.decision_deadline)
+        except TimeoutError:
+            logger().error("spawn request of pid %d uid %d exceeded its %.1fs deadline",
+                           peer.pid, peer.uid, state.config.broker.decision_deadline)
+            outcome = Refused("the broker timed out")
+        if isinstance(outcome, Spawned):
+            self._reap_later(outcome.process)
+            return
+        writer.write(protocol.encode(render_spawn(outcome)))
+        await asyncio.wait_for(writer.drain(), timeout=state.config.broker.request_timeout)
+
+    @staticmethod
+    def _reap_later(process: subprocess.Popen[bytes]) -> None:
+        """Collect a session helper's exit status when it ends (it is this process's child)."""
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except OSError:  # gone already
+            process.poll()
+            return
+
+        def reap() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            process.poll()
+
+        loop.add_reader(pidfd, reap)
+
+    async def _answer(self, op: str, arguments: dict[str, str],
+                      peer: Peer) -> tuple[dict[str, str], int]:
+        """Compute one request's reply (and the reply's size bound)."""
+        state = self._state
         request = REQUESTS.get(op)
         if request is None:  # parse_request knows no more kinds than the table
             raise BrokerProtocolError(f"request {op!r} is not served")

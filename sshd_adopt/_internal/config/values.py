@@ -277,6 +277,7 @@ POLICY: Final[Mapping[str, OptionSpec]] = {
     "ignore_root": _BOOL,
     "single_job_skip_rpc": _BOOL,
     "disable_x11": _BOOL,
+    "join_container": _BOOL,
     "nodename": OptionSpec(lambda value: nodename_text(want_str(value)), nodename_text),
     "log_level": OptionSpec(log_level_toml, log_level_text),
 }
@@ -286,12 +287,13 @@ POLICY: Final[Mapping[str, OptionSpec]] = {
 UPSTREAM_ONLY: Final[Mapping[str, str]] = {
     "service": "is a pam_slurm_adopt option with no meaning here: sshd-adopt only ever "
     "serves sshd; choose users with sshd_config Match blocks instead",
-    "join_container": "is a pam_slurm_adopt option that sshd-adopt does not implement",
 }
 
 #: Options an override may never set, and why (in the rejection message).
 NEVER_OVERRIDDEN: Final[Mapping[str, str]] = {
     "nodename": "may not be overridden: it chooses whose stepd sockets are consulted",
     "ignore_root": "may not be overridden: root is always let in unadopted",
+    "join_container": "may not be overridden: whether a session enters its job's namespaces "
+    "is decided when the connection is adopted, before the ForceCommand line is read",
 }
 

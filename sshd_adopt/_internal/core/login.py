@@ -122,7 +122,8 @@ class LoginCore:
                 continue
             if phases is not None:
                 phases.mark("adopt")
-            return Settled(Adopted(decision.job_id, decision.reason, joined.env), facts,
+            return Settled(Adopted(decision.job_id, decision.reason, joined.env,
+                                   joined.namespaces), facts,
                            decision, tuple(failures), joined.adopted)
         if phases is not None:
             phases.mark("adopt")

@@ -84,6 +84,7 @@ class Options:
     ignore_root: bool = True
     single_job_skip_rpc: bool = True
     disable_x11: bool = False
+    join_container: bool = True
     nodename: str | None = None
     log_level: LogLevel = LogLevel.INFO
 

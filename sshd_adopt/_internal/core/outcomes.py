@@ -16,11 +16,13 @@ from sshd_adopt._internal.core.decision import Message
 
 @dataclass(frozen=True)
 class Adopted:
-    """The connection is in ``job``'s extern step; ``env`` is what the session exports."""
+    """The connection is in ``job``'s extern step; ``env`` is what the session exports;
+    ``namespaces``: the job has namespaces of its own, which the session must enter."""
 
     job: int
     reason: str
     env: Mapping[str, str] = field(default_factory=dict)
+    namespaces: bool = False
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,13 @@ class SourceJob(Protocol):
 
 @dataclass(frozen=True)
 class Joined:
-    """What joining an extern step did: the pids now in it, and what the session exports."""
+    """What joining an extern step did: the pids now in it, what the session exports, and
+    whether the job has namespaces of its own (its session must then be started inside
+    them: :mod:`sshd_adopt._internal.services.spawning`)."""
 
     adopted: tuple[int, ...]
     env: Mapping[str, str] = field(default_factory=dict)
+    namespaces: bool = False
 
 
 class ExternSteps(Protocol):

@@ -494,3 +494,91 @@ def tolerate_gone(func: Callable[[], T], default: T) -> T:
         return func()
     except NoSuchProcess:
         return default
+
+
+#: Most bytes of ``/proc/<pid>/environ`` read for a spawned session: an environment
+#: larger than this is refused rather than cut (ARG_MAX-sized ones exist only by intent).
+MAX_ENVIRON = 256 * 1024
+#: Most bytes of ``/proc/<pid>/status`` read (about 1.5 KiB; a long Groups: line more).
+_MAX_STATUS = 64 * 1024
+#: The resource limits a spawned session copies from the process sshd started (pam_limits
+#: set them in sshd's PAM session); names as in ``getrlimit(2)``.
+RLIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE",
+           "RLIMIT_LOCKS", "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
+           "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
+           "RLIMIT_SIGPENDING", "RLIMIT_STACK")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the kernel says a process runs as (``/proc/<pid>/status``, ``proc(5)``):
+    real, effective, saved and filesystem ids, supplementary groups, umask, and its
+    controlling terminal's device number (``/proc/<pid>/stat`` field 7; 0: none)."""
+
+    uids: tuple[int, int, int, int]
+    gids: tuple[int, int, int, int]
+    groups: tuple[int, ...]
+    umask: int
+    tty: int
+
+
+def _ids(value: str, field: str, pid: int) -> tuple[int, int, int, int]:
+    parts = [int(part) for part in value.split()]
+    if len(parts) != 4:
+        raise ProcError(f"process {pid}: {field}: line has {len(parts)} ids, not 4")
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def credentials(pid: int) -> Credentials:
+    """``pid``'s :class:`Credentials`. Raises NoSuchProcess, AccessDenied or ProcError
+    (also for a status file without the lines, or one over 64 KiB)."""
+    with _mapped(pid):
+        with open(f"{PROCFS}/{pid}/status", "rb") as handle:
+            raw = handle.read(_MAX_STATUS + 1)
+        with open(f"{PROCFS}/{pid}/stat", "rb") as handle:
+            stat = handle.read(4096)
+    if len(raw) > _MAX_STATUS:
+        raise ProcError(f"process {pid}: status larger than {_MAX_STATUS} bytes")
+    lines = dict(line.partition(":")[::2] for line in raw.decode("ascii", "replace").splitlines())
+    try:
+        uids = _ids(lines["Uid"], "Uid", pid)
+        gids = _ids(lines["Gid"], "Gid", pid)
+        groups = tuple(int(group) for group in lines["Groups"].split())
+        umask = int(lines.get("Umask", "0022"), 8)
+        tty = int(stat[stat.rindex(b")") + 2:].split()[4])
+    except (KeyError, ValueError, IndexError) as err:
+        raise ProcError(f"process {pid}: unreadable status or stat: {err}") from err
+    return Credentials(uids, gids, groups, umask, tty)
+
+
+def environment(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (``/proc/<pid>/environ``: what its parent
+    gave execve, as later changed in its own memory; entries without ``=`` are dropped).
+
+    Raises NoSuchProcess, AccessDenied, or ProcError for one over :data:`MAX_ENVIRON`.
+    """
+    with _mapped(pid), open(f"{PROCFS}/{pid}/environ", "rb") as handle:
+        raw = handle.read(MAX_ENVIRON + 1)
+    if len(raw) > MAX_ENVIRON:
+        raise ProcError(f"process {pid}: environment larger than {MAX_ENVIRON} bytes")
+    env: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        key, sep, value = entry.partition(b"=")
+        if sep and key:
+            env[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8",
+                                                                       "surrogateescape")
+    return env
+
+
+def resource_limits(pid: int) -> dict[str, tuple[int, int]]:
+    """``pid``'s resource limits, by :data:`RLIMITS` name (``prlimit(2)``; those the
+    kernel does not know are left out). Raises NoSuchProcess or AccessDenied."""
+    import resource  # noqa: PLC0415  (only the spawn path needs it)
+
+    limits: dict[str, tuple[int, int]] = {}
+    with _mapped(pid):
+        for name in RLIMITS:
+            number = getattr(resource, name, None)
+            if number is not None:
+                limits[name] = resource.prlimit(pid, number)
+    return limits

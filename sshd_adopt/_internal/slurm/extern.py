@@ -10,6 +10,7 @@ and its id be reused, and a decision bug must not put a user into another's job.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from sshd_adopt._internal.core.ports import Joined
@@ -64,6 +65,32 @@ class ExternStepClient:
                     env["DISPLAY"] = f"localhost:{display}.0"
                     if xauthority:
                         env["XAUTHORITY"] = xauthority
+            namespaces = False
+            if (state.slurm is not None and state.slurm.job_namespaces
+                    and state.config.options.join_container):
+                # Asked only on nodes whose slurm.conf names a namespace plugin: every
+                # other login keeps its one request per pid.
+                found = stepd.namespace_fds()
+                for _kind, fd in found:
+                    os.close(fd)
+                namespaces = bool(found)
         for pid in adopted:
             logger().debug("Process %d adopted into job %d", pid, job)
-        return Joined(tuple(adopted), env)
+        return Joined(tuple(adopted), env, namespaces)
+
+    def namespaces(self, job: int, uid: int) -> list[tuple[int, int]]:
+        """``job``'s namespaces as ``(CLONE_NEW* type, descriptor)``, in the order to join
+        them (empty: it has none); the caller closes the descriptors.
+
+        Raises :class:`StepNotTheUsers` when the step is not ``uid``'s, another
+        :class:`~sshd_adopt.errors.StepdError` when it is gone, hung or cannot say.
+        """
+        state = self._state()
+        if state.nodename is None or state.spool_dir is None:
+            raise StepdError("this node's NodeName or spool dir is unknown")
+        path = extern_socket_path(state.spool_dir, state.nodename, job)
+        with StepdConnection.open(path, timeout=state.config.broker.stepd_timeout) as stepd:
+            owner = stepd.step_uid()
+            if owner != uid:
+                raise StepNotTheUsers(f"job {job} belongs to uid {owner}, not {uid}")
+            return stepd.namespace_fds()

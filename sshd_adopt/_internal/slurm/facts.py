@@ -100,6 +100,15 @@ class SlurmFacts:
     slurmds: Mapping[IPAddress, int] = field(default_factory=dict)
     #: Node addresses that did not resolve (logged; connections from there are "not a node").
     unresolved: tuple[str, ...] = ()
+    #: The plugin that gives jobs namespaces of their own, lower-case: ``JobContainerType``
+    #: (``job_container/tmpfs``, 22.05 to 25.05) or ``NamespaceType`` (25.11 on:
+    #: ``namespace/tmpfs``, ``namespace/linux``); "" when neither is set.
+    namespace_plugin: str = ""
+
+    @property
+    def job_namespaces(self) -> bool:
+        """Whether jobs on this node may have namespaces of their own (private /tmp)."""
+        return self.namespace_plugin not in ("", "job_container/none", "namespace/none")
 
     @property
     def ipv6(self) -> bool:
@@ -403,6 +412,8 @@ def load_slurm_facts(
         comm_params=comm_params,
         slurmds=slurmds,
         unresolved=unresolved,
+        namespace_plugin=(glob_.get("namespacetype") or glob_.get("jobcontainertype")
+                          or "").strip().lower(),
     )
 
 

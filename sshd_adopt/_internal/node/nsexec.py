@@ -1,0 +1,297 @@
+"""The privileged spawn: start a session's command inside its job's namespaces.
+
+Run as ``python -I -m sshd_adopt._internal.node.nsexec`` by the broker (a fresh,
+single-threaded process: ``setns(2)`` into a mount namespace refuses a threaded caller),
+with its standard input a unix socket to the broker. Nothing it is told comes from the
+user: the broker derived every field from ``/proc`` and the job's stepd, and sends them
+only after it has put this process into the job's extern step
+(:mod:`sshd_adopt._internal.services.spawning`). In order:
+
+1. receive one message from the broker (peer must be root): a length-prefixed JSON
+   object and the descriptors it names -- the session's standard input, output and
+   error (sshd's, passed on by the wrapper), the wrapper's broker connection, and the
+   job's namespaces (from its stepd, ``REQUEST_GET_NS_FD(S)``);
+2. enter the namespaces in the order given; a mount namespace resets the root
+   directory, so the session's root (``/`` or sshd's ``ChrootDirectory``; in a lab,
+   a chroot generation) is found again in the new namespace by its device and inode
+   and entered (refused if it is not there: never a session in the wrong tree);
+3. fork: the child starts a session (``setsid``), takes the terminal as its
+   controlling terminal if the session has one (``TIOCSCTTY``), takes the session's
+   resource limits and umask, then its groups, gid and uid (every capability goes with
+   the uid change; checked), changes to the home directory (``/`` if that fails, as
+   sshd does), and execs the command;
+4. the parent drops to the same credentials and relays: a ``sig=<n>`` frame from the
+   wrapper becomes that signal to the command's process group, the wrapper's
+   connection closing becomes SIGHUP (then SIGKILL after :data:`HANGUP_GRACE`), and the
+   command's end becomes ``result=exited`` with ``status`` or ``signal`` for the
+   wrapper, which exits the same way: sshd and the client see what they would have.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from typing import Any, NoReturn
+
+from sshd_adopt._internal import protocol
+from sshd_adopt.errors import BrokerProtocolError
+
+#: Most descriptors in the broker's message: three standard streams, the wrapper's
+#: connection, at most three namespaces (PID, user, mount).
+MAX_FDS = 7
+#: Most bytes of the JSON description (the environment is at most 256 KiB).
+MAX_PARAMS = 1024 * 1024
+#: How long the broker may take to send its message (seconds).
+RECEIVE_TIMEOUT = 30.0
+#: After the wrapper is gone: how long the command has between SIGHUP and SIGKILL (s).
+HANGUP_GRACE = 5.0
+#: Signals a wrapper may pass on (what sshd sends a session or a client may ask for).
+RELAYED = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGKILL,
+                     signal.SIGABRT, signal.SIGPIPE})
+_PEERCRED = struct.Struct("3i")
+_CAP_LINES = (b"CapPrm:", b"CapEff:", b"CapAmb:")
+
+
+class SpawnError(Exception):
+    """The session cannot be started as asked (the text goes to the wrapper)."""
+
+
+def _receive(ctl: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """The broker's message: its JSON object and its descriptors (close-on-exec)."""
+    pid, uid, _gid = _PEERCRED.unpack(
+        ctl.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    if uid != 0:
+        raise SpawnError(f"the spawn's peer is pid {pid} uid {uid}, not root")
+    ctl.settimeout(RECEIVE_TIMEOUT)
+    fds = array.array("i")
+    head, ancillary, flags, _ = ctl.recvmsg(
+        protocol.LENGTH_BYTES, socket.CMSG_SPACE(MAX_FDS * fds.itemsize),
+        socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    if flags & socket.MSG_CTRUNC or len(head) != protocol.LENGTH_BYTES:
+        raise SpawnError("the broker's message was cut short")
+    length = int.from_bytes(head, "big")
+    if not 0 < length <= MAX_PARAMS:
+        raise SpawnError(f"description of {length} bytes")
+    body = bytearray()
+    while len(body) < length:
+        chunk = ctl.recv(length - len(body))
+        if not chunk:
+            raise SpawnError("the broker closed the connection")
+        body += chunk
+    params = json.loads(body)
+    if not isinstance(params, dict):
+        raise SpawnError("description is not an object")
+    return params, list(fds)
+
+
+def _root_identity() -> tuple[int, int]:
+    info = os.stat("/")
+    return info.st_dev, info.st_ino
+
+
+def _find_root(identity: tuple[int, int]) -> str:
+    """Where the directory ``identity`` (device, inode) is mounted in this (new) mount
+    namespace; raises SpawnError when it is not a mount point here."""
+    with open("/proc/self/mountinfo", "rb") as handle:
+        table = handle.read(16 * 1024 * 1024)
+    for line in table.splitlines():
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        # proc(5): the mount point is field 5, with space, tab, newline, backslash octal-escaped
+        point = fields[4].decode("unicode_escape").encode("latin-1")
+        try:
+            info = os.stat(point)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) == identity:
+            return os.fsdecode(point)
+    raise SpawnError("the session's root directory is not mounted in the job's namespace")
+
+
+def _setns(fd: int, kind: int) -> None:
+    """``setns(2)``: ``os.setns`` from Python 3.12, libc's before (Debian 12 has 3.11)."""
+    call = getattr(os, "setns", None)
+    if call is not None:
+        call(fd, kind)
+        return
+    import ctypes  # noqa: PLC0415  (only for an interpreter without os.setns)
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, kind) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"setns: {os.strerror(number)}")
+
+
+def enter_namespaces(kinds: list[int], fds: list[int], root_path: str = "/") -> None:
+    """``setns`` into each of ``fds`` (types ``kinds``), then into the directory that was
+    ``root_path`` (the session's root, as this process saw it) in the new namespace."""
+    if len(kinds) != len(fds):
+        raise SpawnError(f"{len(fds)} namespace descriptors for {len(kinds)} types")
+    if root_path != "/":
+        os.chroot(root_path)
+    root = _root_identity()
+    for kind, fd in zip(kinds, fds, strict=True):
+        _setns(fd, kind)
+        os.close(fd)
+    if _root_identity() != root:
+        where = _find_root(root)
+        os.chroot(where)
+    os.chdir("/")
+
+
+def _take_credentials(params: dict[str, Any]) -> None:
+    """Become the session's user: groups, then gid, then uid; then check nothing is left."""
+    uid, gid = int(params["uid"]), int(params["gid"])
+    if uid == 0 or gid == 0:
+        raise SpawnError("a session is never spawned as root")
+    os.setgroups([int(group) for group in params["groups"]])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise SpawnError("credentials did not take")
+    with open("/proc/self/status", "rb") as handle:
+        for line in handle.read(65536).splitlines():
+            if line.startswith(_CAP_LINES) and int(line.split()[1], 16) != 0:
+                raise SpawnError(f"capabilities left: {line.decode()}")
+
+
+def _limits(params: dict[str, Any]) -> None:
+    import resource  # noqa: PLC0415  (a module of the standard library; only needed here)
+
+    for name, (soft, hard) in params["rlimits"].items():
+        number = getattr(resource, str(name), None)
+        if number is not None:
+            resource.setrlimit(number, (int(soft), int(hard)))
+    os.umask(int(params["umask"]) & 0o777)
+
+
+def _child(params: dict[str, Any]) -> NoReturn:
+    """In the forked child: become the session and exec its command (never returns)."""
+    try:
+        os.setsid()
+        if params["tty"]:
+            import fcntl  # noqa: PLC0415
+            import termios  # noqa: PLC0415
+
+            # Steal it from the wrapper's session (allowed to CAP_SYS_ADMIN, arg 1): the
+            # terminal's signals (Ctrl-C, SIGWINCH, hangup) then reach this session.
+            fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+        _limits(params)
+        _take_credentials(params)
+    except (OSError, SpawnError, KeyError, TypeError, ValueError) as err:
+        os.write(2, f"sshd-adopt: cannot start the session in the job: {err}\n".encode())
+        os._exit(1)
+    home = str(params["home"])
+    try:
+        os.chdir(home)
+    except OSError as err:  # sshd's words (session.c: do_child)
+        os.write(2, f"Could not chdir to home directory {home}: {err.strerror}\n".encode())
+        os.chdir("/")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        argv = [str(arg) for arg in params["argv"]]
+        env = {str(k): str(v) for k, v in params["env"].items()}
+        os.execve(str(params["path"]), argv, env)  # noqa: S606  (as the user, after every check)
+    except OSError as err:
+        os.write(2, f"sshd-adopt: {params['path']}: {err.strerror}\n".encode())
+    os._exit(1)
+
+
+def _send(conn: socket.socket, **items: str) -> None:
+    with contextlib.suppress(OSError):  # the wrapper is gone: nobody to tell
+        conn.sendall(protocol.encode({"v": protocol.PROTOCOL_VERSION, **items}))
+
+
+def relay(conn: socket.socket, child: int) -> int:
+    """Pass the wrapper's signals on to ``child``'s process group until it ends; tell the
+    wrapper how it ended. Returns the wait status."""
+    pidfd = os.pidfd_open(child)
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
+    conn.settimeout(5.0)
+    hung_up_at: float | None = None
+    while True:
+        timeout = None if hung_up_at is None else HANGUP_GRACE * 1000
+        ready = dict(poller.poll(timeout))
+        if pidfd in ready:
+            _, status = os.waitpid(child, 0)
+            if os.WIFSIGNALED(status):
+                _send(conn, result=protocol.EXITED, signal=str(os.WTERMSIG(status)))
+            else:
+                _send(conn, result=protocol.EXITED,
+                      status=str(os.waitstatus_to_exitcode(status)))
+            return status
+        if not ready and hung_up_at is not None:
+            _signal(child, signal.SIGKILL)
+            continue
+        if conn.fileno() in ready:
+            try:
+                number = int(protocol.read_frame(conn).get("sig", ""))
+            except (OSError, ValueError, BrokerProtocolError):
+                # The wrapper is gone (sshd ended it, the client went away): so does the
+                # command, as a terminal's hangup would end it.
+                poller.unregister(conn.fileno())
+                _signal(child, signal.SIGHUP)
+                hung_up_at = 0.0
+                continue
+            if number in RELAYED:
+                _signal(child, number)
+
+
+def _signal(child: int, number: int) -> None:
+    try:
+        os.killpg(child, number)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, number)
+
+
+def main() -> None:
+    """Entry point (see the module's description); exits 0 after relaying, 1 on failure."""
+    ctl = socket.socket(fileno=0)
+    conn: socket.socket | None = None
+    try:
+        params, fds = _receive(ctl)
+        kinds = [int(kind) for kind in params["namespaces"]]
+        if len(fds) != protocol.STD_FDS + 1 + len(kinds):
+            raise SpawnError(f"{len(fds)} descriptors received, {protocol.STD_FDS + 1 + len(kinds)}"
+                             " expected")
+        conn = socket.socket(fileno=fds[protocol.STD_FDS])
+        for target, fd in enumerate(fds[:protocol.STD_FDS]):
+            os.dup2(fd, target)  # replaces the broker's socket on 0; inheritable
+        for fd in fds[:protocol.STD_FDS]:
+            if fd > 2:
+                os.close(fd)
+        enter_namespaces(kinds, fds[protocol.STD_FDS + 1:], str(params["root"]))
+        child = os.fork()
+        if child == 0:
+            conn.close()
+            _child(params)
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for target in range(protocol.STD_FDS):  # hold none of the session's streams
+            os.dup2(devnull, target)
+        os.close(devnull)
+        _take_credentials(params)
+        relay(conn, child)
+    except (OSError, SpawnError, KeyError, TypeError, ValueError) as err:
+        if conn is not None:
+            _send(conn, result=protocol.FAILED,
+                  message=f"sshd-adopt: cannot start the session in the job: {err}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Sessions inside a job's namespaces: check a wrapper's "spawn" request, then start it.
+
+With a namespace plugin (``job_container/tmpfs``, ``namespace/tmpfs``...) a job has a
+private ``/tmp`` and ``/dev/shm`` in a mount namespace of its own. pam_slurm_adopt
+joins it from sshd's privileged monitor; sshd-adopt adopts from outside, and only a
+privileged process can enter a mount namespace, so the session's command is started
+for the wrapper by a fresh privileged process, :mod:`sshd_adopt._internal.node.nsexec`.
+
+The request names nothing but whether the session has a terminal and what
+``internal-sftp`` runs; it brings the wrapper's standard input, output and error.
+Everything else is derived here, as for every request, and nothing of the user's
+choosing runs with more than the user's own rights:
+
+* who: the peer from SO_PEERCRED, verified as an ssh session's process
+  (:func:`~sshd_adopt._internal.node.sessions.find_session`), never root or exempt;
+* which job: the one this broker adopted the connection into (its own record of the
+  monitor, pid and start time), which the job's namespaces were seen in, and the peer
+  must be in its extern step now; the step's owner must be the peer's uid;
+* the namespaces: from that job's stepd (``REQUEST_GET_NS_FD(S)``);
+* the credentials: the peer's own (``/proc/<pid>/status``: uids, gids, groups, umask;
+  its resource limits by ``prlimit``): what sshd gave the session;
+* the command and environment: sshd's, as the wrapper would run them
+  (:mod:`sshd_adopt._internal.sessioncmd`), from the peer's ``/proc/<pid>/environ``;
+* a terminal only if it is the peer's own controlling terminal (device number).
+
+The helper is put into the job's extern step before it is told anything, so all it
+forks is in the job, and dies with it.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from sshd_adopt._internal import protocol
+from sshd_adopt._internal.core.accounts import Account
+from sshd_adopt._internal.core.login import LoginCore
+from sshd_adopt._internal.core.outcomes import Adopted
+from sshd_adopt._internal.core.ports import Joined
+from sshd_adopt._internal.core.state import BrokerState
+from sshd_adopt._internal.logs import logger
+from sshd_adopt._internal.node import cgroups, procfs
+from sshd_adopt._internal.node.sessions import SshSession, find_session
+from sshd_adopt._internal.sessioncmd import session_argv, session_environment
+from sshd_adopt._internal.slurm.stepd import CLONE_NEWNS
+from sshd_adopt.errors import BrokerProtocolError, ProcError, StepdError
+
+#: The helper, run by the interpreter the broker runs on, isolated (``-I``: no
+#: PYTHON* variables, no user site, no current directory on the path).
+HELPER: Final = ("-I", "-m", "sshd_adopt._internal.node.nsexec")
+#: The only variable the helper starts with (the session's own come in its message).
+HELPER_ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """The session's helper runs inside the job: ``process`` is the broker's child."""
+
+    job: int
+    process: subprocess.Popen[bytes]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Not started; ``reason`` is for the user (and the log)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class NoNamespaces:
+    """The job has no namespaces (any more): the wrapper runs the session itself."""
+
+
+SpawnOutcome = Spawned | Refused | NoNamespaces
+
+
+class Decisions(Protocol):
+    """What adoption decided for a connection (:class:`~.adoption.Adoption`)."""
+
+    def decision(self, monitor_pid: int, monitor_start: float) -> tuple[object, float] | None:
+        ...
+
+
+class NamespaceSteps(Protocol):
+    """A job's extern step: adding a pid to it, and its namespaces
+    (:class:`~sshd_adopt._internal.slurm.extern.ExternStepClient`)."""
+
+    def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool) -> Joined: ...
+
+    def namespaces(self, job: int, uid: int) -> list[tuple[int, int]]: ...
+
+
+def receive_std_fds(conn: socket.socket, timeout: float) -> list[int]:
+    """The wrapper's standard input, output and error: one byte carrying exactly three
+    descriptors (close-on-exec here). Raises BrokerProtocolError for anything else
+    (whatever did arrive is closed), TimeoutError when nothing does."""
+    fds = array.array("i")
+    conn.settimeout(timeout)
+    data, ancillary, flags, _ = conn.recvmsg(
+        1, socket.CMSG_SPACE((protocol.STD_FDS + 1) * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    if len(fds) != protocol.STD_FDS or len(data) != 1 or flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise BrokerProtocolError(f"spawn: expected one byte carrying {protocol.STD_FDS} "
+                                  f"descriptors, got {len(data)} byte(s) and {len(fds)}")
+    return list(fds)
+
+
+def launch(argv: Sequence[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start the helper with one end of a new socket pair as its standard input; return
+    it and the other end. Fork and exec happen in C (safe in a threaded broker)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        process = subprocess.Popen(
+            argv, stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            close_fds=True, start_new_session=True, env=HELPER_ENV, cwd="/")
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return process, ours
+
+
+class Spawner:
+    """Checks "spawn" requests and starts their helpers (thread-safe: no state)."""
+
+    def __init__(self, state: Callable[[], BrokerState], core: LoginCore, *,
+                 decisions: Decisions, steps: NamespaceSteps,
+                 job_named: cgroups.JobNamer = cgroups.no_sluids,
+                 start: Callable[[Sequence[str]], tuple[subprocess.Popen[bytes],
+                                                        socket.socket]] = launch) -> None:
+        self._state = state
+        self._core = core
+        self._decisions = decisions
+        self._steps = steps
+        self._job_named = job_named
+        self._start = start
+
+    def spawn(self, peer_pid: int, peer_uid: int, arguments: dict[str, str],
+              conn: socket.socket) -> SpawnOutcome:
+        """Receive the wrapper's streams on ``conn`` and start its session in its job's
+        namespaces. ``conn`` is this call's (closed here; the helper keeps a copy).
+
+        Raises BrokerProtocolError when the streams do not come as they must.
+        """
+        try:
+            std = receive_std_fds(conn, self._state().config.broker.request_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            return self._spawn(peer_pid, peer_uid, arguments, conn, std)
+        finally:
+            for fd in std:
+                os.close(fd)
+            conn.close()
+
+    def _spawn(self, peer_pid: int, peer_uid: int, arguments: dict[str, str],
+               conn: socket.socket, std: list[int]) -> SpawnOutcome:
+        state = self._state()
+        account = self._core.accounts.by_uid(peer_uid)
+        if account is None or account.uid == 0 or self._core.exempt(account):
+            return self._refuse(peer_pid, peer_uid, "root and exempt users are never adopted")
+        try:
+            session = find_session(peer_pid, peer_uid,
+                                   sshd_executables=frozenset(state.config.sshd.executables))
+        except ProcError as err:  # NotAnSshSession, gone, unreadable
+            return self._refuse(peer_pid, peer_uid, f"not an ssh session: {err}")
+        record = self._decisions.decision(session.monitor_pid, session.monitor_start)
+        outcome = record[0] if record is not None else None
+        if not isinstance(outcome, Adopted):
+            return self._refuse(peer_pid, peer_uid, "this connection was not adopted into a job")
+        if not outcome.namespaces:
+            return NoNamespaces()
+        job = outcome.job
+        if cgroups.outside_of(job, session.monitor_pid, [peer_pid], state.nodename or "",
+                              self._job_named):
+            return self._refuse(peer_pid, peer_uid, f"not in job {job}'s extern step")
+        try:
+            params = self._params(session, account, arguments, std, outcome)
+        except (ProcError, ValueError) as err:
+            return self._refuse(peer_pid, peer_uid, str(err))
+        try:
+            found = self._steps.namespaces(job, peer_uid)
+        except StepdError as err:
+            return self._refuse(peer_pid, peer_uid, f"job {job}'s namespaces: {err}")
+        try:
+            joining = [(kind, fd) for kind, fd in found if kind == CLONE_NEWNS]
+            if len(joining) != len(found):
+                logger().info("spawn: job %d has namespaces other than its mount namespace; "
+                              "sessions join only that one", job)
+            if not joining:
+                return NoNamespaces()
+            return self._launch(session, account, job, params=params, conn=conn, std=std,
+                                namespaces=joining)
+        finally:
+            for _kind, fd in found:
+                os.close(fd)
+
+    def _params(self, session: SshSession, account: Account, arguments: dict[str, str],
+                std: list[int], outcome: Adopted) -> dict[str, object]:
+        """What the helper is told (raises ValueError or ProcError when the peer's own
+        facts do not add up)."""
+        pid = session.peer_pid
+        creds = procfs.credentials(pid)
+        if set(creds.uids) != {account.uid}:
+            raise ValueError(f"uids {creds.uids} are not all {account.uid}")
+        if len(set(creds.gids)) != 1 or creds.gids[0] == 0:
+            raise ValueError(f"gids {creds.gids} are not one non-root group")
+        tty = arguments[protocol.SPAWN_TTY] == "1"
+        if tty:
+            info = os.fstat(std[0])
+            if not stat.S_ISCHR(info.st_mode) or creds.tty == 0 or info.st_rdev != creds.tty:
+                raise ValueError("its standard input is not its controlling terminal")
+        env = procfs.environment(pid)
+        command = env.get("SSH_ORIGINAL_COMMAND")
+        return {
+            "namespaces": [CLONE_NEWNS],
+            "root": procfs.root_of(pid) or "/",
+            "uid": account.uid, "gid": creds.gids[0], "groups": list(creds.groups),
+            "umask": creds.umask, "rlimits": procfs.resource_limits(pid),
+            "tty": tty, "home": account.home, "path": account.shell,
+            "argv": session_argv(account.shell, command, arguments[protocol.SPAWN_SFTP]),
+            "env": session_environment(env, dict(outcome.env)),
+        }
+
+    def _launch(self, session: SshSession, account: Account, job: int, *,
+                params: dict[str, object], conn: socket.socket, std: list[int],
+                namespaces: list[tuple[int, int]]) -> SpawnOutcome:
+        process, ctl = self._start([sys.executable, *HELPER])
+        try:
+            try:
+                self._steps.join(job, account.uid, [process.pid], want_x11=False)
+            except StepdError as err:
+                process.kill()
+                process.wait()
+                return self._refuse(session.peer_pid, account.uid,
+                                    f"job {job} would not take the session: {err}")
+            body = json.dumps(params).encode()
+            fds = [*std, conn.fileno(), *(fd for _kind, fd in namespaces)]
+            ctl.sendmsg([len(body).to_bytes(protocol.LENGTH_BYTES, "big")],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            ctl.sendall(body)
+        except OSError as err:
+            process.kill()
+            process.wait()
+            return self._refuse(session.peer_pid, account.uid, f"the helper failed: {err}")
+        finally:
+            ctl.close()
+        logger().info("spawn: user=%s pid=%d job=%d helper=%d: %s inside the job's mount "
+                      "namespace", account.name, session.peer_pid, job, process.pid,
+                      "login shell" if len(params["argv"]) == 1 else "command")  # type: ignore[arg-type]
+        return Spawned(job, process)
+
+    @staticmethod
+    def _refuse(pid: int, uid: int, why: str) -> Refused:
+        logger().warning("spawn refused for pid %d uid %d: %s", pid, uid, why)
+        return Refused(why)
