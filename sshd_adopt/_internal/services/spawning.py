@@ -51,7 +51,7 @@ from sshd_adopt._internal.node import cgroups, procfs
 from sshd_adopt._internal.node.sessions import SshSession, find_session
 from sshd_adopt._internal.sessioncmd import session_argv, session_environment
 from sshd_adopt._internal.slurm.stepd import CLONE_NEWNS
-from sshd_adopt.errors import BrokerProtocolError, ProcError, StepdError
+from sshd_adopt.errors import BrokerProtocolError, NotAnSshSession, ProcError, StepdError
 
 #: The helper, run by the interpreter the broker runs on, isolated (``-I``: no
 #: PYTHON* variables, no user site, no current directory on the path).
@@ -177,7 +177,7 @@ class Spawner:
         try:
             session = find_session(peer_pid, peer_uid,
                                    sshd_executables=frozenset(state.config.sshd.executables))
-        except ProcError as err:  # NotAnSshSession, gone, unreadable
+        except (NotAnSshSession, ProcError) as err:  # gone, unreadable
             return self._refuse(peer_pid, peer_uid, f"not an ssh session: {err}")
         record = self._decisions.decision(session.monitor_pid, session.monitor_start)
         outcome = record[0] if record is not None else None

@@ -1,0 +1,258 @@
+"""The broker's checks of a "spawn" request, with the node's facts faked.
+
+The descriptors are real (pipes, a pty, socket pairs): what a wrapper sends and what
+the helper would be given are checked as the kernel carries them. /proc facts, the
+session walk and the stepd come from tables.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from sshd_adopt._internal.core.login import LoginCore
+from sshd_adopt._internal.core.outcomes import Adopted, Allowed
+from sshd_adopt._internal.core.ports import Joined
+from sshd_adopt._internal.node import cgroups, procfs
+from sshd_adopt._internal.node.sessions import SshSession
+from sshd_adopt._internal.services import spawning
+from sshd_adopt._internal.slurm.stepd import CLONE_NEWNS, CLONE_NEWPID
+from sshd_adopt.errors import BrokerProtocolError, NotAnSshSession, StepdError
+from tests.unit.fakes import (
+    ALICE,
+    ROOT,
+    FakeAccounts,
+    FakeJobs,
+    FakeSource,
+    FakeSteps,
+    broker_state,
+)
+
+PEER, MONITOR, JOB = 4321, 4000, 77
+SESSION = SshSession(user="alice", uid=ALICE.uid, peer_pid=PEER, monitor_pid=MONITOR,
+                     session_pid=4100, chain=(MONITOR, 4100, PEER), connection=None,
+                     monitor_start=11.0, peer_start=12.0)
+
+
+@dataclass
+class Decisions:
+    outcome: object = field(default_factory=lambda: Adopted(JOB, "one job", {
+        "SLURM_JOB_ID": str(JOB)}, namespaces=True))
+
+    def decision(self, monitor_pid: int, monitor_start: float) -> tuple[object, float] | None:
+        assert (monitor_pid, monitor_start) == (MONITOR, 11.0)
+        return (self.outcome, 1.0) if self.outcome is not None else None
+
+
+@dataclass
+class Steps:
+    kinds: tuple[int, ...] = (CLONE_NEWNS,)
+    owner: int = ALICE.uid
+    joined: list[int] = field(default_factory=list)
+    opened: list[int] = field(default_factory=list)
+
+    def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool) -> Joined:
+        assert (job, uid, want_x11) == (JOB, ALICE.uid, False)
+        self.joined.extend(pids)
+        return Joined(tuple(pids))
+
+    def namespaces(self, job: int, uid: int) -> list[tuple[int, int]]:
+        if uid != self.owner:
+            raise StepdError(f"job {job} belongs to uid {self.owner}, not {uid}")
+        found = []
+        for kind in self.kinds:
+            fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            self.opened.append(fd)
+            found.append((kind, fd))
+        return found
+
+
+class FakeProcess:
+    pid = 99999
+
+    def kill(self) -> None:
+        pass
+
+    def wait(self) -> int:
+        return 0
+
+
+@dataclass
+class World:
+    spawner: spawning.Spawner
+    steps: Steps
+    decisions: Decisions
+    helper_end: list[socket.socket] = field(default_factory=list)
+    creds: procfs.Credentials = field(default_factory=lambda: procfs.Credentials(
+        (ALICE.uid,) * 4, (ALICE.gid,) * 4, (ALICE.gid, 100), 0o022, 0))
+    env: dict[str, str] = field(default_factory=lambda: {
+        "PATH": "/usr/bin:/bin", "SHLVL": "1", "SSH_ORIGINAL_COMMAND": "cat /tmp/marker",
+        "LANG": "C.UTF-8"})
+
+    def launch(self, argv: Sequence[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        assert list(argv[1:]) == list(spawning.HELPER)
+        ours, theirs = socket.socketpair()
+        self.helper_end.append(theirs)
+        return FakeProcess(), ours  # type: ignore[return-value]
+
+    def told(self) -> tuple[dict[str, object], int]:
+        """What the helper was sent: its description and how many descriptors."""
+        sock = self.helper_end[0]
+        fds = array.array("i")
+        head, ancillary, _, _ = sock.recvmsg(4, socket.CMSG_SPACE(16 * fds.itemsize))
+        for _level, _kind, payload in ancillary:
+            fds.frombytes(payload)
+        for fd in fds:
+            os.close(fd)
+        body = b""
+        while len(body) < int.from_bytes(head, "big"):
+            body += sock.recv(65536)
+        return json.loads(body), len(fds)
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    state = broker_state()
+    core = LoginCore(lambda: state, jobs=FakeJobs(), source=FakeSource(), steps=FakeSteps(),
+                     accounts=FakeAccounts(ALICE, ROOT))
+    steps, decisions = Steps(), Decisions()
+    world = World(None, steps, decisions)  # type: ignore[arg-type]
+    world.spawner = spawning.Spawner(lambda: state, core, decisions=decisions, steps=steps,
+                                     start=world.launch)
+
+    def find_session(pid: int, uid: int, **_: object) -> SshSession:
+        if (pid, uid) != (PEER, ALICE.uid):
+            raise NotAnSshSession(f"process {pid} is not under an sshd session")
+        return SESSION
+
+    monkeypatch.setattr(spawning, "find_session", find_session)
+    monkeypatch.setattr(cgroups, "outside_of", lambda job, ref, pids, node, named: [])
+    monkeypatch.setattr(procfs, "credentials", lambda pid: world.creds)
+    monkeypatch.setattr(procfs, "environment", lambda pid: dict(world.env))
+    monkeypatch.setattr(procfs, "resource_limits", lambda pid: {"RLIMIT_NOFILE": (1024, 4096)})
+    monkeypatch.setattr(procfs, "root_of", lambda pid: "/")
+    yield world
+    for sock in world.helper_end:
+        sock.close()
+
+
+def ask(world: World, *, tty: bool = False, stdin: int | None = None, fds: int = 3,
+        pid: int = PEER, uid: int = ALICE.uid) -> spawning.SpawnOutcome:
+    """Send ``fds`` descriptors the way the wrapper does, and run the broker's side."""
+    ours, theirs = socket.socketpair()
+    null = os.open("/dev/null", os.O_RDWR)
+    sent = [stdin if stdin is not None else null, null, null, null][:fds]
+    ours.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", sent))]
+                 if sent else [])
+    os.close(null)
+    try:
+        return world.spawner.spawn(pid, uid, {"tty": "1" if tty else "0", "sftp": "/sftp"},
+                                   theirs)
+    finally:
+        ours.close()
+
+
+def test_a_session_adopted_into_a_job_with_namespaces_is_started_as_its_user(
+        world: World) -> None:
+    outcome = ask(world)
+    assert isinstance(outcome, spawning.Spawned) and outcome.job == JOB
+    assert world.steps.joined == [FakeProcess.pid]  # in the job before it is told anything
+    params, count = world.told()
+    assert count == 3 + 1 + 1  # streams, the wrapper's connection, the mount namespace
+    assert params == {
+        "namespaces": [CLONE_NEWNS], "root": "/", "uid": ALICE.uid, "gid": ALICE.gid,
+        "groups": [ALICE.gid, 100], "umask": 0o022,
+        "rlimits": {"RLIMIT_NOFILE": [1024, 4096]}, "tty": False, "home": ALICE.home,
+        "path": ALICE.shell, "argv": ["bash", "-c", "cat /tmp/marker"],
+        "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "SLURM_JOB_ID": str(JOB)}}
+
+
+def test_only_the_mount_namespace_is_joined(world: World) -> None:
+    world.steps.kinds = (CLONE_NEWPID, CLONE_NEWNS)
+    assert isinstance(ask(world), spawning.Spawned)
+    assert world.told()[1] == 5
+    for fd in world.steps.opened:  # the broker closed every descriptor the stepd gave
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+@pytest.mark.parametrize("outcome", [None, Allowed("exempt"), Adopted(JOB, "x")])
+def test_a_connection_not_adopted_into_a_job_with_namespaces_starts_nothing(
+        world: World, outcome: object) -> None:
+    world.decisions.outcome = outcome
+    result = ask(world)
+    if isinstance(outcome, Adopted):
+        assert isinstance(result, spawning.NoNamespaces)
+    else:
+        assert isinstance(result, spawning.Refused)
+        assert "not adopted" in result.reason
+    assert world.helper_end == []
+
+
+def test_a_process_outside_an_ssh_session_is_refused(world: World) -> None:
+    result = ask(world, pid=PEER + 1)
+    assert isinstance(result, spawning.Refused) and "not an ssh session" in result.reason
+    assert world.helper_end == []
+
+
+def test_root_is_refused(world: World) -> None:
+    result = ask(world, uid=0)
+    assert isinstance(result, spawning.Refused)
+    assert world.helper_end == []
+
+
+def test_a_peer_outside_its_jobs_extern_step_is_refused(world: World,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cgroups, "outside_of", lambda job, ref, pids, node, named: list(pids))
+    result = ask(world)
+    assert isinstance(result, spawning.Refused) and f"job {JOB}" in result.reason
+    assert world.helper_end == []
+
+
+@pytest.mark.parametrize("creds", [
+    procfs.Credentials((ALICE.uid, 0, ALICE.uid, ALICE.uid), (ALICE.gid,) * 4, (), 0o22, 0),
+    procfs.Credentials((ALICE.uid,) * 4, (ALICE.gid, 0, ALICE.gid, ALICE.gid), (), 0o22, 0),
+    procfs.Credentials((ALICE.uid,) * 4, (0,) * 4, (), 0o22, 0),
+])
+def test_mixed_or_root_ids_are_refused(world: World, creds: procfs.Credentials) -> None:
+    world.creds = creds
+    assert isinstance(ask(world), spawning.Refused)
+    assert world.helper_end == []
+
+
+def test_a_terminal_must_be_the_peers_controlling_terminal(world: World) -> None:
+    master, slave = os.openpty()
+    try:
+        result = ask(world, tty=True, stdin=slave)  # the peer has no controlling terminal
+        assert isinstance(result, spawning.Refused) and "terminal" in result.reason
+        result = ask(world, tty=True)  # /dev/null claimed as a terminal
+        assert isinstance(result, spawning.Refused)
+        world.creds = procfs.Credentials((ALICE.uid,) * 4, (ALICE.gid,) * 4, (), 0o22,
+                                         os.fstat(slave).st_rdev)
+        assert isinstance(ask(world, tty=True, stdin=slave), spawning.Spawned)
+        assert world.told()[0]["tty"] is True
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_step_that_is_not_the_users_is_refused(world: World) -> None:
+    world.steps.owner = 0
+    result = ask(world)
+    assert isinstance(result, spawning.Refused) and "belongs to uid 0" in result.reason
+    assert world.helper_end == []
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 4])
+def test_anything_but_three_descriptors_is_a_protocol_error(world: World, count: int) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(BrokerProtocolError):
+        ask(world, fds=count)
+    assert len(os.listdir("/proc/self/fd")) == before  # what did arrive was closed
