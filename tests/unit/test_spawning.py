@@ -256,3 +256,16 @@ def test_anything_but_three_descriptors_is_a_protocol_error(world: World, count:
     with pytest.raises(BrokerProtocolError):
         ask(world, fds=count)
     assert len(os.listdir("/proc/self/fd")) == before  # what did arrive was closed
+
+
+@pytest.mark.parametrize(("status", "problem"), [
+    ("NoNewPrivs:\t0\nSeccomp:\t0\nCapBnd:\t000001ffffffffff\n", None),
+    ("NoNewPrivs:\t1\nSeccomp:\t0\nCapBnd:\t000001ffffffffff\n", "NoNewPrivileges"),
+    ("NoNewPrivs:\t0\nSeccomp:\t2\nCapBnd:\t000001ffffffffff\n", "seccomp"),
+    # the shipped unit's bounding set: no CAP_SYS_ADMIN, no CAP_SYS_CHROOT
+    ("NoNewPrivs:\t0\nSeccomp:\t0\nCapBnd:\t00000000000810e5\n", "CAP_SYS_ADMIN, CAP_SYS_CHROOT"),
+])
+def test_a_sandboxed_broker_does_not_start_sessions_in_namespaces(
+        status: str, problem: str | None) -> None:
+    found = spawning.spawn_problem(status)
+    assert found == problem if problem is None else problem in (found or "")

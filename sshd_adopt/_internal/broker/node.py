@@ -54,6 +54,7 @@ class Node:
                                  tickets=self.tickets, job_named=self.table.job_of_cgroup)
         self.spawner = Spawner(state, self.core, decisions=self.adoption, steps=steps,
                                job_named=self.table.job_of_cgroup)
+        steps.namespaces_usable = self.spawner.ready
         self.sweeper = Sweeper(state, self.core, steps=steps, managed=managed, netns=netns,
                                decisions=self.adoption, job_named=self.table.job_of_cgroup)
         self.watcher = Watcher(state, table=self.table, adoption=self.adoption,
@@ -83,6 +84,11 @@ class Node:
         if adoption.early and adoption.warm and state.config.broker.proc_events:
             self.warmer = start_warmer(state.nodename or "node", self.guardian.pid)
             self.adoption.warm = self.warmer.warm if self.warmer is not None else None
+        if state.slurm is not None and state.slurm.job_namespaces and \
+                state.config.options.join_container and self.spawner.problem is not None:
+            logger().warning("jobs here have namespaces (%s), but sessions will not enter them: "
+                             "%s (see docs/job-namespaces.md)", state.slurm.namespace_plugin,
+                             self.spawner.problem)
         self.table.reconcile()
         made = self.admission.rebuild(self.table.users())
         logger().info("key entries rebuilt in %s: %d user(s) may enter by them", entries.keys_dir,

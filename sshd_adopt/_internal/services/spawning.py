@@ -99,6 +99,31 @@ class NamespaceSteps(Protocol):
     def namespaces(self, job: int, uid: int) -> list[tuple[int, int]]: ...
 
 
+#: Capabilities the helper needs in its bounding set: ``setns`` into a mount namespace
+#: (CAP_SYS_ADMIN and CAP_SYS_CHROOT, setns(2)), stealing the terminal (CAP_SYS_ADMIN),
+#: taking the user's ids (CAP_SETUID, CAP_SETGID).
+NEEDED_CAPABILITIES: Final = {"CAP_SYS_ADMIN": 21, "CAP_SYS_CHROOT": 18, "CAP_SETUID": 7,
+                              "CAP_SETGID": 6}
+
+
+def spawn_problem(status: str) -> str | None:
+    """Why a helper started by this process could not start sessions properly, from the
+    text of ``/proc/self/status``; None when it can. A helper inherits its starter's
+    sandbox for good: with ``NoNewPrivileges`` or a seccomp filter (the shipped unit's
+    ``SystemCallFilter``, ``RestrictNamespaces``...) every session would run under them
+    (no sudo, no user namespaces), and without the capabilities it cannot enter at all."""
+    fields = dict(line.partition(":")[::2] for line in status.splitlines())
+    if fields.get("NoNewPrivs", "0").strip() != "0":
+        return "the broker runs with NoNewPrivileges, which its sessions would inherit"
+    if fields.get("Seccomp", "0").strip() != "0":
+        return "the broker runs under a seccomp filter, which its sessions would inherit"
+    bounding = int(fields.get("CapBnd", "0").strip() or "0", 16)
+    missing = [name for name, bit in NEEDED_CAPABILITIES.items() if not bounding >> bit & 1]
+    if missing:
+        return f"the broker's capability bounding set lacks {', '.join(missing)}"
+    return None
+
+
 def receive_std_fds(conn: socket.socket, timeout: float) -> list[int]:
     """The wrapper's standard input, output and error: one byte carrying exactly three
     descriptors (close-on-exec here). Raises BrokerProtocolError for anything else
@@ -148,6 +173,14 @@ class Spawner:
         self._steps = steps
         self._job_named = job_named
         self._start = start
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            #: Why sessions cannot be started inside job namespaces here (None: they can).
+            self.problem = spawn_problem(handle.read())
+
+    def ready(self) -> bool:
+        """Whether sessions can be started inside their jobs' namespaces (else they are
+        adopted as before and see the node's /tmp; :attr:`problem` says why)."""
+        return self.problem is None
 
     def spawn(self, peer_pid: int, peer_uid: int, arguments: dict[str, str],
               conn: socket.socket) -> SpawnOutcome:

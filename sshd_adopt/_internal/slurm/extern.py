@@ -27,8 +27,11 @@ class StepNotTheUsers(StepdError):
 class ExternStepClient:
     """:class:`~sshd_adopt._internal.core.ports.ExternSteps` through the real stepds."""
 
-    def __init__(self, state: Callable[[], BrokerState]) -> None:
+    def __init__(self, state: Callable[[], BrokerState],
+                 namespaces_usable: Callable[[], bool] = lambda: True) -> None:
         self._state = state
+        #: Whether sessions could enter a job's namespaces (the spawner is able to).
+        self.namespaces_usable = namespaces_usable
 
     def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool) -> Joined:
         """Add ``pids`` to ``job``'s extern step; the first (the sshd monitor) must succeed.
@@ -67,7 +70,7 @@ class ExternStepClient:
                         env["XAUTHORITY"] = xauthority
             namespaces = False
             if (state.slurm is not None and state.slurm.job_namespaces
-                    and state.config.options.join_container):
+                    and state.config.options.join_container and self.namespaces_usable()):
                 # Asked only on nodes whose slurm.conf names a namespace plugin: every
                 # other login keeps its one request per pid.
                 found = stepd.namespace_fds()
