@@ -375,6 +375,22 @@ class Cluster:
                                f"(rc={proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc
 
+    def set_job_container(self, on: bool) -> None:
+        """Turn Slurm's tmpfs job container on or off in this lab (``scripts/cluster
+        job-container on|off``: cancels every job, restarts slurmctld and the slurmds, waits
+        until the nodes are idle; nothing restarts when it already is as asked)."""
+        want = "on" if on else "off"
+        self.run_script("job-container", want, timeout=600)
+        told = self.run_script("job-container", "status", timeout=60).stdout.strip()
+        if told != want:
+            raise HarnessError(f"scripts/cluster job-container status says {told!r}, "
+                               f"not {want!r}")
+
+    def job_namespace(self, host: str, job: int) -> Path:
+        """The file holding ``job``'s mount namespace on ``host`` (job container on), as
+        seen in that host's mount namespace: ``<root><base>/<NodeName>/<job>/.ns``."""
+        return self.in_root(self.var / "job-container" / self.node(host) / str(job) / ".ns")
+
     def is_up(self) -> bool:
         return self.run_script("status", check=False, timeout=60).returncode == 0
 

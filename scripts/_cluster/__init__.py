@@ -13,7 +13,10 @@ Where things are, in the order ``scripts/cluster up`` needs them:
   processes.py   pids with start times, stopping them, processes in the lab's namespaces
   daemons.py     which daemon runs where, starting and stopping them, state.json
   slurm.py       queue and node states, the trivial job, recovery after slurmctld crashed
-  commands.py    cmd_up, cmd_down, cmd_status, cmd_exec, cmd_reinstall, cmd_sysnode
+  commands.py    cmd_up, cmd_down, cmd_status, cmd_exec, cmd_reinstall, cmd_sysnode,
+                 cmd_job_container
+  jobcontainer.py  Slurm's tmpfs job container (job-container on|off): its flag, the
+                 slurm.conf line and job_container.conf
   cgroupv2.py    cgroup v2 nodes on this hybrid host (forky): the shim for slurmd
   kerberos.py    the lab's Kerberos realm (an MIT KDC on ctl) for GSSAPI logins
   sysnode.py     forky's node s1, booted with systemd as its init (sysnode up|down|status)

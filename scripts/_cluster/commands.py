@@ -1,4 +1,4 @@
-"""The scripts/cluster commands: up, down, status, exec, reinstall.
+"""The scripts/cluster commands: up, down, status, exec, reinstall, sysnode, job-container.
 
 ``cmd_up`` is the one with a plan: install what is missing (packages or the chroot root,
 users, munge key, venv), create the namespaces unless they exist with the same layout,
@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import cgroupv2, kerberos, sysnode
+from . import cgroupv2, jobcontainer, kerberos, sysnode
 from . import generation as lab
 from .configs import DROPIN, broker_exe, skip_broker, skip_dropin, write_configs
 from .daemons import (
@@ -27,6 +27,7 @@ from .daemons import (
     broker_cgroup,
     daemons,
     entry_alive,
+    entry_target,
     load_state,
     load_state_file,
     save_state,
@@ -42,6 +43,7 @@ from .namespaces import (
     create_namespaces,
     in_host,
     layout_digest,
+    mnt_ns_below_new_ones,
     mountpoints,
     namespaces_ok,
     nsenter,
@@ -52,6 +54,7 @@ from .slurm import (
     CGROUP_CONTROLLERS,
     dirs_deepest_first,
     ensure_nodes_up,
+    node_states,
     nodes_idle,
     reset_slurmds_after_crash,
     squeue_ids,
@@ -71,7 +74,9 @@ def rotate_logs() -> None:
 
 
 def fresh_slurm_state() -> None:
-    for path in [lab.VAR / "slurmctld", *(lab.VAR / f"slurmd-{sname(n)}" for n in COMPUTE)]:
+    # Only after teardown: the job containers' mounts went with the nodes' namespaces.
+    for path in [lab.VAR / "slurmctld", *(lab.VAR / f"slurmd-{sname(n)}" for n in COMPUTE),
+                 jobcontainer.base_path()]:
         if path.exists():
             shutil.rmtree(path)
 
@@ -98,6 +103,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         fresh = True
     elif not fresh and load_state_file().get("layout") != layout_digest():
         say("the namespace layout changed: starting over")
+        fresh = True
+    elif not fresh and jobcontainer.enabled() and not mnt_ns_below_new_ones(COMPUTE):
+        say("the job container needs node mount namespaces older (by id) than any new one, "
+            "which these are not (Linux 6.18 ids, namespaces.next_mnt_ns_ids): starting over")
         fresh = True
     if fresh:
         say("creating namespaces (fresh start)")
@@ -352,6 +361,58 @@ def cmd_sysnode(args: argparse.Namespace) -> int:
     else:
         return sysnode.cmd_status()
     return 0
+
+
+def cmd_job_container(args: argparse.Namespace) -> int:
+    """`job-container on|off|status`: Slurm's tmpfs job container (jobcontainer.py).
+
+    on/off set the flag `up` reads, then, if the lab is up, cancel every job (a job that
+    outlives the switch would keep, or miss, its container's mounts: slurmd removes them
+    when a job ends only while it has the plugin) and run `up`, which restarts slurmctld
+    and the slurmds whose configuration changed, waits for the nodes and runs the trivial
+    job; then wait until every node is idle. Idempotent: nothing restarts when the running
+    daemons already have the configuration asked for.
+    """
+    if args.action == "status":
+        print("on" if jobcontainer.enabled() else "off")
+        return 0
+    t0 = time.monotonic()
+    apply_recorded_options()  # `up` below starts what the last `up` was asked to start
+    changed = jobcontainer.set_enabled(args.action == "on")
+    if not namespaces_ok():
+        say(f"job container {args.action}; the lab is not up: the next `up` applies it")
+        return 0
+    ctld = load_state().get("slurmctld")
+    digests = write_configs()
+    restart = not entry_alive(ctld) or (ctld or {}).get("digest") != digests["slurmctld"]
+    if restart:
+        ids = squeue_ids()
+        if ids:
+            say(f"cancelling {len(ids)} job(s): the Slurm daemons restart")
+            in_host("ctl", "scancel", *ids, check=False)
+            if not wait_for(lambda: not squeue_ids(), 60, 0.5):
+                raise LabError(f"jobs still in the queue after scancel: {squeue_ids()}")
+        # slurmd unmounts a job's container when the job has ended: wait for that
+        slurmds = [t[0] for t in (entry_target(e) for n, e in load_state().items()
+                                  if n.startswith("slurmd-")) if t is not None]
+
+        def left() -> list[str]:
+            return [point for pid in slurmds for point in jobcontainer.mounts(pid)]
+
+        if not wait_for(lambda: not left(), 30, 0.5):
+            say(f"WARNING: job containers still mounted: {left()}")
+    rc = cmd_up(argparse.Namespace(skip_broker=False, skip_dropin=False))
+    nodes = {sname(n) for n in COMPUTE}
+    # After a restart no job is left: every node goes back to idle (`up` ran the trivial job).
+    if restart and not wait_for(lambda: all(node_states().get(n) == "idle" for n in nodes),
+                                60, 0.5):
+        raise LabError(f"compute nodes not idle: {node_states()}")
+    jobcontainer.remove_empty_base()  # off: its directories, if empty
+    if changed and sysnode.supported() and sysnode.init_pid() is not None:
+        say(f"note: {sysnode.HOST} keeps its slurmd as it was booted: "
+            "`sysnode down` and `sysnode up` make it follow")
+    say(f"job container {args.action} ({time.monotonic() - t0:.1f}s)")
+    return rc
 
 
 def cmd_reinstall(_args: argparse.Namespace) -> int:

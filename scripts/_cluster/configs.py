@@ -1,6 +1,7 @@
 """Every lab configuration file, written from the selected generation and scripts/lab/*.in.
 
-``write_configs`` writes slurm.conf and cgroup.conf, /etc/hosts, host keys, known_hosts and
+``write_configs`` writes slurm.conf and cgroup.conf (and job_container.conf while the lab
+runs Slurm's tmpfs job container: jobcontainer.py), /etc/hosts, host keys, known_hosts and
 ssh_config, the lab's PAM services, each compute node's sshd-adopt.toml, the shipped
 drop-in (``DROPIN``, with its @PLACEHOLDERS@ filled in) and the two sshd configs per node
 (port 22: sshd-adopt; port 2222: the real pam_slurm_adopt). It returns a digest per daemon
@@ -13,7 +14,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from . import cgroupv2, kerberos, sysnode
+from . import cgroupv2, jobcontainer, kerberos, sysnode
 from . import generation as lab
 from .generation import COMPUTE, HOSTS, sname, v4, v6
 from .host import host_key, lab_ids
@@ -96,7 +97,7 @@ def write_configs() -> dict[str, str]:
         "slurm.conf.in", CLUSTER=lab.GEN.cluster_name, CTL_ADDR=v4("ctl"),
         NODES="\n".join(node_lines), MORE_PARTITIONS=more_partitions,
         NODELIST=",".join(sname(n) for n in COMPUTE) if lab.GEN.root is not None else "n[1-3]",
-        **values)
+        **values) + jobcontainer.slurm_conf_lines()
     if cgroupv2.enabled():
         cgroup_conf = cgroupv2.CGROUP_CONF
     elif cgroup_version() == 1:
@@ -108,7 +109,11 @@ def write_configs() -> dict[str, str]:
         cgroup_conf = "CgroupPlugin=cgroup/v2\nConstrainCores=yes\nConstrainRAMSpace=yes\n"
     write_if_changed(lab.ETC / "slurm" / "slurm.conf", slurm_conf)
     write_if_changed(lab.ETC / "slurm" / "cgroup.conf", cgroup_conf)
-    slurm_digest = digest(slurm_conf, cgroup_conf,
+    # The tmpfs job container (`job-container on`, jobcontainer.py): job_container.conf
+    # for every node of slurm.conf; nothing (and the digest as before) when it is off.
+    container_conf = jobcontainer.write_conf(
+        [sname(n) for n in COMPUTE] + ([sysnode.HOST] if sysnode.supported() else []))
+    slurm_digest = digest(slurm_conf, cgroup_conf, *([container_conf] if container_conf else []),
                           cgroupv2.ensure_shim() if cgroupv2.enabled() else "")
 
     hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]

@@ -137,6 +137,18 @@ def daemons() -> list[Daemon]:
             in_root=False))
     if lab.GEN.in_root(broker_exe()).exists() and not skip_broker():
         for node in COMPUTE:
+            # sshd-adopt-spawn.socket as systemd runs it (Accept=yes: one helper per
+            # connection, its standard input the connection), outside the broker's sandbox.
+            spawn_dir = lab.RUN / node / "spawn"
+            spawn_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            result.append(Daemon(
+                f"sshd-adopt-spawn-{node}", node,
+                ["systemd-socket-activate", "--listen=/run/sshd-adopt/spawn/spawn.sock",
+                 "--accept", "--inetd", "--", str(lab.VENV / "bin" / "python3"), "-I", "-m",
+                 "sshd_adopt._internal.node.nsexec"],
+                lab.LOG / f"sshd-adopt-spawn-{node}.log",
+                ready=partial(path_exists, spawn_dir / "spawn.sock"), ready_timeout=10,
+                stale=[spawn_dir / "spawn.sock"], optional=True))
             sock = lab.RUN / node / "broker.sock"
             result.append(Daemon(
                 f"sshd-adoptd-{node}", node,

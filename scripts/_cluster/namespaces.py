@@ -5,18 +5,24 @@ bind mounts of its /proc ns files under ``lab.NSDIR``; ``nsenter`` gives the arg
 that enters one (and, in a chroot generation, its root). ``mount_script`` is what runs
 inside a new mount namespace: the lab's /run, /dev (with /dev/log at the lab syslog sink)
 and the lab copies of /etc/slurm, /etc/hosts, /etc/ssh and /etc/pam.d.
-``create_namespaces`` also wires the hosts to a bridge in ctl's network namespace.
+``create_namespaces`` also wires the hosts to a bridge in ctl's network namespace, and
+makes the mount namespaces where no later one gets a lower id (``next_mnt_ns_ids``: Slurm's
+tmpfs job container needs that on Linux 6.18).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
 import subprocess
+from functools import partial
 from pathlib import Path
 
 from . import cgroupv2
 from . import generation as lab
 from .generation import HOSTS, v4, v6
-from .util import REPO, digest, run
+from .util import CLEAN_ENV, REPO, digest, run
 
 BRIDGE = "br0"
 
@@ -107,6 +113,10 @@ def mount_script_root(host: str, root: Path) -> str:
         "set -e",
         f"hostname {host}",
         "mount --make-rprivate /",
+        # The root the lab's processes chroot into is a mount point, as any "/" is: Slurm's
+        # tmpfs job container makes "/" private in each job's mount namespace (EINVAL on a
+        # mere directory).
+        f"mount --bind {r} {r}",
         f"mount --rbind /proc {r}/proc",
         f"mount --rbind /sys {r}/sys",  # brings the cgroup v1 controller mounts along
         *(cgroupv2.mount_lines(r) if cgroupv2.enabled() else []),
@@ -173,8 +183,88 @@ def layout_digest() -> str:
     return digest(*(mount_script(h) for h in HOSTS), *(f"{h}={v4(h)},{v6(h)}" for h in HOSTS))
 
 
+#: ioctl(2) on a mount namespace file: the namespace's id (linux/nsfs.h, Linux 6.8 on).
+NS_GET_MNTNS_ID = 0x8008B705
+#: Run in a new mount namespace: print its id.
+_PROBE = ("import fcntl, struct\n"
+          "with open('/proc/self/ns/mnt') as f:\n"
+          f"    print(struct.unpack('Q', fcntl.ioctl(f, {NS_GET_MNTNS_ID}, bytes(8)))[0])\n")
+
+
+def mnt_ns_id(path: Path) -> int | None:
+    """The id of the mount namespace ``path`` (an nsfs file) names; None if the kernel
+    cannot tell (before 6.8)."""
+    try:
+        with path.open("rb") as ns:
+            raw = fcntl.ioctl(ns, NS_GET_MNTNS_ID, bytes(8))
+    except OSError:
+        return None
+    return int(struct.unpack("Q", raw)[0])
+
+
+def next_mnt_ns_ids() -> dict[int, int]:
+    """The id a new mount namespace gets on each CPU this process may run on (one throwaway
+    namespace per CPU); empty if the kernel cannot tell.
+
+    Since Linux 6.18 ("mnt: support ns lookup") namespace ids come from per-CPU batches of
+    a counter, so a newer namespace may have a lower id than an older one; yet the kernel
+    still refuses (EINVAL, mnt_ns_loop) to bind-mount the file of a mount namespace whose id
+    is not above the caller's own. Slurm's tmpfs job container does exactly that: a job's
+    stepd, in its node's mount namespace, binds its child's fresh namespace onto
+    ``<base>/<job>/.ns``; it fails whenever that child runs on a CPU whose batch is below the
+    node namespace's id (snapd works around the same bug: canonical/snapd#17376).
+    """
+    ids: dict[int, int] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        proc = subprocess.run(
+            ["unshare", "--mount", "--", "/usr/bin/python3", "-c", _PROBE],
+            capture_output=True, text=True, env=CLEAN_ENV, check=False, timeout=30,
+            preexec_fn=partial(os.sched_setaffinity, 0, {cpu}))
+        if proc.returncode != 0 or not proc.stdout.strip().isdigit():
+            return {}
+        ids[cpu] = int(proc.stdout)
+    return ids
+
+
+def oldest_mnt_ns_cpu() -> int | None:
+    """The CPU whose next mount namespace id is the lowest: a namespace made there has an id
+    below every namespace made after it, on any CPU (see next_mnt_ns_ids)."""
+    ids = next_mnt_ns_ids()
+    return min(ids, key=lambda cpu: ids[cpu]) if ids else None
+
+
+def pinned_to_oldest_mnt_ns_cpu() -> list[str]:
+    """argv prefix (taskset) that runs a command on the CPU of oldest_mnt_ns_cpu: the mount
+    namespace it makes is older by id than any made later; empty if the kernel cannot tell."""
+    cpu = oldest_mnt_ns_cpu()
+    return ["taskset", "--cpu-list", str(cpu)] if cpu is not None else []
+
+
+def unpinned() -> list[str]:
+    """argv prefix (taskset) that gives a command every CPU this process may use again."""
+    return ["taskset", "--cpu-list", ",".join(map(str, sorted(os.sched_getaffinity(0))))]
+
+
+def mnt_ns_below_new_ones(hosts: tuple[str, ...]) -> bool:
+    """Is every one of these hosts' mount namespaces older (by id) than any namespace made
+    from now on? Then the stepds in them can bind their jobs' namespaces (see
+    next_mnt_ns_ids). True when the kernel cannot tell ids (they were ordered then)."""
+    ids = next_mnt_ns_ids()
+    if not ids:
+        return True
+    lowest = min(ids.values())
+    for host in hosts:
+        found = mnt_ns_id(ns_file(host, "mnt"))
+        if found is not None and found >= lowest:
+            return False
+    return True
+
+
 def create_namespaces() -> None:
     lab.NSDIR.mkdir(parents=True, exist_ok=True)
+    # Made on the CPU with the lowest next mount namespace id, so that the hosts' mount
+    # namespaces are older by id than any a job makes later (next_mnt_ns_ids).
+    pin = pinned_to_oldest_mnt_ns_cpu()
     if str(lab.NSDIR) not in mountpoints():
         run(["mount", "--bind", str(lab.NSDIR), str(lab.NSDIR)])
     run(["mount", "--make-private", str(lab.NSDIR)])
@@ -184,7 +274,7 @@ def create_namespaces() -> None:
         for kind in ("net", "uts", "mnt"):
             ns_file(host, kind).touch()
         run([
-            "unshare", f"--net={ns_file(host, 'net')}", f"--uts={ns_file(host, 'uts')}",
+            *pin, "unshare", f"--net={ns_file(host, 'net')}", f"--uts={ns_file(host, 'uts')}",
             f"--mount={ns_file(host, 'mnt')}", "--propagation", "private", "--",
             "/bin/sh", "-c", mount_script(host),
         ])

@@ -36,11 +36,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import cgroupv2
+from . import cgroupv2, jobcontainer
 from . import generation as lab
 from .host import host_key, root_exec
 from .lab_venv import VENV_DEPS
-from .namespaces import BRIDGE, ns_file
+from .namespaces import BRIDGE, ns_file, pinned_to_oldest_mnt_ns_cpu, unpinned
 from .util import REPO, LabError, digest, run, say, tail, wait_for
 
 HOST = "s1"
@@ -209,6 +209,8 @@ def stage_script(upper: Path, work: Path, merged: Path) -> str:
              (Path("/home"), Path("/home")), (lab.ETC / "hosts", Path("/etc/hosts")),
              (lab.ETC / "ssh_config", Path("/etc/ssh/ssh_config")),
              (lab.ETC / "slurm" / "slurm.conf", Path("/etc/slurm/slurm.conf"))]
+    if jobcontainer.enabled() and jobcontainer.conf_path().is_file():  # slurm.conf names it
+        binds.append((jobcontainer.conf_path(), Path(f"/etc/slurm/{jobcontainer.CONF_NAME}")))
     bounding = ",".join(f"-{cap}" for cap in DROPPED_CAPABILITIES)
     lines = [
         "set -e",
@@ -353,9 +355,11 @@ def boot() -> None:
              f"exec unshare --cgroup /bin/bash {stage}")
     with console_log().open("ab") as log:
         proc = subprocess.Popen(
-            ["nsenter", f"--net={ns_file(HOST, 'net')}", "--", "unshare", "--pid", "--fork",
-             "--mount", "--uts", "--ipc", "--propagation", "private", "--kill-child",
-             "/bin/sh", "-c", inner],
+            # its mount namespace older by id than its jobs' (namespaces.next_mnt_ns_ids);
+            # the node itself on every CPU again
+            ["nsenter", f"--net={ns_file(HOST, 'net')}", "--", *pinned_to_oldest_mnt_ns_cpu(),
+             "unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--propagation",
+             "private", "--kill-child", *unpinned(), "/bin/sh", "-c", inner],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             env={"PATH": PATH})
     record().write_text(json.dumps({"unshare": proc.pid}) + "\n")

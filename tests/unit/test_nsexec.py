@@ -57,7 +57,11 @@ class Spawn:
     """One helper with pipes for its streams and the wrapper's end of its connection."""
 
     def __init__(self, namespace_pid: int, argv: list[str], **changes: object) -> None:
-        self.process, ctl = spawning.launch(HELPER)
+        ctl, theirs_ctl = socket.socketpair()
+        self.process = subprocess.Popen(HELPER, stdin=theirs_ctl.fileno(),
+                                        start_new_session=True, env=spawning.HELPER_ENV)
+        theirs_ctl.close()
+        assert int.from_bytes(ctl.recv(4), "big") == self.process.pid
         self.wrapper, theirs = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -65,7 +69,7 @@ class Spawn:
         ns = os.open(f"/proc/{namespace_pid}/ns/mnt", os.O_RDONLY)
         params: dict[str, object] = {
             "namespaces": [CLONE_NEWNS], "root": "/", "uid": NOBODY, "gid": NOBODY,
-            "groups": [], "umask": 0o027, "rlimits": {"RLIMIT_NOFILE": [512, 1024]},
+            "groups": [], "umask": 0o027, "rlimits": {"7": [512, 1024]},
             "tty": False, "home": "/nonexistent", "path": "/bin/sh", "argv": argv,
             "env": {"PATH": "/usr/bin:/bin", "MARK": "from-the-session"},
         }

@@ -393,3 +393,12 @@ def test_started_at_is_proc_infos_start_time() -> None:
     child.wait()
     with pytest.raises(NoSuchProcess):
         procfs.started_at(child.pid)
+
+
+def test_resource_limits_are_read_as_setrlimit_takes_them() -> None:
+    import resource  # noqa: PLC0415
+
+    limits = procfs.resource_limits(os.getpid())
+    assert set(limits) == set(range(16))
+    for number, value in limits.items():
+        assert value == resource.getrlimit(number), number

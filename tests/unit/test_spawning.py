@@ -96,9 +96,9 @@ class World:
         "PATH": "/usr/bin:/bin", "SHLVL": "1", "SSH_ORIGINAL_COMMAND": "cat /tmp/marker",
         "LANG": "C.UTF-8"})
 
-    def launch(self, argv: Sequence[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
-        assert list(argv[1:]) == list(spawning.HELPER)
+    def launch(self, _state: object) -> tuple[subprocess.Popen[bytes], socket.socket]:
         ours, theirs = socket.socketpair()
+        theirs.sendall(FakeProcess.pid.to_bytes(4, "big"))  # the helper says who it is
         self.helper_end.append(theirs)
         return FakeProcess(), ours  # type: ignore[return-value]
 
@@ -136,7 +136,7 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     monkeypatch.setattr(cgroups, "outside_of", lambda job, ref, pids, node, named: [])
     monkeypatch.setattr(procfs, "credentials", lambda pid: world.creds)
     monkeypatch.setattr(procfs, "environment", lambda pid: dict(world.env))
-    monkeypatch.setattr(procfs, "resource_limits", lambda pid: {"RLIMIT_NOFILE": (1024, 4096)})
+    monkeypatch.setattr(procfs, "resource_limits", lambda pid: {7: (1024, 4096)})
     monkeypatch.setattr(procfs, "root_of", lambda pid: "/")
     yield world
     for sock in world.helper_end:
@@ -169,7 +169,7 @@ def test_a_session_adopted_into_a_job_with_namespaces_is_started_as_its_user(
     assert params == {
         "namespaces": [CLONE_NEWNS], "root": "/", "uid": ALICE.uid, "gid": ALICE.gid,
         "groups": [ALICE.gid, 100], "umask": 0o022,
-        "rlimits": {"RLIMIT_NOFILE": [1024, 4096]}, "tty": False, "home": ALICE.home,
+        "rlimits": {"7": [1024, 4096]}, "tty": False, "home": ALICE.home,
         "path": ALICE.shell, "argv": ["bash", "-c", "cat /tmp/marker"],
         "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "SLURM_JOB_ID": str(JOB)}}
 

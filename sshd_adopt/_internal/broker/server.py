@@ -374,7 +374,8 @@ class Broker:
                            peer.pid, peer.uid, state.config.broker.decision_deadline)
             outcome = Refused("the broker timed out")
         if isinstance(outcome, Spawned):
-            self._reap_later(outcome.process)
+            if outcome.process is not None:
+                self._reap_later(outcome.process)
             return
         writer.write(protocol.encode(render_spawn(outcome)))
         await asyncio.wait_for(writer.drain(), timeout=state.config.broker.request_timeout)

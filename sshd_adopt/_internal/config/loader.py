@@ -126,6 +126,7 @@ SECTIONS: Final[Mapping[str, Schema]] = {
         "max_per_uid": count_upto(65536),
         "proc_events": bool_toml,
         "reconcile_interval": positive_seconds,
+        "spawn_socket": absolute_path,
     },
     "exempt": {"users": name_set, "groups": name_set},
     "callerid": {

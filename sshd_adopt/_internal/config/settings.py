@@ -60,6 +60,10 @@ class BrokerSettings:
     max_per_uid: int = 64
     proc_events: bool = True  # follow logins and stepds through the kernel's proc connector
     reconcile_interval: float = 10.0  # full re-read of the node's extern steps
+    #: Where the session spawner listens (sshd-adopt-spawn.socket): while it exists, the
+    #: helper that starts sessions inside job namespaces is started there by systemd,
+    #: outside the broker's sandbox; otherwise by the broker, only if it runs unsandboxed.
+    spawn_socket: str = "/run/sshd-adopt-spawn/spawn.sock"
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ def _receive(ctl: socket.socket) -> tuple[dict[str, Any], list[int]]:
     if uid != 0:
         raise SpawnError(f"the spawn's peer is pid {pid} uid {uid}, not root")
     ctl.settimeout(RECEIVE_TIMEOUT)
+    # Whom to put into the job (systemd may have started us: the broker cannot know).
+    ctl.sendall(os.getpid().to_bytes(protocol.LENGTH_BYTES, "big"))
     fds = array.array("i")
     head, ancillary, flags, _ = ctl.recvmsg(
         protocol.LENGTH_BYTES, socket.CMSG_SPACE(MAX_FDS * fds.itemsize),
@@ -170,10 +172,8 @@ def _take_credentials(params: dict[str, Any]) -> None:
 def _limits(params: dict[str, Any]) -> None:
     import resource  # noqa: PLC0415  (a module of the standard library; only needed here)
 
-    for name, (soft, hard) in params["rlimits"].items():
-        number = getattr(resource, str(name), None)
-        if number is not None:
-            resource.setrlimit(number, (int(soft), int(hard)))
+    for number, (soft, hard) in params["rlimits"].items():  # JSON keys are text
+        resource.setrlimit(int(number), (int(soft), int(hard)))
     os.umask(int(params["umask"]) & 0o777)
 
 

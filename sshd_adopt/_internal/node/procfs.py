@@ -502,11 +502,18 @@ MAX_ENVIRON = 256 * 1024
 #: Most bytes of ``/proc/<pid>/status`` read (about 1.5 KiB; a long Groups: line more).
 _MAX_STATUS = 64 * 1024
 #: The resource limits a spawned session copies from the process sshd started (pam_limits
-#: set them in sshd's PAM session); names as in ``getrlimit(2)``.
-RLIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE",
-           "RLIMIT_LOCKS", "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
-           "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
-           "RLIMIT_SIGPENDING", "RLIMIT_STACK")
+#: set them in sshd's PAM session): ``/proc/<pid>/limits`` row names (``proc(5)``, the
+#: kernel's ``fs/proc/base.c: lnames``) and the ``getrlimit(2)`` resource number of each
+#: (``include/uapi/asm-generic/resource.h``; Python's ``resource`` lacks some, e.g. LOCKS).
+RLIMITS = {"Max cpu time": 0, "Max file size": 1, "Max data size": 2, "Max stack size": 3,
+           "Max core file size": 4, "Max resident set": 5, "Max processes": 6,
+           "Max open files": 7, "Max locked memory": 8, "Max address space": 9,
+           "Max file locks": 10, "Max pending signals": 11, "Max msgqueue size": 12,
+           "Max nice priority": 13, "Max realtime priority": 14, "Max realtime timeout": 15}
+#: How ``/proc/<pid>/limits`` writes RLIM_INFINITY, and how Python's ``resource`` module
+#: does (``resource.RLIM_INFINITY`` is -1 on Linux).
+_UNLIMITED = "unlimited"
+RLIM_INFINITY = -1
 
 
 @dataclass(frozen=True)
@@ -570,15 +577,26 @@ def environment(pid: int) -> dict[str, str]:
     return env
 
 
-def resource_limits(pid: int) -> dict[str, tuple[int, int]]:
-    """``pid``'s resource limits, by :data:`RLIMITS` name (``prlimit(2)``; those the
-    kernel does not know are left out). Raises NoSuchProcess or AccessDenied."""
-    import resource  # noqa: PLC0415  (only the spawn path needs it)
-
-    limits: dict[str, tuple[int, int]] = {}
-    with _mapped(pid):
-        for name in RLIMITS:
-            number = getattr(resource, name, None)
-            if number is not None:
-                limits[name] = resource.prlimit(pid, number)
+def resource_limits(pid: int) -> dict[int, tuple[int, int]]:
+    """``pid``'s resource limits (soft, hard), by resource number, from
+    ``/proc/<pid>/limits`` (readable by anyone; ``prlimit(2)`` on another user's process
+    would need CAP_SYS_RESOURCE, which the broker does not hold). Raises NoSuchProcess,
+    AccessDenied, or ProcError for a file that does not read as the kernel writes it."""
+    with _mapped(pid), open(f"{PROCFS}/{pid}/limits", encoding="ascii",
+                            errors="replace") as handle:
+        text = handle.read(8192)
+    limits: dict[int, tuple[int, int]] = {}
+    for line in text.splitlines()[1:]:
+        number = RLIMITS.get(line[:26].strip())
+        values = line[26:].split()
+        if number is None or len(values) < 2:
+            continue
+        try:
+            soft, hard = (RLIM_INFINITY if value == _UNLIMITED else int(value)
+                          for value in values[:2])
+        except ValueError as err:
+            raise ProcError(f"process {pid}: limits: {line.strip()!r}") from err
+        limits[number] = (soft, hard)
+    if len(limits) != len(RLIMITS):
+        raise ProcError(f"process {pid}: limits: {len(limits)} of {len(RLIMITS)} rows found")
     return limits

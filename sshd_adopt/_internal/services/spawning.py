@@ -62,10 +62,12 @@ HELPER_ENV: Final = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 @dataclass(frozen=True)
 class Spawned:
-    """The session's helper runs inside the job: ``process`` is the broker's child."""
+    """The session's helper runs inside the job: ``pid``; ``process`` when it is the
+    broker's child (to be reaped), None when systemd started it."""
 
     job: int
-    process: subprocess.Popen[bytes]
+    pid: int
+    process: subprocess.Popen[bytes] | None
 
 
 @dataclass(frozen=True)
@@ -143,20 +145,63 @@ def receive_std_fds(conn: socket.socket, timeout: float) -> list[int]:
     return list(fds)
 
 
-def launch(argv: Sequence[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Start the helper with one end of a new socket pair as its standard input; return
-    it and the other end. Fork and exec happen in C (safe in a threaded broker)."""
+Launch = Callable[[BrokerState], tuple[subprocess.Popen[bytes] | None, socket.socket]]
+
+
+def launch(state: BrokerState) -> tuple[subprocess.Popen[bytes] | None, socket.socket]:
+    """Start a helper; return it (None: systemd started it) and a connection to it.
+
+    Where the spawn socket exists (``broker.spawn_socket``: sshd-adopt-spawn.socket,
+    ``Accept=yes``), systemd starts one outside the broker's sandbox for the
+    connection. Otherwise the broker starts it as its child, with one end of a socket
+    pair as its standard input (fork and exec in C: safe in a threaded broker).
+    Raises OSError.
+    """
+    path = state.config.broker.spawn_socket
+    if os.path.exists(path):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(state.config.broker.request_timeout)
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return None, sock
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         process = subprocess.Popen(
-            argv, stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=True, start_new_session=True, env=HELPER_ENV, cwd="/")
+            [sys.executable, *HELPER], stdin=theirs.fileno(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, env=HELPER_ENV,
+            cwd="/")
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
+    ours.settimeout(state.config.broker.request_timeout)
     return process, ours
+
+
+def helper_pid(ctl: socket.socket, process: subprocess.Popen[bytes] | None) -> int:
+    """The pid the helper announces first (4 bytes, big-endian); checked against the child
+    the broker started, or, for one systemd started, that it is root's. Raises
+    SpawnFailed."""
+    raw = b""
+    while len(raw) < protocol.LENGTH_BYTES:
+        chunk = ctl.recv(protocol.LENGTH_BYTES - len(raw))
+        if not chunk:
+            raise SpawnFailed("the helper closed its connection before saying its pid")
+        raw += chunk
+    pid = int.from_bytes(raw, "big")
+    if process is not None and pid != process.pid:
+        raise SpawnFailed(f"the helper says it is pid {pid}, not {process.pid}")
+    if process is None and set(procfs.credentials(pid).uids) != {0}:
+        raise SpawnFailed(f"the helper pid {pid} is not root's")
+    return pid
+
+
+class SpawnFailed(Exception):
+    """The helper could not be started or reached."""
 
 
 class Spawner:
@@ -165,8 +210,7 @@ class Spawner:
     def __init__(self, state: Callable[[], BrokerState], core: LoginCore, *,
                  decisions: Decisions, steps: NamespaceSteps,
                  job_named: cgroups.JobNamer = cgroups.no_sluids,
-                 start: Callable[[Sequence[str]], tuple[subprocess.Popen[bytes],
-                                                        socket.socket]] = launch) -> None:
+                 start: Launch = launch) -> None:
         self._state = state
         self._core = core
         self._decisions = decisions
@@ -178,9 +222,11 @@ class Spawner:
             self.problem = spawn_problem(handle.read())
 
     def ready(self) -> bool:
-        """Whether sessions can be started inside their jobs' namespaces (else they are
-        adopted as before and see the node's /tmp; :attr:`problem` says why)."""
-        return self.problem is None
+        """Whether sessions can be started inside their jobs' namespaces: the spawn socket
+        exists, or the broker may start the helper itself (else they are adopted as before
+        and see the node's /tmp; :attr:`problem` says why)."""
+        return self.problem is None or os.path.exists(
+            self._state().config.broker.spawn_socket)
 
     def spawn(self, peer_pid: int, peer_uid: int, arguments: dict[str, str],
               conn: socket.socket) -> SpawnOutcome:
@@ -273,30 +319,31 @@ class Spawner:
     def _launch(self, session: SshSession, account: Account, job: int, *,
                 params: dict[str, object], conn: socket.socket, std: list[int],
                 namespaces: list[tuple[int, int]]) -> SpawnOutcome:
-        process, ctl = self._start([sys.executable, *HELPER])
         try:
-            try:
-                self._steps.join(job, account.uid, [process.pid], want_x11=False)
-            except StepdError as err:
-                process.kill()
-                process.wait()
-                return self._refuse(session.peer_pid, account.uid,
-                                    f"job {job} would not take the session: {err}")
+            process, ctl = self._start(self._state())
+        except OSError as err:
+            return self._refuse(session.peer_pid, account.uid, f"no helper: {err}")
+        try:
+            pid = helper_pid(ctl, process)
+            # In the job before it is told anything: all it forks is in the job.
+            self._steps.join(job, account.uid, [pid], want_x11=False)
             body = json.dumps(params).encode()
             fds = [*std, conn.fileno(), *(fd for _kind, fd in namespaces)]
             ctl.sendmsg([len(body).to_bytes(protocol.LENGTH_BYTES, "big")],
                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             ctl.sendall(body)
-        except OSError as err:
-            process.kill()
-            process.wait()
+        except (OSError, ProcError, SpawnFailed, StepdError) as err:
+            # Closing ctl below ends a helper still waiting for its orders.
+            if process is not None:
+                process.kill()
+                process.wait()
             return self._refuse(session.peer_pid, account.uid, f"the helper failed: {err}")
         finally:
             ctl.close()
         logger().info("spawn: user=%s pid=%d job=%d helper=%d: %s inside the job's mount "
-                      "namespace", account.name, session.peer_pid, job, process.pid,
+                      "namespace", account.name, session.peer_pid, job, pid,
                       "login shell" if len(params["argv"]) == 1 else "command")  # type: ignore[arg-type]
-        return Spawned(job, process)
+        return Spawned(job, pid, process)
 
     @staticmethod
     def _refuse(pid: int, uid: int, why: str) -> Refused:
