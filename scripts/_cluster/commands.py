@@ -15,6 +15,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -402,6 +403,24 @@ def cmd_job_container(args: argparse.Namespace) -> int:
         if not wait_for(lambda: not left(), 30, 0.5):
             say(f"WARNING: job containers still mounted: {left()}")
     rc = cmd_up(argparse.Namespace(skip_broker=False, skip_dropin=False))
+    if restart:
+        # As an admin would (systemctl reload sshd-adoptd): the brokers read slurm.conf
+        # again, and with it whether jobs here have namespaces.
+        reloading: dict[Path, int] = {}
+        for name, entry in load_state().items():
+            target = entry_target(entry) if name.startswith("sshd-adoptd-") else None
+            log = lab.LOG / f"{name}.log"
+            if target is not None and log.exists():
+                reloading[log] = log.stat().st_size
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(target[0], signal.SIGHUP)
+
+        def reloaded() -> bool:
+            return all(b"reloaded" in log.read_bytes()[size:]
+                       for log, size in reloading.items())
+
+        if not wait_for(reloaded, 15, 0.2):
+            say("WARNING: not every broker logged its reload")
     nodes = {sname(n) for n in COMPUTE}
     # After a restart no job is left: every node goes back to idle (`up` ran the trivial job).
     if restart and not wait_for(lambda: all(node_states().get(n) == "idle" for n in nodes),

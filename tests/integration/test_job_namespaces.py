@@ -210,6 +210,7 @@ def test_file_transfers_into_the_jobs_tmp(job_container: Cluster) -> None:
     src.write_text("payload\n" * 500)
     back = home / "ns-xfer-back.txt"
     back.unlink(missing_ok=True)
+    cluster.exec("n1", "sh", "-c", "rm -f /tmp/ns-*.txt")  # an earlier run's, if it failed
     try:
         sftp = cluster.exec("login", "sftp", "-b", "-", "n1", user="alice", check=False,
                             input=f"put {src} /tmp/ns-sftp.txt\n")

@@ -29,15 +29,20 @@ only after it has put this process into the job's extern step
 
 from __future__ import annotations
 
+# Everything is imported before ``setns``: afterwards the interpreter's own library may be
+# out of reach (a mount namespace made by a chrooted slurmstepd has the host's root).
 import array
 import contextlib
+import fcntl
 import json
 import os
+import resource
 import select
 import signal
 import socket
 import struct
 import sys
+import termios
 from typing import Any, NoReturn
 
 from sshd_adopt._internal import protocol
@@ -102,6 +107,16 @@ def _root_identity() -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
+def _unescape(field: bytes) -> bytes:
+    """A mountinfo path: the kernel writes space, tab, newline and backslash as octal
+    escapes (``\\040``...; ``fs/proc_namespace.c: mangle``). By hand: after ``setns`` the
+    interpreter's own library may be out of reach (codecs are imported lazily)."""
+    for escaped, plain in ((b"\\040", b" "), (b"\\011", b"\t"), (b"\\012", b"\n"),
+                           (b"\\134", b"\\")):
+        field = field.replace(escaped, plain)
+    return field
+
+
 def _find_root(identity: tuple[int, int]) -> str:
     """Where the directory ``identity`` (device, inode) is mounted in this (new) mount
     namespace; raises SpawnError when it is not a mount point here."""
@@ -111,8 +126,7 @@ def _find_root(identity: tuple[int, int]) -> str:
         fields = line.split(b" ")
         if len(fields) < 5:
             continue
-        # proc(5): the mount point is field 5, with space, tab, newline, backslash octal-escaped
-        point = fields[4].decode("unicode_escape").encode("latin-1")
+        point = _unescape(fields[4])
         try:
             info = os.stat(point)
         except OSError:
@@ -170,8 +184,6 @@ def _take_credentials(params: dict[str, Any]) -> None:
 
 
 def _limits(params: dict[str, Any]) -> None:
-    import resource  # noqa: PLC0415  (a module of the standard library; only needed here)
-
     for number, (soft, hard) in params["rlimits"].items():  # JSON keys are text
         resource.setrlimit(int(number), (int(soft), int(hard)))
     os.umask(int(params["umask"]) & 0o777)
@@ -182,9 +194,6 @@ def _child(params: dict[str, Any]) -> NoReturn:
     try:
         os.setsid()
         if params["tty"]:
-            import fcntl  # noqa: PLC0415
-            import termios  # noqa: PLC0415
-
             # Steal it from the wrapper's session (allowed to CAP_SYS_ADMIN, arg 1): the
             # terminal's signals (Ctrl-C, SIGWINCH, hangup) then reach this session.
             fcntl.ioctl(0, termios.TIOCSCTTY, 1)
@@ -286,7 +295,7 @@ def main() -> None:
         os.close(devnull)
         _take_credentials(params)
         relay(conn, child)
-    except (OSError, SpawnError, KeyError, TypeError, ValueError) as err:
+    except Exception as err:  # whatever it is, the wrapper is told
         if conn is not None:
             _send(conn, result=protocol.FAILED,
                   message=f"sshd-adopt: cannot start the session in the job: {err}")
