@@ -11,7 +11,10 @@ what sshd would have run: the login shell as a login shell, or
 shell reads its startup files as it would under a plain sshd (the drop-in's
 ``SetEnv SHLVL=1`` keeps Debian's bash from reading ``~/.bashrc`` for this command's
 own shell). Refusals go to stderr only, since anything on stdout would corrupt scp,
-sftp and rsync.
+sftp and rsync. When the job has a mount namespace of its own (a private /tmp), only a
+privileged process can start the session inside it: the wrapper then hands its streams
+to the broker's spawner and stands in for the session until it ends
+(:mod:`sshd_adopt._internal.spawnclient`).
 
 It is on the critical path of every login, so it imports only the interpreter's
 builtins (``posix``, not ``os``: ``os`` alone costs ~2 ms) and the small wire module.

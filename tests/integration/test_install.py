@@ -104,6 +104,14 @@ def test_install_writes_the_files(installed: Layout) -> None:
     assert "@PREFIX@" not in dropin
     unit = (installed.systemd_dir / "sshd-adoptd.service").read_text()
     assert f"ExecStart={installed.prefix}/bin/sshd-adoptd --foreground" in unit
+    # The session spawner: a root-only socket, one helper per connection, from the venv.
+    socket_unit = (installed.systemd_dir / "sshd-adopt-spawn.socket").read_text()
+    assert "ListenStream=/run/sshd-adopt-spawn/spawn.sock\n" in socket_unit
+    assert "SocketMode=0600\n" in socket_unit and "Accept=yes\n" in socket_unit
+    spawn = (installed.systemd_dir / "sshd-adopt-spawn@.service").read_text()
+    assert (f"ExecStart={installed.prefix}/bin/python3 -I -m "
+            "sshd_adopt._internal.node.nsexec\n") in spawn
+    assert (installed.prefix / "bin" / "python3").exists()
     config = installed.etc / "sshd-adopt.toml"
     assert config.read_text() == (REPO / "etc" / "sshd-adopt.toml.example").read_text()
     for path in (config, installed.sshd_dir / "sshd-adopt.conf", installed.prefix / "bin"):
@@ -197,6 +205,7 @@ def test_uninstall_removes_what_it_installed(tmp_path: Path) -> None:
     assert not layout.prefix.exists()
     assert not (layout.sshd_dir / "sshd-adopt.conf").exists()
     assert not (layout.systemd_dir / "sshd-adoptd.service").exists()
+    assert not list(layout.systemd_dir.glob("sshd-adopt-spawn*"))
     assert (layout.etc / "sshd-adopt.toml").exists()  # kept without --purge
     layout.run("--uninstall", "--purge")
     assert not layout.etc.exists()

@@ -14,9 +14,11 @@ import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from sshd_adopt._internal.config.settings import BrokerSettings
 from sshd_adopt._internal.core.login import LoginCore
 from sshd_adopt._internal.core.outcomes import Adopted, Allowed
 from sshd_adopt._internal.core.ports import Joined
@@ -269,3 +271,9 @@ def test_a_sandboxed_broker_does_not_start_sessions_in_namespaces(
         status: str, problem: str | None) -> None:
     found = spawning.spawn_problem(status)
     assert found == problem if problem is None else problem in (found or "")
+
+
+def test_the_shipped_socket_unit_listens_where_the_broker_looks() -> None:
+    unit = (Path(__file__).resolve().parents[2] / "packaging" / "systemd"
+            / "sshd-adopt-spawn.socket").read_text()
+    assert f"ListenStream={BrokerSettings().spawn_socket}\n" in unit
