@@ -368,3 +368,44 @@ def test_bad_spawn_requests_are_refused_and_logged(job_container: Cluster) -> No
     assert result.returncode == 0 and result.stdout.startswith("secret-")
     # Nothing was ever started but for that last, legitimate login.
     assert log.since(mark).count(" helper=") == 1
+
+
+# --------------------------------------------------------------------------- under systemd
+
+
+def test_under_systemd_sessions_start_from_the_spawner_socket_unsandboxed(
+        job_container: Cluster, sysnode: Cluster) -> None:
+    """The node s1 boots systemd (forky only; booted after the job container was turned on,
+    so its slurmd has it) with sshd-adopt installed by scripts/install: the broker runs in
+    its sandboxed unit, and sessions into a job with a private /tmp start from
+    sshd-adopt-spawn.socket. The session sees the job's /tmp, is in the job, and has none
+    of the broker's sandbox (no NoNewPrivileges, no seccomp filter, a full bounding set)."""
+    node = sysnode
+    wait_until(lambda: node.ssh("login", "s1", "true", user="root", timeout=20).returncode == 0,
+               90, "s1's sshd to take logins")
+    node.sysnode("systemctl", "enable", "--now", "sshd-adopt-spawn.socket", timeout=30)
+    try:
+        ready = node.home("alice") / ".lab" / f"ns-ready-{uuid.uuid4().hex[:10]}"
+        job = node.submit("alice", ["s1"], "#!/bin/bash\n"
+                          f'echo "secret-$SLURM_JOB_ID" > {MARKER}\ntouch {ready}\n'
+                          "exec sleep 100000\n", extra_args=["--partition=systemd"])
+        wait_until(ready.exists, 30, f"job {job} to write its marker", 0.1)
+        ready.unlink()
+        out = node.ssh("login", "s1", f"cat {MARKER}; grep -E '^(NoNewPrivs|Seccomp|CapBnd):' "
+                       "/proc/self/status; grep ^0:: /proc/self/cgroup", user="alice",
+                       timeout=60)
+        assert out.returncode == 0, out
+        facts = dict(line.split(":", 1) for line in out.stdout.splitlines()[1:])
+        assert out.stdout.splitlines()[0] == f"secret-{job}", out.stdout
+        assert facts["NoNewPrivs"].strip() == "0" and facts["Seccomp"].strip() == "0", facts
+        assert int(facts["CapBnd"], 16) & (1 << 21), facts  # CAP_SYS_ADMIN: not the unit's set
+        assert f"/{node.job_cgroup_name('s1', job)}/step_extern/" in facts["0"], facts
+        journal = node.sysnode("journalctl", "--no-pager", "-o", "cat", "-u",
+                               "sshd-adoptd").stdout
+        assert f"job={job} helper=" in journal, journal[-2000:]
+        broker = node.sysnode("systemctl", "show", "sshd-adoptd", "--property=MainPID").stdout
+        status = node.sysnode("cat", f"/proc/{broker.strip().split('=')[1]}/status").stdout
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M)  # the broker kept its sandbox
+    finally:
+        node.sysnode("systemctl", "disable", "--now", "sshd-adopt-spawn.socket", timeout=30,
+                     check=False)
