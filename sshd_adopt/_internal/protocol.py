@@ -74,6 +74,10 @@ MAX_PATH_CHARS = 256
 SEND = "send"
 EXITED = "exited"
 STD_FDS = 3
+#: Signals passed on to a spawned session: those a client may send with a "signal"
+#: channel request (OpenSSH ``session.c: session_signal_req``), by name.
+SESSION_SIGNALS = ("ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT",
+                   "SEGV", "TERM", "USR1", "USR2")
 
 #: Result of a "keys" request that lets the user in; the keys are in ``keys``.
 KEYS = "keys"

@@ -9,6 +9,8 @@ functions over builtins only: the wrapper imports this on every login.
 #: ``SSH_ORIGINAL_COMMAND`` for it) and the drop-in's ``SetEnv SHLVL=1``, which only
 #: keeps Debian's bash from reading ``~/.bashrc`` for the wrapper's own shell.
 HIDDEN = ("SSH_ORIGINAL_COMMAND", "SHLVL")
+#: What a job exports into its sessions (from the broker's answer: ``env.<name>``).
+EXPORTED = frozenset({"SLURM_JOB_ID", "DISPLAY", "XAUTHORITY"})
 
 
 def session_argv(shell: str, command: str | None, sftp_server: str) -> list[str]:

@@ -12,6 +12,7 @@ it leaves, and the command gets SIGHUP. The broker-side checks are in
 """
 
 import _socket
+import contextlib
 import posix
 import select
 import signal
@@ -20,10 +21,12 @@ import sys
 from sshd_adopt._internal import protocol
 from sshd_adopt.errors import BrokerProtocolError
 
-#: Signals passed on to the session (those sshd sends a session, and those a client may
-#: ask for with a "signal" channel request).
-FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
-             signal.SIGUSR2, signal.SIGALRM)
+#: Signals passed on to the session: those sshd sends a session, and those a client may
+#: ask for with a "signal" channel request. Not SIGKILL (it ends the wrapper: the session
+#: then gets SIGHUP, as when its client goes), nor the synchronous fault signals (SEGV,
+#: FPE, ILL: a handler would loop on a real fault of the wrapper's own).
+FORWARDED = tuple(getattr(signal, f"SIG{name}") for name in protocol.SESSION_SIGNALS
+                  if name not in ("KILL", "SEGV", "FPE", "ILL"))
 
 
 #: Exit status when sshd closed the session's streams first (the client is gone).
@@ -85,7 +88,6 @@ def relay(sock: _socket.socket) -> Ended:
 
     for number in FORWARDED:
         signal.signal(number, forward)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(1, 0)  # only its hangup: sshd closed the session's streams
@@ -112,7 +114,10 @@ def leave(ended: Ended) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if ended.signal_number:
-        signal.signal(ended.signal_number, signal.SIG_DFL)
-        posix.kill(posix.getpid(), ended.signal_number)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL, SIGSTOP cannot be set
+            signal.signal(ended.signal_number, signal.SIG_DFL)
+        with contextlib.suppress(OSError):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [ended.signal_number])
+            posix.kill(posix.getpid(), ended.signal_number)
         raise SystemExit(128 + ended.signal_number)
     raise SystemExit(ended.status)

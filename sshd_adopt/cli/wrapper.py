@@ -27,7 +27,7 @@ import pwd
 import sys
 
 from sshd_adopt._internal import protocol
-from sshd_adopt._internal.sessioncmd import session_argv, session_environment
+from sshd_adopt._internal.sessioncmd import EXPORTED, session_argv, session_environment
 from sshd_adopt.errors import BrokerProtocolError
 
 USAGE = """\
@@ -58,7 +58,6 @@ DEFAULT_SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 #: a shell that did not exec, ...).
 MAX_HOPS = 6
 DENIED_STATUS = 255  # what an ssh client reports when pam_slurm_adopt refuses
-EXPORTED = frozenset({"SLURM_JOB_ID", "DISPLAY", "XAUTHORITY"})
 
 
 class Settings:

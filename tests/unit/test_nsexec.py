@@ -58,8 +58,11 @@ class Spawn:
 
     def __init__(self, namespace_pid: int, argv: list[str], **changes: object) -> None:
         ctl, theirs_ctl = socket.socketpair()
-        self.process = subprocess.Popen(HELPER, stdin=theirs_ctl.fileno(),
-                                        start_new_session=True, env=spawning.HELPER_ENV)
+        # What systemd's Accept=yes gives it: the connection on 0, and again as fd 3.
+        self.process = subprocess.Popen(
+            HELPER, stdin=theirs_ctl.fileno(), start_new_session=True,
+            env=spawning.HELPER_ENV,
+            preexec_fn=lambda: os.dup2(0, 3))
         theirs_ctl.close()
         assert int.from_bytes(ctl.recv(4), "big") == self.process.pid
         self.wrapper, theirs = socket.socketpair()
@@ -68,7 +71,7 @@ class Spawn:
         null = os.open("/dev/null", os.O_RDONLY)
         ns = os.open(f"/proc/{namespace_pid}/ns/mnt", os.O_RDONLY)
         params: dict[str, object] = {
-            "namespaces": [CLONE_NEWNS], "root": "/", "uid": NOBODY, "gid": NOBODY,
+            "namespaces": [CLONE_NEWNS], "uid": NOBODY, "gid": NOBODY,
             "groups": [], "umask": 0o027, "rlimits": {"7": [512, 1024]},
             "tty": False, "home": "/nonexistent", "path": "/bin/sh", "argv": argv,
             "env": {"PATH": "/usr/bin:/bin", "MARK": "from-the-session"},
@@ -117,6 +120,31 @@ def test_the_command_runs_in_the_namespace_as_the_user_and_its_status_comes_back
     finally:
         spawn.close()
     assert not Path("/tmp/marker").exists() or Path("/tmp/marker").read_text() != "inside\n"
+
+
+def test_the_command_inherits_nothing_of_the_helper(namespace: int) -> None:
+    """Only its three streams, default signal dispositions (Python ignores SIGPIPE and
+    SIGXFSZ), nothing blocked, no capability, a session keyring of its own."""
+    spawn = Spawn(namespace, ["sh", "-c", "ls /proc/$$/fd; grep -E '^Sig(Ign|Blk):' "
+                              "/proc/$$/status; grep -E '^Cap(Inh|Amb):' /proc/$$/status; "
+                              "cat /proc/$$/sessionid >/dev/null; head -c0 /proc/keys"])
+    try:
+        assert spawn.end() == {"v": "1", "result": "exited", "status": "0"}
+        lines = spawn.out.read().decode().split()
+        assert lines[:4] == ["0", "1", "2", "SigBlk:"], lines  # no fd 3: systemd's copy closed
+        text = " ".join(lines)
+        assert "SigIgn: 0000000000000000" in text and "SigBlk: 0000000000000000" in text
+        assert "CapInh: 0000000000000000" in text and "CapAmb: 0000000000000000" in text
+    finally:
+        spawn.close()
+
+
+def test_a_command_killed_by_sigkill_is_reported_so(namespace: int) -> None:
+    spawn = Spawn(namespace, ["sh", "-c", "kill -9 $$"])
+    try:
+        assert spawn.end() == {"v": "1", "result": "exited", "signal": "9"}
+    finally:
+        spawn.close()
 
 
 def test_a_signal_from_the_wrapper_reaches_the_command(namespace: int) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from sshd_adopt._internal.config.settings import BrokerSettings
 from sshd_adopt._internal.core.login import LoginCore
-from sshd_adopt._internal.core.outcomes import Adopted, Allowed
+from sshd_adopt._internal.core.outcomes import Adopted, Allowed, Outcome
 from sshd_adopt._internal.core.ports import Joined
 from sshd_adopt._internal.node import cgroups, procfs
 from sshd_adopt._internal.node.sessions import SshSession
@@ -45,10 +46,10 @@ SESSION = SshSession(user="alice", uid=ALICE.uid, peer_pid=PEER, monitor_pid=MON
 
 @dataclass
 class Decisions:
-    outcome: object = field(default_factory=lambda: Adopted(JOB, "one job", {
+    outcome: Outcome | None = field(default_factory=lambda: Adopted(JOB, "one job", {
         "SLURM_JOB_ID": str(JOB)}, namespaces=True))
 
-    def decision(self, monitor_pid: int, monitor_start: float) -> tuple[object, float] | None:
+    def decision(self, monitor_pid: int, monitor_start: float) -> tuple[Outcome, float] | None:
         assert (monitor_pid, monitor_start) == (MONITOR, 11.0)
         return (self.outcome, 1.0) if self.outcome is not None else None
 
@@ -60,8 +61,9 @@ class Steps:
     joined: list[int] = field(default_factory=list)
     opened: list[int] = field(default_factory=list)
 
-    def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool) -> Joined:
-        assert (job, uid, want_x11) == (JOB, ALICE.uid, False)
+    def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool,
+             ask_namespaces: bool = True) -> Joined:
+        assert (job, uid, want_x11, ask_namespaces) == (JOB, ALICE.uid, False, False)
         self.joined.extend(pids)
         return Joined(tuple(pids))
 
@@ -97,6 +99,8 @@ class World:
     env: dict[str, str] = field(default_factory=lambda: {
         "PATH": "/usr/bin:/bin", "SHLVL": "1", "SSH_ORIGINAL_COMMAND": "cat /tmp/marker",
         "LANG": "C.UTF-8"})
+    root: str = "/"
+    alive: bool = True
 
     def launch(self, _state: object) -> tuple[subprocess.Popen[bytes], socket.socket]:
         ours, theirs = socket.socketpair()
@@ -126,8 +130,6 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
                      accounts=FakeAccounts(ALICE, ROOT))
     steps, decisions = Steps(), Decisions()
     world = World(None, steps, decisions)  # type: ignore[arg-type]
-    world.spawner = spawning.Spawner(lambda: state, core, decisions=decisions, steps=steps,
-                                     start=world.launch)
 
     def find_session(pid: int, uid: int, **_: object) -> SshSession:
         if (pid, uid) != (PEER, ALICE.uid):
@@ -139,41 +141,77 @@ def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     monkeypatch.setattr(procfs, "credentials", lambda pid: world.creds)
     monkeypatch.setattr(procfs, "environment", lambda pid: dict(world.env))
     monkeypatch.setattr(procfs, "resource_limits", lambda pid: {7: (1024, 4096)})
-    monkeypatch.setattr(procfs, "root_of", lambda pid: "/")
+    monkeypatch.setattr(procfs, "root_of", lambda pid: world.root)
+    monkeypatch.setattr(spawning, "still_alive", lambda session: world.alive)
+    # The broker may start the helper itself here, whatever this test process runs under.
+    monkeypatch.setattr(spawning, "spawn_problem", lambda status: None)
+    world.spawner = spawning.Spawner(lambda: state, core, decisions=decisions, steps=steps,
+                                     start=world.launch)
     yield world
     for sock in world.helper_end:
         sock.close()
 
 
-def ask(world: World, *, tty: bool = False, stdin: int | None = None, fds: int = 3,
-        pid: int = PEER, uid: int = ALICE.uid) -> spawning.SpawnOutcome:
-    """Send ``fds`` descriptors the way the wrapper does, and run the broker's side."""
+def send_fds(fds: list[int]) -> socket.socket:
+    """The broker's end of a connection on which a wrapper sent ``fds`` as it does."""
     ours, theirs = socket.socketpair()
+    ours.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                 if fds else [])
+    ours.close()
+    return theirs
+
+
+def ask(world: World, *, tty: bool = False, stdin: int | None = None,
+        pid: int = PEER, uid: int = ALICE.uid, gid: int = ALICE.gid) -> spawning.SpawnOutcome:
+    """The broker's side of one request: the checks, then (as the wrapper would send them
+    once told to) the streams, then the start."""
+    checked = world.spawner.check(pid, uid, gid, {"tty": "1" if tty else "0", "sftp": "/sftp"})
+    if not isinstance(checked, spawning.Checked):
+        return checked
     null = os.open("/dev/null", os.O_RDWR)
-    sent = [stdin if stdin is not None else null, null, null, null][:fds]
-    ours.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", sent))]
-                 if sent else [])
+    conn = send_fds([stdin if stdin is not None else null, null, null])
     os.close(null)
-    try:
-        return world.spawner.spawn(pid, uid, {"tty": "1" if tty else "0", "sftp": "/sftp"},
-                                   theirs)
-    finally:
-        ours.close()
+    std = spawning.receive_std_fds(conn, 5)
+    return world.spawner.start(checked, std, conn, deadline=time.monotonic() + 60)
 
 
 def test_a_session_adopted_into_a_job_with_namespaces_is_started_as_its_user(
         world: World) -> None:
     outcome = ask(world)
-    assert isinstance(outcome, spawning.Spawned) and outcome.job == JOB
+    assert isinstance(outcome, spawning.Spawned) and outcome.pid == FakeProcess.pid
     assert world.steps.joined == [FakeProcess.pid]  # in the job before it is told anything
     params, count = world.told()
     assert count == 3 + 1 + 1  # streams, the wrapper's connection, the mount namespace
     assert params == {
-        "namespaces": [CLONE_NEWNS], "root": "/", "uid": ALICE.uid, "gid": ALICE.gid,
+        "namespaces": [CLONE_NEWNS], "uid": ALICE.uid, "gid": ALICE.gid,
         "groups": [ALICE.gid, 100], "umask": 0o022,
         "rlimits": {"7": [1024, 4096]}, "tty": False, "home": ALICE.home,
         "path": ALICE.shell, "argv": ["bash", "-c", "cat /tmp/marker"],
-        "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "SLURM_JOB_ID": str(JOB)}}
+        "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "SLURM_JOB_ID": str(JOB)},
+        "controlling_tty": 0}
+
+
+def test_a_root_of_the_peers_own_is_refused(world: World) -> None:
+    """A chroot made in a user namespace of the user's own shows in /proc/<pid>/root: it
+    must never become the privileged helper's root."""
+    world.root = "/home/alice/jail"
+    result = ask(world)
+    assert isinstance(result, spawning.Refused) and "root directory" in result.reason
+    assert world.helper_end == []
+
+
+def test_a_peer_that_changed_while_looked_at_is_refused(world: World) -> None:
+    world.alive = False
+    result = ask(world)
+    assert isinstance(result, spawning.Refused) and "changed" in result.reason
+    assert world.helper_end == []
+
+
+def test_gids_other_than_the_connect_time_one_are_refused(world: World) -> None:
+    """The peer exec'd a setgid program after connecting: its gids are no longer one."""
+    result = ask(world, gid=ALICE.gid + 1)
+    assert isinstance(result, spawning.Refused) and "gid" in result.reason
+    assert world.helper_end == []
 
 
 def test_only_the_mount_namespace_is_joined(world: World) -> None:
@@ -187,7 +225,7 @@ def test_only_the_mount_namespace_is_joined(world: World) -> None:
 
 @pytest.mark.parametrize("outcome", [None, Allowed("exempt"), Adopted(JOB, "x")])
 def test_a_connection_not_adopted_into_a_job_with_namespaces_starts_nothing(
-        world: World, outcome: object) -> None:
+        world: World, outcome: Outcome | None) -> None:
     world.decisions.outcome = outcome
     result = ask(world)
     if isinstance(outcome, Adopted):
@@ -253,11 +291,31 @@ def test_a_step_that_is_not_the_users_is_refused(world: World) -> None:
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 4])
-def test_anything_but_three_descriptors_is_a_protocol_error(world: World, count: int) -> None:
+def test_anything_but_three_descriptors_is_a_protocol_error(count: int) -> None:
+    null = os.open("/dev/null", os.O_RDWR)
+    conn = send_fds([null] * count)
+    os.close(null)
     before = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(BrokerProtocolError):
-        ask(world, fds=count)
-    assert len(os.listdir("/proc/self/fd")) == before  # what did arrive was closed
+    try:
+        with pytest.raises(BrokerProtocolError):
+            spawning.receive_std_fds(conn, 5)
+        assert len(os.listdir("/proc/self/fd")) == before  # what did arrive was closed
+    finally:
+        conn.close()
+
+
+def test_a_spawn_socket_anyone_could_have_made_is_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "spawn.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    try:
+        os.chmod(tmp_path, 0o700)
+        assert spawning.spawn_socket_usable(str(path))
+        os.chmod(tmp_path, 0o777)
+        assert not spawning.spawn_socket_usable(str(path))
+        assert not spawning.spawn_socket_usable(str(tmp_path / "missing.sock"))
+    finally:
+        listener.close()
 
 
 @pytest.mark.parametrize(("status", "problem"), [

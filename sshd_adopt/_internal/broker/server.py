@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import signal
 import socket
@@ -39,7 +40,13 @@ from sshd_adopt._internal.broker.replies import render_adoption, render_keys, re
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.services.adoption import Peer
-from sshd_adopt._internal.services.spawning import Refused, Spawned
+from sshd_adopt._internal.services.spawning import (
+    Checked,
+    Refused,
+    Spawned,
+    SpawnOutcome,
+    receive_std_fds,
+)
 from sshd_adopt.errors import BrokerProtocolError, Error
 
 _PEERCRED = struct.Struct("3i")
@@ -352,33 +359,62 @@ class Broker:
 
     async def _spawn(self, writer: asyncio.StreamWriter, sock: socket.socket, peer: Peer,
                      arguments: dict[str, str]) -> None:
-        """A "spawn" conversation: ask for the wrapper's streams, check, start the session
-        (:mod:`sshd_adopt._internal.services.spawning`), and hand the connection on to the
-        session's helper, which reports its end to the wrapper. Only a refusal (or "no
-        namespaces: run it yourself") is answered here."""
-        state = self._state
+        """A "spawn" conversation (:mod:`sshd_adopt._internal.services.spawning`): check
+        the request; only then ask for the wrapper's streams, and take them on the event
+        loop (a client that never sends them holds no worker); start the session and hand
+        the connection on to its helper, which reports the session's end to the wrapper.
+        Only a refusal (or "no namespaces: run it yourself") is answered here."""
+        settings = self._state.config.broker
+        loop = asyncio.get_running_loop()
+        spawner = self.node.spawner
+        started = time.monotonic()
+        checked = await asyncio.wait_for(loop.run_in_executor(
+            self._pool, spawner.check, peer.pid, peer.uid, peer.gid, arguments),
+            timeout=settings.decision_deadline)
+        if not isinstance(checked, Checked):
+            writer.write(protocol.encode(render_spawn(checked)))
+            await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
+            return
         # From here the streams' descriptors come: the transport must not read them as
         # bytes (the kernel drops descriptors a plain read takes the byte of).
         transport = writer.transport
         assert isinstance(transport, asyncio.Transport)  # a socket's: reads and writes
         transport.pause_reading()
         writer.write(protocol.encode(protocol.reply(protocol.SEND)))
-        await asyncio.wait_for(writer.drain(), timeout=state.config.broker.request_timeout)
+        await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
         conn = socket.socket(fileno=os.dup(sock.fileno()))
-        work = asyncio.get_running_loop().run_in_executor(
-            self._pool, self.node.spawner.spawn, peer.pid, peer.uid, arguments, conn)
         try:
-            outcome = await asyncio.wait_for(work, timeout=state.config.broker.decision_deadline)
+            std = await _receive_std_fds(conn, settings.request_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        # The wrapper is answered by the decision deadline; the spawner starts nothing
+        # after it, and each of its steps has its own bound (stepd, helper).
+        deadline = started + settings.decision_deadline
+        work = loop.run_in_executor(self._pool, functools.partial(
+            spawner.start, checked, std, conn, deadline=deadline))
+        try:
+            outcome = await asyncio.wait_for(
+                asyncio.shield(work), timeout=max(0.1, deadline - time.monotonic()))
         except TimeoutError:
             logger().error("spawn request of pid %d uid %d exceeded its %.1fs deadline",
-                           peer.pid, peer.uid, state.config.broker.decision_deadline)
+                           peer.pid, peer.uid, settings.decision_deadline)
+            work.add_done_callback(self._reap_late_spawn)
             outcome = Refused("the broker timed out")
         if isinstance(outcome, Spawned):
             if outcome.process is not None:
                 self._reap_later(outcome.process)
             return
         writer.write(protocol.encode(render_spawn(outcome)))
-        await asyncio.wait_for(writer.drain(), timeout=state.config.broker.request_timeout)
+        await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
+
+    def _reap_late_spawn(self, work: asyncio.Future[SpawnOutcome]) -> None:
+        """A spawn that finished after its wrapper was told no: its helper finds the
+        wrapper gone and hangs the session up; a helper of the broker's own is reaped."""
+        if not work.cancelled() and work.exception() is None:
+            outcome = work.result()
+            if isinstance(outcome, Spawned) and outcome.process is not None:
+                self._reap_later(outcome.process)
 
     @staticmethod
     def _reap_later(process: subprocess.Popen[bytes]) -> None:
@@ -414,6 +450,25 @@ class Broker:
                            op, peer.pid, peer.uid, bound)
             return (protocol.reply(protocol.FAILED, message="sshd-adopt: the broker timed out"),
                     request.reply_limit)
+
+
+async def _receive_std_fds(conn: socket.socket, timeout: float) -> list[int]:
+    """The wrapper's three streams, once ``conn`` is readable (within ``timeout``
+    seconds), without a worker thread: see
+    :func:`~sshd_adopt._internal.services.spawning.receive_std_fds`."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(conn.fileno(), ready)
+    try:
+        await asyncio.wait_for(readable, timeout=timeout)
+    finally:
+        loop.remove_reader(conn.fileno())
+    return receive_std_fds(conn, 0.1)
 
 
 def _prepare_socket_path(path: str) -> None:

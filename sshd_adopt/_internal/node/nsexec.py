@@ -2,25 +2,30 @@
 
 Run as ``python -I -m sshd_adopt._internal.node.nsexec`` by the broker (a fresh,
 single-threaded process: ``setns(2)`` into a mount namespace refuses a threaded caller),
-with its standard input a unix socket to the broker. Nothing it is told comes from the
-user: the broker derived every field from ``/proc`` and the job's stepd, and sends them
-only after it has put this process into the job's extern step
-(:mod:`sshd_adopt._internal.services.spawning`). In order:
+with its standard input a unix socket to the broker (a socket pair, or a connection
+systemd accepted on the root-only ``sshd-adopt-spawn.socket``). Who the session runs as,
+in which job and namespace, the broker derived itself from ``/proc`` and the job's stepd
+(:mod:`sshd_adopt._internal.services.spawning`); the command and environment are the
+session's own (what sshd gave it), and run only after every privilege is gone. It
+announces its pid, and is told anything only once the broker has put it into the job's
+extern step. In order:
 
 1. receive one message from the broker (peer must be root): a length-prefixed JSON
    object and the descriptors it names -- the session's standard input, output and
    error (sshd's, passed on by the wrapper), the wrapper's broker connection, and the
    job's namespaces (from its stepd, ``REQUEST_GET_NS_FD(S)``);
 2. enter the namespaces in the order given; a mount namespace resets the root
-   directory, so the session's root (``/`` or sshd's ``ChrootDirectory``; in a lab,
-   a chroot generation) is found again in the new namespace by its device and inode
-   and entered (refused if it is not there: never a session in the wrong tree);
+   directory, so this process's own root (``/``; in the lab, a chroot generation's) is
+   found again in the new namespace, as a mount point with its device and inode, and
+   entered (refused if it is not there: never a session in the wrong tree);
 3. fork: the child starts a session (``setsid``), takes the terminal as its
    controlling terminal if the session has one (``TIOCSCTTY``), takes the session's
    resource limits and umask, then its groups, gid and uid (every capability goes with
-   the uid change; checked), changes to the home directory (``/`` if that fails, as
-   sshd does), and execs the command;
-4. the parent drops to the same credentials and relays: a ``sig=<n>`` frame from the
+   the uid change; checked), joins a new session keyring (none of root's or another
+   session's keys), resets every signal disposition and the signal mask, changes to
+   the home directory (``/`` if that fails, as sshd does), and execs the command;
+4. the parent waits for that exec, drops to the same credentials and relays: a
+   ``sig=<n>`` frame from the
    wrapper becomes that signal to the command's process group, the wrapper's
    connection closing becomes SIGHUP (then SIGKILL after :data:`HANGUP_GRACE`), and the
    command's end becomes ``result=exited`` with ``status`` or ``signal`` for the
@@ -33,6 +38,7 @@ from __future__ import annotations
 # out of reach (a mount namespace made by a chrooted slurmstepd has the host's root).
 import array
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -57,12 +63,16 @@ MAX_PARAMS = 1024 * 1024
 RECEIVE_TIMEOUT = 30.0
 #: After the wrapper is gone: how long the command has between SIGHUP and SIGKILL (s).
 HANGUP_GRACE = 5.0
-#: Signals a wrapper may pass on (what sshd sends a session or a client may ask for).
-RELAYED = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
-                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGKILL,
-                     signal.SIGABRT, signal.SIGPIPE})
+#: Signals a wrapper may pass on (those of sshd's "signal" channel request).
+RELAYED = frozenset(getattr(signal, f"SIG{name}") for name in protocol.SESSION_SIGNALS)
 _PEERCRED = struct.Struct("3i")
-_CAP_LINES = (b"CapPrm:", b"CapEff:", b"CapAmb:")
+_CAP_LINES = (b"CapPrm:", b"CapEff:", b"CapAmb:", b"CapInh:")
+#: keyctl(2) by architecture (``KEYCTL_JOIN_SESSION_KEYRING`` has no Python binding).
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 311,
+               "s390x": 280, "i686": 288}
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+#: libc, resolved now: nothing may be loaded once the namespace is entered.
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class SpawnError(Exception):
@@ -119,12 +129,14 @@ def _unescape(field: bytes) -> bytes:
 
 def _find_root(identity: tuple[int, int]) -> str:
     """Where the directory ``identity`` (device, inode) is mounted in this (new) mount
-    namespace; raises SpawnError when it is not a mount point here."""
+    namespace; raises SpawnError when it is not a mount point here. Only mounts of that
+    device are looked at (mountinfo's field 3): a hung network mount is never touched."""
+    device = f"{os.major(identity[0])}:{os.minor(identity[0])}".encode()
     with open("/proc/self/mountinfo", "rb") as handle:
         table = handle.read(16 * 1024 * 1024)
     for line in table.splitlines():
         fields = line.split(b" ")
-        if len(fields) < 5:
+        if len(fields) < 5 or fields[2] != device:
             continue
         point = _unescape(fields[4])
         try:
@@ -142,21 +154,16 @@ def _setns(fd: int, kind: int) -> None:
     if call is not None:
         call(fd, kind)
         return
-    import ctypes  # noqa: PLC0415  (only for an interpreter without os.setns)
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, kind) != 0:
+    if _LIBC.setns(fd, kind) != 0:
         number = ctypes.get_errno()
         raise OSError(number, f"setns: {os.strerror(number)}")
 
 
-def enter_namespaces(kinds: list[int], fds: list[int], root_path: str = "/") -> None:
+def enter_namespaces(kinds: list[int], fds: list[int]) -> None:
     """``setns`` into each of ``fds`` (types ``kinds``), then into the directory that was
-    ``root_path`` (the session's root, as this process saw it) in the new namespace."""
+    this process's root, found again in the new namespace."""
     if len(kinds) != len(fds):
         raise SpawnError(f"{len(fds)} namespace descriptors for {len(kinds)} types")
-    if root_path != "/":
-        os.chroot(root_path)
     root = _root_identity()
     for kind, fd in zip(kinds, fds, strict=True):
         _setns(fd, kind)
@@ -189,33 +196,53 @@ def _limits(params: dict[str, Any]) -> None:
     os.umask(int(params["umask"]) & 0o777)
 
 
+def _own_keyring() -> None:
+    """A new, empty session keyring for the session (as pam_keyinit gives one): never the
+    keys of the process that started this one, nor of another session."""
+    number = _SYS_KEYCTL.get(os.uname().machine)
+    if number is not None and _LIBC.syscall(number, _KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        raise SpawnError(f"keyctl: {os.strerror(ctypes.get_errno())}")
+
+
+def _default_signals() -> None:
+    """Every signal as a freshly exec'd program expects it (Python ignores SIGPIPE and
+    SIGXFSZ, and handles SIGINT), none blocked."""
+    for number in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL, SIGSTOP, RT signals
+            signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def _child(params: dict[str, Any]) -> NoReturn:
     """In the forked child: become the session and exec its command (never returns)."""
     try:
-        os.setsid()
-        if params["tty"]:
-            # Steal it from the wrapper's session (allowed to CAP_SYS_ADMIN, arg 1): the
-            # terminal's signals (Ctrl-C, SIGWINCH, hangup) then reach this session.
-            fcntl.ioctl(0, termios.TIOCSCTTY, 1)
-        _limits(params)
-        _take_credentials(params)
-    except (OSError, SpawnError, KeyError, TypeError, ValueError) as err:
-        os.write(2, f"sshd-adopt: cannot start the session in the job: {err}\n".encode())
+        try:
+            os.setsid()
+            if params["tty"]:
+                # Steal it from the wrapper's session (allowed to CAP_SYS_ADMIN, arg 1): the
+                # terminal's signals (Ctrl-C, SIGWINCH, hangup) then reach this session.
+                fcntl.ioctl(0, termios.TIOCSCTTY, 1)
+            _limits(params)
+            _take_credentials(params)
+            _own_keyring()
+            argv = [str(arg) for arg in params["argv"]]
+            env = {str(k): str(v) for k, v in params["env"].items()}
+            path, home = str(params["path"]), str(params["home"])
+        except Exception as err:
+            os.write(2, f"sshd-adopt: cannot start the session in the job: {err}\n".encode())
+            os._exit(1)
+        try:
+            os.chdir(home)
+        except OSError as err:  # sshd's words (session.c: do_child)
+            os.write(2, f"Could not chdir to home directory {home}: {err.strerror}\n".encode())
+            os.chdir("/")
+        _default_signals()
+        try:
+            os.execve(path, argv, env)  # noqa: S606  (as the user, after every check)
+        except OSError as err:
+            os.write(2, f"sshd-adopt: {path}: {err.strerror}\n".encode())
+    finally:
         os._exit(1)
-    home = str(params["home"])
-    try:
-        os.chdir(home)
-    except OSError as err:  # sshd's words (session.c: do_child)
-        os.write(2, f"Could not chdir to home directory {home}: {err.strerror}\n".encode())
-        os.chdir("/")
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    try:
-        argv = [str(arg) for arg in params["argv"]]
-        env = {str(k): str(v) for k, v in params["env"].items()}
-        os.execve(str(params["path"]), argv, env)  # noqa: S606  (as the user, after every check)
-    except OSError as err:
-        os.write(2, f"sshd-adopt: {params['path']}: {err.strerror}\n".encode())
-    os._exit(1)
 
 
 def _send(conn: socket.socket, **items: str) -> None:
@@ -231,10 +258,9 @@ def relay(conn: socket.socket, child: int) -> int:
     poller.register(conn.fileno(), select.POLLIN)
     poller.register(pidfd, select.POLLIN)
     conn.settimeout(5.0)
-    hung_up_at: float | None = None
+    hung_up = False
     while True:
-        timeout = None if hung_up_at is None else HANGUP_GRACE * 1000
-        ready = dict(poller.poll(timeout))
+        ready = dict(poller.poll(HANGUP_GRACE * 1000 if hung_up else None))
         if pidfd in ready:
             _, status = os.waitpid(child, 0)
             if os.WIFSIGNALED(status):
@@ -243,7 +269,7 @@ def relay(conn: socket.socket, child: int) -> int:
                 _send(conn, result=protocol.EXITED,
                       status=str(os.waitstatus_to_exitcode(status)))
             return status
-        if not ready and hung_up_at is not None:
+        if not ready and hung_up:
             _signal(child, signal.SIGKILL)
             continue
         if conn.fileno() in ready:
@@ -254,7 +280,7 @@ def relay(conn: socket.socket, child: int) -> int:
                 # command, as a terminal's hangup would end it.
                 poller.unregister(conn.fileno())
                 _signal(child, signal.SIGHUP)
-                hung_up_at = 0.0
+                hung_up = True
                 continue
             if number in RELAYED:
                 _signal(child, number)
@@ -263,13 +289,16 @@ def relay(conn: socket.socket, child: int) -> int:
 def _signal(child: int, number: int) -> None:
     try:
         os.killpg(child, number)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(child, number)
 
 
 def main() -> None:
     """Entry point (see the module's description); exits 0 after relaying, 1 on failure."""
+    # Nothing inherited beyond the three standard streams reaches the session (systemd
+    # also passes the accepted connection as fd 3, LISTEN_FDS).
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     ctl = socket.socket(fileno=0)
     conn: socket.socket | None = None
     try:
@@ -284,15 +313,21 @@ def main() -> None:
         for fd in fds[:protocol.STD_FDS]:
             if fd > 2:
                 os.close(fd)
-        enter_namespaces(kinds, fds[protocol.STD_FDS + 1:], str(params["root"]))
+        enter_namespaces(kinds, fds[protocol.STD_FDS + 1:])
+        execed, exec_seen = os.pipe()  # close-on-exec: EOF once the child exec'd or died
         child = os.fork()
         if child == 0:
             conn.close()
+            os.close(execed)
             _child(params)
+        os.close(exec_seen)
         devnull = os.open("/dev/null", os.O_RDWR)
         for target in range(protocol.STD_FDS):  # hold none of the session's streams
             os.dup2(devnull, target)
         os.close(devnull)
+        while os.read(execed, 64):  # the child is root until its exec: wait for it
+            pass
+        os.close(execed)
         _take_credentials(params)
         relay(conn, child)
     except Exception as err:  # whatever it is, the wrapper is told

@@ -7,24 +7,28 @@ privileged process can enter a mount namespace, so the session's command is star
 for the wrapper by a fresh privileged process, :mod:`sshd_adopt._internal.node.nsexec`.
 
 The request names nothing but whether the session has a terminal and what
-``internal-sftp`` runs; it brings the wrapper's standard input, output and error.
-Everything else is derived here, as for every request, and nothing of the user's
-choosing runs with more than the user's own rights:
+``internal-sftp`` runs; it brings the wrapper's standard input, output and error. Who,
+where and as whom are derived here, as for every request; what the user chose (the
+command, the environment) runs only with the user's own rights:
 
 * who: the peer from SO_PEERCRED, verified as an ssh session's process
-  (:func:`~sshd_adopt._internal.node.sessions.find_session`), never root or exempt;
+  (:func:`~sshd_adopt._internal.node.sessions.find_session`), never root or exempt,
+  with the node's root directory (never one of its own making);
 * which job: the one this broker adopted the connection into (its own record of the
   monitor, pid and start time), which the job's namespaces were seen in, and the peer
   must be in its extern step now; the step's owner must be the peer's uid;
 * the namespaces: from that job's stepd (``REQUEST_GET_NS_FD(S)``);
-* the credentials: the peer's own (``/proc/<pid>/status``: uids, gids, groups, umask;
-  its resource limits by ``prlimit``): what sshd gave the session;
+* the credentials: the peer's own (``/proc/<pid>/status``: four equal uids, four gids
+  equal to its SO_PEERCRED gid, groups, umask; ``/proc/<pid>/limits``), re-checked to
+  be the same process afterwards: what sshd gave the session;
 * the command and environment: sshd's, as the wrapper would run them
   (:mod:`sshd_adopt._internal.sessioncmd`), from the peer's ``/proc/<pid>/environ``;
 * a terminal only if it is the peer's own controlling terminal (device number).
 
-The helper is put into the job's extern step before it is told anything, so all it
-forks is in the job, and dies with it.
+Everything but the terminal is checked before the wrapper is asked for its streams
+(:meth:`Spawner.check`); the streams arrive on the broker's event loop, never holding a
+worker. The helper is put into the job's extern step before it is told anything, so
+all it forks is in the job, and dies with it.
 """
 
 from __future__ import annotations
@@ -36,20 +40,21 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, TypedDict
 
 from sshd_adopt._internal import protocol
 from sshd_adopt._internal.core.accounts import Account
 from sshd_adopt._internal.core.login import LoginCore
-from sshd_adopt._internal.core.outcomes import Adopted
+from sshd_adopt._internal.core.outcomes import Adopted, Outcome
 from sshd_adopt._internal.core.ports import Joined
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.node import cgroups, procfs
-from sshd_adopt._internal.node.sessions import SshSession, find_session
-from sshd_adopt._internal.sessioncmd import session_argv, session_environment
+from sshd_adopt._internal.node.sessions import SshSession, find_session, still_alive
+from sshd_adopt._internal.sessioncmd import EXPORTED, session_argv, session_environment
 from sshd_adopt._internal.slurm.stepd import CLONE_NEWNS
 from sshd_adopt.errors import BrokerProtocolError, NotAnSshSession, ProcError, StepdError
 
@@ -65,9 +70,25 @@ class Spawned:
     """The session's helper runs inside the job: ``pid``; ``process`` when it is the
     broker's child (to be reaped), None when systemd started it."""
 
-    job: int
     pid: int
     process: subprocess.Popen[bytes] | None
+
+
+class HelperParams(TypedDict):
+    """What the helper is told (JSON; :mod:`sshd_adopt._internal.node.nsexec` reads it)."""
+
+    namespaces: list[int]
+    uid: int
+    gid: int
+    groups: list[int]
+    umask: int
+    rlimits: dict[int, tuple[int, int]]
+    tty: bool
+    home: str
+    path: str
+    argv: list[str]
+    env: dict[str, str]
+    controlling_tty: int
 
 
 @dataclass(frozen=True)
@@ -88,7 +109,7 @@ SpawnOutcome = Spawned | Refused | NoNamespaces
 class Decisions(Protocol):
     """What adoption decided for a connection (:class:`~.adoption.Adoption`)."""
 
-    def decision(self, monitor_pid: int, monitor_start: float) -> tuple[object, float] | None:
+    def decision(self, monitor_pid: int, monitor_start: float) -> tuple[Outcome, float] | None:
         ...
 
 
@@ -96,7 +117,8 @@ class NamespaceSteps(Protocol):
     """A job's extern step: adding a pid to it, and its namespaces
     (:class:`~sshd_adopt._internal.slurm.extern.ExternStepClient`)."""
 
-    def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool) -> Joined: ...
+    def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool,
+             ask_namespaces: bool = True) -> Joined: ...
 
     def namespaces(self, job: int, uid: int) -> list[tuple[int, int]]: ...
 
@@ -158,7 +180,7 @@ def launch(state: BrokerState) -> tuple[subprocess.Popen[bytes] | None, socket.s
     Raises OSError.
     """
     path = state.config.broker.spawn_socket
-    if os.path.exists(path):
+    if spawn_socket_usable(path):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(state.config.broker.request_timeout)
@@ -180,6 +202,18 @@ def launch(state: BrokerState) -> tuple[subprocess.Popen[bytes] | None, socket.s
         theirs.close()
     ours.settimeout(state.config.broker.request_timeout)
     return process, ours
+
+
+def spawn_socket_usable(path: str) -> bool:
+    """Whether the spawn socket is there and only root can have put it there: a socket
+    in a directory of root's that nobody else may write to (else a listener of someone
+    else's could pose as the spawner and be handed other users' terminals)."""
+    try:
+        info, directory = os.lstat(path), os.stat(os.path.dirname(path))
+    except OSError:
+        return False
+    return (stat.S_ISSOCK(info.st_mode) and info.st_uid == 0 and directory.st_uid == 0
+            and not directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def helper_pid(ctl: socket.socket, process: subprocess.Popen[bytes] | None) -> int:
@@ -204,6 +238,18 @@ class SpawnFailed(Exception):
     """The helper could not be started or reached."""
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A "spawn" request that passed every check that needs no descriptor: who, which
+    job, and what the helper will be told (but for the terminal, checked on arrival)."""
+
+    session: SshSession
+    account: Account
+    job: int
+    tty: bool
+    params: HelperParams
+
+
 class Spawner:
     """Checks "spawn" requests and starts their helpers (thread-safe: no state)."""
 
@@ -218,37 +264,21 @@ class Spawner:
         self._job_named = job_named
         self._start = start
         with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
-            #: Why sessions cannot be started inside job namespaces here (None: they can).
+            #: Why this broker may not start the helper itself (None: it may).
             self.problem = spawn_problem(handle.read())
 
     def ready(self) -> bool:
         """Whether sessions can be started inside their jobs' namespaces: the spawn socket
-        exists, or the broker may start the helper itself (else they are adopted as before
-        and see the node's /tmp; :attr:`problem` says why)."""
-        return self.problem is None or os.path.exists(
+        is there, or the broker may start the helper itself (else they are adopted as
+        before and see the node's /tmp; :attr:`problem` says why)."""
+        return self.problem is None or spawn_socket_usable(
             self._state().config.broker.spawn_socket)
 
-    def spawn(self, peer_pid: int, peer_uid: int, arguments: dict[str, str],
-              conn: socket.socket) -> SpawnOutcome:
-        """Receive the wrapper's streams on ``conn`` and start its session in its job's
-        namespaces. ``conn`` is this call's (closed here; the helper keeps a copy).
-
-        Raises BrokerProtocolError when the streams do not come as they must.
-        """
-        try:
-            std = receive_std_fds(conn, self._state().config.broker.request_timeout)
-        except BaseException:
-            conn.close()
-            raise
-        try:
-            return self._spawn(peer_pid, peer_uid, arguments, conn, std)
-        finally:
-            for fd in std:
-                os.close(fd)
-            conn.close()
-
-    def _spawn(self, peer_pid: int, peer_uid: int, arguments: dict[str, str],
-               conn: socket.socket, std: list[int]) -> SpawnOutcome:
+    def check(self, peer_pid: int, peer_uid: int, peer_gid: int,
+              arguments: dict[str, str]) -> Checked | Refused | NoNamespaces:
+        """Everything about a "spawn" request that needs no descriptor, before the wrapper
+        is asked for its streams (so a client outside any session never gets that far).
+        ``peer_*``: SO_PEERCRED, at connect time."""
         state = self._state()
         account = self._core.accounts.by_uid(peer_uid)
         if account is None or account.uid == 0 or self._core.exempt(account):
@@ -262,20 +292,75 @@ class Spawner:
         outcome = record[0] if record is not None else None
         if not isinstance(outcome, Adopted):
             return self._refuse(peer_pid, peer_uid, "this connection was not adopted into a job")
-        if not outcome.namespaces:
+        if not outcome.namespaces or not self.ready():
             return NoNamespaces()
-        job = outcome.job
-        if cgroups.outside_of(job, session.monitor_pid, [peer_pid], state.nodename or "",
+        if cgroups.outside_of(outcome.job, session.monitor_pid, [peer_pid], state.nodename or "",
                               self._job_named):
-            return self._refuse(peer_pid, peer_uid, f"not in job {job}'s extern step")
+            return self._refuse(peer_pid, peer_uid, f"not in job {outcome.job}'s extern step")
         try:
-            params = self._params(session, account, arguments, std, outcome)
+            params = self._params(session, account, peer_gid, arguments, outcome)
         except (ProcError, ValueError) as err:
             return self._refuse(peer_pid, peer_uid, str(err))
+        return Checked(session, account, outcome.job, params["tty"], params)
+
+    def _params(self, session: SshSession, account: Account, peer_gid: int,
+                arguments: dict[str, str], outcome: Adopted) -> HelperParams:
+        """What the helper is told (raises ValueError or ProcError when the peer's own
+        facts do not add up, or it is no longer the process that was checked)."""
+        pid = session.peer_pid
+        # The session's root must be this broker's: a root of the user's making (a chroot
+        # in a user namespace of their own) must never become the helper's.
+        if procfs.root_of(pid) != "/":
+            raise ValueError("its root directory is not the node's (sshd's ChrootDirectory "
+                             "sessions are not started in job namespaces)")
+        creds = procfs.credentials(pid)
+        if set(creds.uids) != {account.uid}:
+            raise ValueError(f"uids {creds.uids} are not all {account.uid}")
+        if set(creds.gids) != {peer_gid} or peer_gid == 0:
+            raise ValueError(f"gids {creds.gids} are not all its gid at connect time, "
+                             f"{peer_gid}, or are root's")
+        env = procfs.environment(pid)
+        limits = procfs.resource_limits(pid)
+        if not still_alive(session):  # every fact above is this very process's
+            raise ValueError("the session's process changed while it was looked at")
+        return {
+            "namespaces": [CLONE_NEWNS],
+            "uid": account.uid, "gid": peer_gid, "groups": list(creds.groups),
+            "umask": creds.umask, "rlimits": limits,
+            "tty": arguments[protocol.SPAWN_TTY] == "1", "home": account.home,
+            "path": account.shell,
+            "argv": session_argv(account.shell, env.get("SSH_ORIGINAL_COMMAND"),
+                                 arguments[protocol.SPAWN_SFTP]),
+            "env": session_environment(env, {key: value for key, value in outcome.env.items()
+                                             if key in EXPORTED}),
+            "controlling_tty": creds.tty,
+        }
+
+    def start(self, checked: Checked, std: list[int], conn: socket.socket, *,
+              deadline: float) -> SpawnOutcome:
+        """Start the checked session with the wrapper's streams ``std`` and its connection
+        ``conn`` (both this call's: closed here; the helper keeps copies). Nothing is
+        started after ``deadline`` (``time.monotonic()``): the wrapper has been answered."""
         try:
-            found = self._steps.namespaces(job, peer_uid)
+            return self._start_checked(checked, std, conn, deadline)
+        finally:
+            for fd in std:
+                os.close(fd)
+            conn.close()
+
+    def _start_checked(self, checked: Checked, std: list[int], conn: socket.socket,
+                       deadline: float) -> SpawnOutcome:
+        session, account, job = checked.session, checked.account, checked.job
+        if checked.tty:
+            info = os.fstat(std[0])
+            tty = checked.params["controlling_tty"]
+            if not stat.S_ISCHR(info.st_mode) or tty == 0 or info.st_rdev != tty:
+                return self._refuse(session.peer_pid, account.uid,
+                                    "its standard input is not its controlling terminal")
+        try:
+            found = self._steps.namespaces(job, account.uid)
         except StepdError as err:
-            return self._refuse(peer_pid, peer_uid, f"job {job}'s namespaces: {err}")
+            return self._refuse(session.peer_pid, account.uid, f"job {job}'s namespaces: {err}")
         try:
             joining = [(kind, fd) for kind, fd in found if kind == CLONE_NEWNS]
             if len(joining) != len(found):
@@ -283,42 +368,16 @@ class Spawner:
                               "sessions join only that one", job)
             if not joining:
                 return NoNamespaces()
-            return self._launch(session, account, job, params=params, conn=conn, std=std,
-                                namespaces=joining)
+            if time.monotonic() > deadline:
+                return self._refuse(session.peer_pid, account.uid, "the broker timed out")
+            return self._launch(checked, conn=conn, std=std, namespaces=joining)
         finally:
             for _kind, fd in found:
                 os.close(fd)
 
-    def _params(self, session: SshSession, account: Account, arguments: dict[str, str],
-                std: list[int], outcome: Adopted) -> dict[str, object]:
-        """What the helper is told (raises ValueError or ProcError when the peer's own
-        facts do not add up)."""
-        pid = session.peer_pid
-        creds = procfs.credentials(pid)
-        if set(creds.uids) != {account.uid}:
-            raise ValueError(f"uids {creds.uids} are not all {account.uid}")
-        if len(set(creds.gids)) != 1 or creds.gids[0] == 0:
-            raise ValueError(f"gids {creds.gids} are not one non-root group")
-        tty = arguments[protocol.SPAWN_TTY] == "1"
-        if tty:
-            info = os.fstat(std[0])
-            if not stat.S_ISCHR(info.st_mode) or creds.tty == 0 or info.st_rdev != creds.tty:
-                raise ValueError("its standard input is not its controlling terminal")
-        env = procfs.environment(pid)
-        command = env.get("SSH_ORIGINAL_COMMAND")
-        return {
-            "namespaces": [CLONE_NEWNS],
-            "root": procfs.root_of(pid) or "/",
-            "uid": account.uid, "gid": creds.gids[0], "groups": list(creds.groups),
-            "umask": creds.umask, "rlimits": procfs.resource_limits(pid),
-            "tty": tty, "home": account.home, "path": account.shell,
-            "argv": session_argv(account.shell, command, arguments[protocol.SPAWN_SFTP]),
-            "env": session_environment(env, dict(outcome.env)),
-        }
-
-    def _launch(self, session: SshSession, account: Account, job: int, *,
-                params: dict[str, object], conn: socket.socket, std: list[int],
+    def _launch(self, checked: Checked, *, conn: socket.socket, std: list[int],
                 namespaces: list[tuple[int, int]]) -> SpawnOutcome:
+        session, account, job = checked.session, checked.account, checked.job
         try:
             process, ctl = self._start(self._state())
         except OSError as err:
@@ -326,8 +385,8 @@ class Spawner:
         try:
             pid = helper_pid(ctl, process)
             # In the job before it is told anything: all it forks is in the job.
-            self._steps.join(job, account.uid, [pid], want_x11=False)
-            body = json.dumps(params).encode()
+            self._steps.join(job, account.uid, [pid], want_x11=False, ask_namespaces=False)
+            body = json.dumps(checked.params).encode()
             fds = [*std, conn.fileno(), *(fd for _kind, fd in namespaces)]
             ctl.sendmsg([len(body).to_bytes(protocol.LENGTH_BYTES, "big")],
                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -342,8 +401,8 @@ class Spawner:
             ctl.close()
         logger().info("spawn: user=%s pid=%d job=%d helper=%d: %s inside the job's mount "
                       "namespace", account.name, session.peer_pid, job, pid,
-                      "login shell" if len(params["argv"]) == 1 else "command")  # type: ignore[arg-type]
-        return Spawned(job, pid, process)
+                      "login shell" if len(checked.params["argv"]) == 1 else "command")
+        return Spawned(pid, process)
 
     @staticmethod
     def _refuse(pid: int, uid: int, why: str) -> Refused:

@@ -33,7 +33,8 @@ class ExternStepClient:
         #: Whether sessions could enter a job's namespaces (the spawner is able to).
         self.namespaces_usable = namespaces_usable
 
-    def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool) -> Joined:
+    def join(self, job: int, uid: int, pids: Sequence[int], *, want_x11: bool,
+             ask_namespaces: bool = True) -> Joined:
         """Add ``pids`` to ``job``'s extern step; the first (the sshd monitor) must succeed.
 
         The rest are added one by one, and one that exited meanwhile is skipped: its
@@ -69,11 +70,18 @@ class ExternStepClient:
                     if xauthority:
                         env["XAUTHORITY"] = xauthority
             namespaces = False
-            if (state.slurm is not None and state.slurm.job_namespaces
+            if (ask_namespaces and state.slurm is not None and state.slurm.job_namespaces
                     and state.config.options.join_container and self.namespaces_usable()):
                 # Asked only on nodes whose slurm.conf names a namespace plugin: every
-                # other login keeps its one request per pid.
-                found = stepd.namespace_fds()
+                # other login keeps its one request per pid. The pids are in the job
+                # already: a stepd that cannot say leaves the session outside the
+                # namespace (as before), not unadopted.
+                try:
+                    found = stepd.namespace_fds()
+                except StepdError as err:
+                    logger().warning("job %d: its namespaces could not be asked (%s); the "
+                                     "session sees the node's /tmp", job, err)
+                    found = []
                 for _kind, fd in found:
                     os.close(fd)
                 namespaces = bool(found)
