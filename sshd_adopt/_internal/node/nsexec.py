@@ -254,6 +254,8 @@ def relay(conn: socket.socket, child: int) -> int:
     """Pass the wrapper's signals on to ``child``'s process group until it ends; tell the
     wrapper how it ended. Returns the wait status."""
     pidfd = os.pidfd_open(child)
+    # Stopping the spawner's unit instance (SIGTERM) hangs the session up, as its end.
+    signal.signal(signal.SIGTERM, lambda _number, _frame: _signal(child, signal.SIGHUP))
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
     poller.register(pidfd, select.POLLIN)
