@@ -23,10 +23,11 @@ from sshd_adopt.errors import BrokerProtocolError
 
 #: Signals passed on to the session: those sshd sends a session, and those a client may
 #: ask for with a "signal" channel request. Not SIGKILL (it ends the wrapper: the session
-#: then gets SIGHUP, as when its client goes), nor the synchronous fault signals (SEGV,
-#: FPE, ILL: a handler would loop on a real fault of the wrapper's own).
+#: then gets SIGHUP, as when its client goes), not the synchronous fault signals (SEGV,
+#: FPE, ILL: a handler would loop on a real fault of the wrapper's own), not SIGPIPE
+#: (the wrapper's own writes to a gone relay raise it: it stays ignored).
 FORWARDED = tuple(getattr(signal, f"SIG{name}") for name in protocol.SESSION_SIGNALS
-                  if name not in ("KILL", "SEGV", "FPE", "ILL"))
+                  if name not in ("KILL", "SEGV", "FPE", "ILL", "PIPE"))
 
 
 #: Exit status when sshd closed the session's streams first (the client is gone).

@@ -56,41 +56,49 @@ def namespace() -> Iterator[int]:
 class Spawn:
     """One helper with pipes for its streams and the wrapper's end of its connection."""
 
-    def __init__(self, namespace_pid: int, argv: list[str], **changes: object) -> None:
+    def __init__(self, namespace_pid: int, argv: list[str], *, streams: int = 3,
+                 stdin: int | None = None, **changes: object) -> None:
         ctl, theirs_ctl = socket.socketpair()
         # What systemd's Accept=yes gives it: the connection on 0, and again as fd 3.
         self.process = subprocess.Popen(
-            HELPER, stdin=theirs_ctl.fileno(), start_new_session=True,
+            HELPER, stdin=theirs_ctl.fileno(), start_new_session=True, close_fds=False,
             env=spawning.HELPER_ENV,
             preexec_fn=lambda: os.dup2(0, 3))
         theirs_ctl.close()
         assert int.from_bytes(ctl.recv(4), "big") == self.process.pid
         self.wrapper, theirs = socket.socketpair()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        null = os.open("/dev/null", os.O_RDONLY)
         ns = os.open(f"/proc/{namespace_pid}/ns/mnt", os.O_RDONLY)
         params: dict[str, object] = {
             "namespaces": [CLONE_NEWNS], "uid": NOBODY, "gid": NOBODY,
             "groups": [], "umask": 0o027, "rlimits": {"7": [512, 1024]},
             "tty": False, "home": "/nonexistent", "path": "/bin/sh", "argv": argv,
             "env": {"PATH": "/usr/bin:/bin", "MARK": "from-the-session"},
+            "controlling_tty": 0, "loginuid": None,
         }
         params.update(changes)
         body = json.dumps(params).encode()
         ctl.sendmsg([len(body).to_bytes(4, "big")], [(
-            socket.SOL_SOCKET, socket.SCM_RIGHTS,
-            array.array("i", [null, out_w, err_w, theirs.fileno(), ns]))])
+            socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno(), ns]))])
         ctl.sendall(body)
-        for fd in (null, out_w, err_w, ns):
-            os.close(fd)
+        os.close(ns)
         ctl.close()
         theirs.close()
+        # The wrapper's side: asked for its streams, it sends them.
+        self.wrapper.settimeout(20)
+        self.asked = protocol.read_frame(self.wrapper)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        null = os.open("/dev/null", os.O_RDONLY)
+        sent = [stdin if stdin is not None else null, out_w, err_w, null][:streams]
+        self.wrapper.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", sent))])
+        for fd in (null, out_w, err_w):
+            os.close(fd)
         self.out = os.fdopen(out_r, "rb")
         self.err = os.fdopen(err_r, "rb")
 
     def end(self) -> dict[str, str]:
-        self.wrapper.settimeout(20)
+        assert self.asked == {"v": "1", "result": "send"}
         frame = protocol.read_frame(self.wrapper)
         self.process.wait(timeout=20)
         return frame
@@ -123,11 +131,10 @@ def test_the_command_runs_in_the_namespace_as_the_user_and_its_status_comes_back
 
 
 def test_the_command_inherits_nothing_of_the_helper(namespace: int) -> None:
-    """Only its three streams, default signal dispositions (Python ignores SIGPIPE and
-    SIGXFSZ), nothing blocked, no capability, a session keyring of its own."""
+    """Only its three streams (not systemd's copy of the connection on fd 3), default
+    signal dispositions (Python ignores SIGPIPE and SIGXFSZ), no capability."""
     spawn = Spawn(namespace, ["sh", "-c", "ls /proc/$$/fd; grep -E '^Sig(Ign|Blk):' "
-                              "/proc/$$/status; grep -E '^Cap(Inh|Amb):' /proc/$$/status; "
-                              "cat /proc/$$/sessionid >/dev/null; head -c0 /proc/keys"])
+                              "/proc/$$/status; grep -E '^Cap(Inh|Amb):' /proc/$$/status"])
     try:
         assert spawn.end() == {"v": "1", "result": "exited", "status": "0"}
         lines = spawn.out.read().decode().split()
@@ -168,9 +175,9 @@ def test_the_wrapper_going_away_hangs_the_command_up(namespace: int) -> None:
         spawn.close()
 
 
-@pytest.mark.parametrize("changes", [{"uid": 0}, {"gid": 0}])
-def test_it_never_runs_anything_as_root(namespace: int, changes: dict[str, object]) -> None:
-    spawn = Spawn(namespace, ["sh", "-c", "echo ran"], **changes)
+@pytest.mark.parametrize("field", ["uid", "gid"])
+def test_it_never_runs_anything_as_root(namespace: int, field: str) -> None:
+    spawn = Spawn(namespace, ["sh", "-c", "echo ran"], **{field: 0})
     try:
         frame = spawn.end()
         assert frame["result"] in ("failed", "exited")
@@ -207,3 +214,37 @@ def test_a_peer_that_is_not_root_is_refused() -> None:
         client.wait()
         listener.close()
         shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_anything_but_three_streams_is_refused(namespace: int, count: int) -> None:
+    spawn = Spawn(namespace, ["sh", "-c", "echo ran"], streams=count)
+    try:
+        frame = spawn.end()
+        assert frame["result"] == "failed" and "3 descriptors" in frame["message"], frame
+        assert spawn.out.read() == b""
+    finally:
+        spawn.close()
+
+
+def test_a_terminal_must_be_the_sessions_controlling_one(namespace: int) -> None:
+    master, slave = os.openpty()
+    try:
+        # A terminal, but not the one the broker read as the peer's controlling terminal.
+        spawn = Spawn(namespace, ["sh", "-c", "echo ran"], stdin=slave, tty=True,
+                      controlling_tty=os.fstat(slave).st_rdev + 1)
+        try:
+            frame = spawn.end()
+            assert frame["result"] == "failed" and "controlling terminal" in frame["message"]
+        finally:
+            spawn.close()
+        spawn = Spawn(namespace, ["sh", "-c", "tty; exit 3"], stdin=slave, tty=True,
+                      controlling_tty=os.fstat(slave).st_rdev)
+        try:
+            assert spawn.end() == {"v": "1", "result": "exited", "status": "3"}
+            assert spawn.out.read().decode().strip() == os.ttyname(slave)
+        finally:
+            spawn.close()
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -40,13 +40,7 @@ from sshd_adopt._internal.broker.replies import render_adoption, render_keys, re
 from sshd_adopt._internal.core.state import BrokerState
 from sshd_adopt._internal.logs import logger
 from sshd_adopt._internal.services.adoption import Peer
-from sshd_adopt._internal.services.spawning import (
-    Checked,
-    Refused,
-    Spawned,
-    SpawnOutcome,
-    receive_std_fds,
-)
+from sshd_adopt._internal.services.spawning import Checked, Refused, Spawned, SpawnOutcome
 from sshd_adopt.errors import BrokerProtocolError, Error
 
 _PEERCRED = struct.Struct("3i")
@@ -360,14 +354,18 @@ class Broker:
     async def _spawn(self, writer: asyncio.StreamWriter, sock: socket.socket, peer: Peer,
                      arguments: dict[str, str]) -> None:
         """A "spawn" conversation (:mod:`sshd_adopt._internal.services.spawning`): check
-        the request; only then ask for the wrapper's streams, and take them on the event
-        loop (a client that never sends them holds no worker); start the session and hand
-        the connection on to its helper, which reports the session's end to the wrapper.
-        Only a refusal (or "no namespaces: run it yourself") is answered here."""
+        the request, start the session's helper and hand it the connection; the helper
+        asks the wrapper for its streams (the broker never takes them) and reports the
+        session's end. Only a refusal (or "no namespaces: run it yourself") is answered
+        here."""
         settings = self._state.config.broker
         loop = asyncio.get_running_loop()
         spawner = self.node.spawner
         started = time.monotonic()
+        # Whatever the wrapper sends from now on is the helper's to read.
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)  # a socket's: reads and writes
+        transport.pause_reading()
         checked = await asyncio.wait_for(loop.run_in_executor(
             self._pool, spawner.check, peer.pid, peer.uid, peer.gid, arguments),
             timeout=settings.decision_deadline)
@@ -375,24 +373,12 @@ class Broker:
             writer.write(protocol.encode(render_spawn(checked)))
             await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
             return
-        # From here the streams' descriptors come: the transport must not read them as
-        # bytes (the kernel drops descriptors a plain read takes the byte of).
-        transport = writer.transport
-        assert isinstance(transport, asyncio.Transport)  # a socket's: reads and writes
-        transport.pause_reading()
-        writer.write(protocol.encode(protocol.reply(protocol.SEND)))
-        await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
-        conn = socket.socket(fileno=os.dup(sock.fileno()))
-        try:
-            std = await _receive_std_fds(conn, settings.request_timeout)
-        except BaseException:
-            conn.close()
-            raise
-        # The wrapper is answered by the decision deadline; the spawner starts nothing
-        # after it, and each of its steps has its own bound (stepd, helper).
+        # The wrapper is answered by the decision deadline; the spawner hands nothing to a
+        # helper after it, and each of its steps has its own bound (stepd, helper).
         deadline = started + settings.decision_deadline
+        conn = socket.socket(fileno=os.dup(sock.fileno()))
         work = loop.run_in_executor(self._pool, functools.partial(
-            spawner.start, checked, std, conn, deadline=deadline))
+            spawner.start, checked, conn, deadline=deadline))
         try:
             outcome = await asyncio.wait_for(
                 asyncio.shield(work), timeout=max(0.1, deadline - time.monotonic()))
@@ -409,12 +395,17 @@ class Broker:
         await asyncio.wait_for(writer.drain(), timeout=settings.request_timeout)
 
     def _reap_late_spawn(self, work: asyncio.Future[SpawnOutcome]) -> None:
-        """A spawn that finished after its wrapper was told no: its helper finds the
-        wrapper gone and hangs the session up; a helper of the broker's own is reaped."""
-        if not work.cancelled() and work.exception() is None:
-            outcome = work.result()
-            if isinstance(outcome, Spawned) and outcome.process is not None:
-                self._reap_later(outcome.process)
+        """A spawn that finished after its wrapper was told no (it hands nothing to a
+        helper after the deadline; one that got its orders just before finds the wrapper
+        gone and hangs up); a helper of the broker's own is reaped."""
+        if work.cancelled():
+            return
+        if work.exception() is not None:
+            logger().error("late spawn failed: %s", work.exception())
+            return
+        outcome = work.result()
+        if isinstance(outcome, Spawned) and outcome.process is not None:
+            self._reap_later(outcome.process)
 
     @staticmethod
     def _reap_later(process: subprocess.Popen[bytes]) -> None:
@@ -450,25 +441,6 @@ class Broker:
                            op, peer.pid, peer.uid, bound)
             return (protocol.reply(protocol.FAILED, message="sshd-adopt: the broker timed out"),
                     request.reply_limit)
-
-
-async def _receive_std_fds(conn: socket.socket, timeout: float) -> list[int]:
-    """The wrapper's three streams, once ``conn`` is readable (within ``timeout``
-    seconds), without a worker thread: see
-    :func:`~sshd_adopt._internal.services.spawning.receive_std_fds`."""
-    loop = asyncio.get_running_loop()
-    readable: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    loop.add_reader(conn.fileno(), ready)
-    try:
-        await asyncio.wait_for(readable, timeout=timeout)
-    finally:
-        loop.remove_reader(conn.fileno())
-    return receive_std_fds(conn, 0.1)
 
 
 def _prepare_socket_path(path: str) -> None:

@@ -46,6 +46,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import termios
@@ -54,22 +55,26 @@ from typing import Any, NoReturn
 from sshd_adopt._internal import protocol
 from sshd_adopt.errors import BrokerProtocolError
 
-#: Most descriptors in the broker's message: three standard streams, the wrapper's
-#: connection, at most three namespaces (PID, user, mount).
-MAX_FDS = 7
+#: Most descriptors in the broker's message: the wrapper's connection, at most three
+#: namespaces (PID, user, mount).
+MAX_FDS = 4
 #: Most bytes of the JSON description (the environment is at most 256 KiB).
 MAX_PARAMS = 1024 * 1024
 #: How long the broker may take to send its message (seconds).
 RECEIVE_TIMEOUT = 30.0
+#: How long the wrapper may take to send its streams once asked (seconds).
+STREAMS_TIMEOUT = 10.0
 #: After the wrapper is gone: how long the command has between SIGHUP and SIGKILL (s).
 HANGUP_GRACE = 5.0
 #: Signals a wrapper may pass on (those of sshd's "signal" channel request).
 RELAYED = frozenset(getattr(signal, f"SIG{name}") for name in protocol.SESSION_SIGNALS)
 _PEERCRED = struct.Struct("3i")
 _CAP_LINES = (b"CapPrm:", b"CapEff:", b"CapAmb:", b"CapInh:")
-#: keyctl(2) by architecture (``KEYCTL_JOIN_SESSION_KEYRING`` has no Python binding).
-_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 311,
-               "s390x": 280, "i686": 288}
+#: keyctl(2) by architecture (``KEYCTL_JOIN_SESSION_KEYRING`` has no Python binding):
+#: the kernel's syscall tables (x86 syscall_64.tbl, asm-generic unistd.h for aarch64,
+#: riscv64 and loongarch64, powerpc and s390 syscall.tbl).
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "loongarch64": 219,
+               "ppc64le": 271, "s390x": 280}
 _KEYCTL_JOIN_SESSION_KEYRING = 1
 #: libc, resolved now: nothing may be loaded once the namespace is entered.
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -77,6 +82,39 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 
 class SpawnError(Exception):
     """The session cannot be started as asked (the text goes to the wrapper)."""
+
+
+def receive_fds(sock: socket.socket, size: int, most: int) -> tuple[bytes, list[int]]:
+    """``size`` bytes and the descriptors that come with them (SCM_RIGHTS, at most
+    ``most``, close-on-exec); a message whose descriptors did not all fit is refused
+    (those that came are closed). The socket's timeout applies."""
+    fds = array.array("i")
+    data, ancillary, flags, _ = sock.recvmsg(
+        size, socket.CMSG_SPACE((most + 1) * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    if flags & socket.MSG_CTRUNC or len(fds) > most:
+        for fd in fds:
+            os.close(fd)
+        raise SpawnError(f"more than {most} descriptors came")
+    return data, list(fds)
+
+
+def receive_streams(conn: socket.socket) -> list[int]:
+    """The wrapper's standard input, output and error, asked for with ``result=send``:
+    one byte carrying exactly three descriptors (anything else is refused and what came
+    is closed). Taken here, not by the broker: a descriptor of the user's choosing (one
+    whose close or fstat blocks) can only ever hold up this session."""
+    conn.settimeout(STREAMS_TIMEOUT)
+    conn.sendall(protocol.encode({"v": protocol.PROTOCOL_VERSION, "result": protocol.SEND}))
+    data, fds = receive_fds(conn, 1, protocol.STD_FDS)
+    if len(fds) != protocol.STD_FDS or len(data) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise SpawnError(f"expected one byte carrying {protocol.STD_FDS} descriptors, got "
+                         f"{len(data)} byte(s) and {len(fds)}")
+    return fds
 
 
 def _receive(ctl: socket.socket) -> tuple[dict[str, Any], list[int]]:
@@ -88,14 +126,8 @@ def _receive(ctl: socket.socket) -> tuple[dict[str, Any], list[int]]:
     ctl.settimeout(RECEIVE_TIMEOUT)
     # Whom to put into the job (systemd may have started us: the broker cannot know).
     ctl.sendall(os.getpid().to_bytes(protocol.LENGTH_BYTES, "big"))
-    fds = array.array("i")
-    head, ancillary, flags, _ = ctl.recvmsg(
-        protocol.LENGTH_BYTES, socket.CMSG_SPACE(MAX_FDS * fds.itemsize),
-        socket.MSG_CMSG_CLOEXEC)
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    if flags & socket.MSG_CTRUNC or len(head) != protocol.LENGTH_BYTES:
+    head, fds = receive_fds(ctl, protocol.LENGTH_BYTES, MAX_FDS)
+    if len(head) != protocol.LENGTH_BYTES:
         raise SpawnError("the broker's message was cut short")
     length = int.from_bytes(head, "big")
     if not 0 < length <= MAX_PARAMS:
@@ -196,11 +228,22 @@ def _limits(params: dict[str, Any]) -> None:
     os.umask(int(params["umask"]) & 0o777)
 
 
+def _login_uid(uid: int | None) -> None:
+    """The session's audit login uid, the one pam_loginuid gave sshd's session (set while
+    still root; unset, the session could set any it likes, root's included)."""
+    if uid is not None:
+        with open("/proc/self/loginuid", "w", encoding="ascii") as handle:
+            handle.write(str(int(uid)))
+
+
 def _own_keyring() -> None:
     """A new, empty session keyring for the session (as pam_keyinit gives one): never the
     keys of the process that started this one, nor of another session."""
     number = _SYS_KEYCTL.get(os.uname().machine)
-    if number is not None and _LIBC.syscall(number, _KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+    if number is None:
+        raise SpawnError(f"no keyctl syscall number known for {os.uname().machine}")
+    if _LIBC.syscall(ctypes.c_long(number), ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING),
+                     ctypes.c_void_p(None)) < 0:
         raise SpawnError(f"keyctl: {os.strerror(ctypes.get_errno())}")
 
 
@@ -217,12 +260,14 @@ def _child(params: dict[str, Any]) -> NoReturn:
     """In the forked child: become the session and exec its command (never returns)."""
     try:
         try:
+            _default_signals()  # first: a Ctrl-C now reaches the session as it would
             os.setsid()
             if params["tty"]:
                 # Steal it from the wrapper's session (allowed to CAP_SYS_ADMIN, arg 1): the
                 # terminal's signals (Ctrl-C, SIGWINCH, hangup) then reach this session.
                 fcntl.ioctl(0, termios.TIOCSCTTY, 1)
             _limits(params)
+            _login_uid(params.get("loginuid"))
             _take_credentials(params)
             _own_keyring()
             argv = [str(arg) for arg in params["argv"]]
@@ -236,7 +281,6 @@ def _child(params: dict[str, Any]) -> NoReturn:
         except OSError as err:  # sshd's words (session.c: do_child)
             os.write(2, f"Could not chdir to home directory {home}: {err.strerror}\n".encode())
             os.chdir("/")
-        _default_signals()
         try:
             os.execve(path, argv, env)  # noqa: S606  (as the user, after every check)
         except OSError as err:
@@ -250,19 +294,34 @@ def _send(conn: socket.socket, **items: str) -> None:
         conn.sendall(protocol.encode({"v": protocol.PROTOCOL_VERSION, **items}))
 
 
-def relay(conn: socket.socket, child: int) -> int:
+#: The session's child, once forked (for the SIGTERM handler).
+_relayed: list[int] = []
+
+
+def _hang_up(_number: int, _frame: object) -> None:
+    """SIGTERM (the spawner's unit instance stopped): hang the session up, as its end."""
+    for child in _relayed:
+        _signal(child, signal.SIGHUP)
+
+
+def relay(conn: socket.socket, child: int, execed: int, params: dict[str, Any]) -> int:
     """Pass the wrapper's signals on to ``child``'s process group until it ends; tell the
-    wrapper how it ended. Returns the wait status."""
+    wrapper how it ended. Drops to the session's credentials once the child exec'd
+    (``execed`` reaches its end: until then the child is root, and a signal from the
+    user's ids would be refused). Returns the wait status."""
     pidfd = os.pidfd_open(child)
-    # Stopping the spawner's unit instance (SIGTERM) hangs the session up, as its end.
-    signal.signal(signal.SIGTERM, lambda _number, _frame: _signal(child, signal.SIGHUP))
     poller = select.poll()
     poller.register(conn.fileno(), select.POLLIN)
     poller.register(pidfd, select.POLLIN)
+    poller.register(execed, select.POLLIN)
     conn.settimeout(5.0)
     hung_up = False
     while True:
         ready = dict(poller.poll(HANGUP_GRACE * 1000 if hung_up else None))
+        if execed in ready and not os.read(execed, 64):
+            poller.unregister(execed)
+            os.close(execed)
+            _take_credentials(params)
         if pidfd in ready:
             _, status = os.waitpid(child, 0)
             if os.WIFSIGNALED(status):
@@ -300,38 +359,41 @@ def main() -> None:
     """Entry point (see the module's description); exits 0 after relaying, 1 on failure."""
     # Nothing inherited beyond the three standard streams reaches the session (systemd
     # also passes the accepted connection as fd 3, LISTEN_FDS).
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(3, max(os.sysconf("SC_OPEN_MAX"), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     ctl = socket.socket(fileno=0)
     conn: socket.socket | None = None
     try:
         params, fds = _receive(ctl)
         kinds = [int(kind) for kind in params["namespaces"]]
-        if len(fds) != protocol.STD_FDS + 1 + len(kinds):
-            raise SpawnError(f"{len(fds)} descriptors received, {protocol.STD_FDS + 1 + len(kinds)}"
-                             " expected")
-        conn = socket.socket(fileno=fds[protocol.STD_FDS])
-        for target, fd in enumerate(fds[:protocol.STD_FDS]):
+        if len(fds) != 1 + len(kinds):
+            raise SpawnError(f"{len(fds)} descriptors received, {1 + len(kinds)} expected")
+        conn = socket.socket(fileno=fds[0])
+        std = receive_streams(conn)
+        if params["tty"]:  # only the session's own controlling terminal
+            info = os.fstat(std[0])
+            if not stat.S_ISCHR(info.st_mode) or info.st_rdev != params["controlling_tty"] \
+                    or not params["controlling_tty"]:
+                raise SpawnError("its standard input is not its controlling terminal")
+        for target, fd in enumerate(std):
             os.dup2(fd, target)  # replaces the broker's socket on 0; inheritable
-        for fd in fds[:protocol.STD_FDS]:
+        for fd in std:
             if fd > 2:
                 os.close(fd)
-        enter_namespaces(kinds, fds[protocol.STD_FDS + 1:])
+        enter_namespaces(kinds, fds[1:])
+        signal.signal(signal.SIGTERM, _hang_up)
         execed, exec_seen = os.pipe()  # close-on-exec: EOF once the child exec'd or died
         child = os.fork()
         if child == 0:
             conn.close()
             os.close(execed)
             _child(params)
+        _relayed.append(child)
         os.close(exec_seen)
         devnull = os.open("/dev/null", os.O_RDWR)
         for target in range(protocol.STD_FDS):  # hold none of the session's streams
             os.dup2(devnull, target)
         os.close(devnull)
-        while os.read(execed, 64):  # the child is root until its exec: wait for it
-            pass
-        os.close(execed)
-        _take_credentials(params)
-        relay(conn, child)
+        relay(conn, child, execed, params)
     except Exception as err:  # whatever it is, the wrapper is told
         if conn is not None:
             _send(conn, result=protocol.FAILED,

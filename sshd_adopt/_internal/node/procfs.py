@@ -600,3 +600,22 @@ def resource_limits(pid: int) -> dict[int, tuple[int, int]]:
     if len(limits) != len(RLIMITS):
         raise ProcError(f"process {pid}: limits: {len(limits)} of {len(RLIMITS)} rows found")
     return limits
+
+
+#: ``/proc/<pid>/loginuid`` of a process no login set one for.
+LOGINUID_UNSET = 4294967295
+
+
+def loginuid(pid: int) -> int | None:
+    """``pid``'s audit login uid (set by pam_loginuid in sshd's PAM session), None when
+    unset or the kernel has no audit support. Raises NoSuchProcess or AccessDenied."""
+    try:
+        with _mapped(pid), open(f"{PROCFS}/{pid}/loginuid", encoding="ascii") as handle:
+            value = int(handle.read(32).strip())
+    except NoSuchProcess:
+        if os.path.exists(f"{PROCFS}/{pid}"):
+            return None  # no audit support: no loginuid file
+        raise
+    except ValueError:
+        return None
+    return None if value == LOGINUID_UNSET else value

@@ -23,12 +23,15 @@ command, the environment) runs only with the user's own rights:
   be the same process afterwards: what sshd gave the session;
 * the command and environment: sshd's, as the wrapper would run them
   (:mod:`sshd_adopt._internal.sessioncmd`), from the peer's ``/proc/<pid>/environ``;
-* a terminal only if it is the peer's own controlling terminal (device number).
+* a terminal only if it is the peer's own controlling terminal (device number, checked
+  by the helper on the descriptor that arrives).
 
-Everything but the terminal is checked before the wrapper is asked for its streams
-(:meth:`Spawner.check`); the streams arrive on the broker's event loop, never holding a
-worker. The helper is put into the job's extern step before it is told anything, so
-all it forks is in the job, and dies with it.
+Everything is checked before a helper is started (:meth:`Spawner.check`). The broker
+never takes the wrapper's streams itself: the helper asks for them on the wrapper's
+connection, and checks the terminal (a descriptor of the user's choosing, one whose
+close or fstat blocks, can then only hold up that one session). The helper is put into
+the job's extern step before it is told anything, so all it forks is in the job, and
+dies with it.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from sshd_adopt._internal.node import cgroups, procfs
 from sshd_adopt._internal.node.sessions import SshSession, find_session, still_alive
 from sshd_adopt._internal.sessioncmd import EXPORTED, session_argv, session_environment
 from sshd_adopt._internal.slurm.stepd import CLONE_NEWNS
-from sshd_adopt.errors import BrokerProtocolError, NotAnSshSession, ProcError, StepdError
+from sshd_adopt.errors import NotAnSshSession, ProcError, StepdError
 
 #: The helper, run by the interpreter the broker runs on, isolated (``-I``: no
 #: PYTHON* variables, no user site, no current directory on the path).
@@ -89,6 +92,7 @@ class HelperParams(TypedDict):
     argv: list[str]
     env: dict[str, str]
     controlling_tty: int
+    loginuid: int | None
 
 
 @dataclass(frozen=True)
@@ -146,25 +150,6 @@ def spawn_problem(status: str) -> str | None:
     if missing:
         return f"the broker's capability bounding set lacks {', '.join(missing)}"
     return None
-
-
-def receive_std_fds(conn: socket.socket, timeout: float) -> list[int]:
-    """The wrapper's standard input, output and error: one byte carrying exactly three
-    descriptors (close-on-exec here). Raises BrokerProtocolError for anything else
-    (whatever did arrive is closed), TimeoutError when nothing does."""
-    fds = array.array("i")
-    conn.settimeout(timeout)
-    data, ancillary, flags, _ = conn.recvmsg(
-        1, socket.CMSG_SPACE((protocol.STD_FDS + 1) * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    if len(fds) != protocol.STD_FDS or len(data) != 1 or flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
-        raise BrokerProtocolError(f"spawn: expected one byte carrying {protocol.STD_FDS} "
-                                  f"descriptors, got {len(data)} byte(s) and {len(fds)}")
-    return list(fds)
 
 
 Launch = Callable[[BrokerState], tuple[subprocess.Popen[bytes] | None, socket.socket]]
@@ -240,13 +225,12 @@ class SpawnFailed(Exception):
 
 @dataclass(frozen=True)
 class Checked:
-    """A "spawn" request that passed every check that needs no descriptor: who, which
-    job, and what the helper will be told (but for the terminal, checked on arrival)."""
+    """A "spawn" request that passed every check: who, which job, and what the helper
+    will be told (the terminal is checked by the helper, on the descriptor that comes)."""
 
     session: SshSession
     account: Account
     job: int
-    tty: bool
     params: HelperParams
 
 
@@ -301,7 +285,7 @@ class Spawner:
             params = self._params(session, account, peer_gid, arguments, outcome)
         except (ProcError, ValueError) as err:
             return self._refuse(peer_pid, peer_uid, str(err))
-        return Checked(session, account, outcome.job, params["tty"], params)
+        return Checked(session, account, outcome.job, params)
 
     def _params(self, session: SshSession, account: Account, peer_gid: int,
                 arguments: dict[str, str], outcome: Adopted) -> HelperParams:
@@ -334,29 +318,21 @@ class Spawner:
             "env": session_environment(env, {key: value for key, value in outcome.env.items()
                                              if key in EXPORTED}),
             "controlling_tty": creds.tty,
+            "loginuid": procfs.loginuid(pid),
         }
 
-    def start(self, checked: Checked, std: list[int], conn: socket.socket, *,
-              deadline: float) -> SpawnOutcome:
-        """Start the checked session with the wrapper's streams ``std`` and its connection
-        ``conn`` (both this call's: closed here; the helper keeps copies). Nothing is
-        started after ``deadline`` (``time.monotonic()``): the wrapper has been answered."""
+    def start(self, checked: Checked, conn: socket.socket, *, deadline: float) -> SpawnOutcome:
+        """Start the checked session; the helper takes the wrapper's connection ``conn``
+        (this call's copy: closed here) and asks it for its streams. Nothing is handed to
+        a helper after ``deadline`` (``time.monotonic()``): the wrapper has been answered."""
         try:
-            return self._start_checked(checked, std, conn, deadline)
+            return self._start_checked(checked, conn, deadline)
         finally:
-            for fd in std:
-                os.close(fd)
             conn.close()
 
-    def _start_checked(self, checked: Checked, std: list[int], conn: socket.socket,
+    def _start_checked(self, checked: Checked, conn: socket.socket,
                        deadline: float) -> SpawnOutcome:
         session, account, job = checked.session, checked.account, checked.job
-        if checked.tty:
-            info = os.fstat(std[0])
-            tty = checked.params["controlling_tty"]
-            if not stat.S_ISCHR(info.st_mode) or tty == 0 or info.st_rdev != tty:
-                return self._refuse(session.peer_pid, account.uid,
-                                    "its standard input is not its controlling terminal")
         try:
             found = self._steps.namespaces(job, account.uid)
         except StepdError as err:
@@ -370,13 +346,13 @@ class Spawner:
                 return NoNamespaces()
             if time.monotonic() > deadline:
                 return self._refuse(session.peer_pid, account.uid, "the broker timed out")
-            return self._launch(checked, conn=conn, std=std, namespaces=joining)
+            return self._launch(checked, conn=conn, namespaces=joining, deadline=deadline)
         finally:
             for _kind, fd in found:
                 os.close(fd)
 
-    def _launch(self, checked: Checked, *, conn: socket.socket, std: list[int],
-                namespaces: list[tuple[int, int]]) -> SpawnOutcome:
+    def _launch(self, checked: Checked, *, conn: socket.socket,
+                namespaces: list[tuple[int, int]], deadline: float) -> SpawnOutcome:
         session, account, job = checked.session, checked.account, checked.job
         try:
             process, ctl = self._start(self._state())
@@ -386,8 +362,10 @@ class Spawner:
             pid = helper_pid(ctl, process)
             # In the job before it is told anything: all it forks is in the job.
             self._steps.join(job, account.uid, [pid], want_x11=False, ask_namespaces=False)
+            if time.monotonic() > deadline:
+                raise SpawnFailed("the broker timed out")
             body = json.dumps(checked.params).encode()
-            fds = [*std, conn.fileno(), *(fd for _kind, fd in namespaces)]
+            fds = [conn.fileno(), *(fd for _kind, fd in namespaces)]
             ctl.sendmsg([len(body).to_bytes(protocol.LENGTH_BYTES, "big")],
                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             ctl.sendall(body)
