@@ -260,9 +260,8 @@ class Spawner:
 
     def check(self, peer_pid: int, peer_uid: int, peer_gid: int,
               arguments: dict[str, str]) -> Checked | Refused | NoNamespaces:
-        """Everything about a "spawn" request that needs no descriptor, before the wrapper
-        is asked for its streams (so a client outside any session never gets that far).
-        ``peer_*``: SO_PEERCRED, at connect time."""
+        """Every check of a "spawn" request, before any helper starts (a client outside an
+        adopted session never gets further). ``peer_*``: SO_PEERCRED, at connect time."""
         state = self._state()
         account = self._core.accounts.by_uid(peer_uid)
         if account is None or account.uid == 0 or self._core.exempt(account):
