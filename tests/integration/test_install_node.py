@@ -66,6 +66,8 @@ PREFIX = Path("/opt/sshd-adopt")
 CONFIG = Path("/etc/sshd-adopt/sshd-adopt.toml")
 DROPIN = Path("/etc/ssh/sshd_config.d/sshd-adopt.conf")
 UNIT = Path("/etc/systemd/system/sshd-adoptd.service")
+SPAWN_SOCKET = UNIT.parent / "sshd-adopt-spawn.socket"
+SPAWN_SERVICE = UNIT.parent / "sshd-adopt-spawn@.service"
 GATE_USER = "sshd-adopt-gate"
 #: Top-level dirs overlaid in the nested namespace (every write of the install and of the
 #: installed product lands in one of them, or in the two fresh tmpfs).
@@ -417,8 +419,11 @@ def test_install_did_every_step_with_the_default_paths(node: Node) -> None:
     ]
     # The unit is written when /etc/systemd exists (it does on this host, without a running
     # systemd, so no daemon-reload), skipped otherwise.
-    expected.append(f"write the systemd unit {UNIT}" if Path("/etc/systemd").is_dir()
-                    else "/etc/systemd does not exist: no systemd unit installed")
+    units = Path("/etc/systemd").is_dir()
+    expected += ([f"write the systemd unit {UNIT}",
+                  f"write the session spawner's socket {SPAWN_SOCKET}",
+                  f"write the session spawner's service {SPAWN_SERVICE}"] if units
+                 else ["/etc/systemd does not exist: no systemd unit installed"])
     for line in expected:
         assert line in out, out
     assert "daemon-reload" not in out
@@ -435,7 +440,8 @@ def test_install_did_every_step_with_the_default_paths(node: Node) -> None:
     accounts = {p for p in etc
                 if re.fullmatch(r"(passwd|group|g?shadow|sub[ug]id)-?|\.pwd\.lock", p)}
     assert etc - accounts == {"sshd-adopt/sshd-adopt.toml", "ssh/sshd_config.d/sshd-adopt.conf",
-                              str(UNIT.relative_to("/etc"))}
+                              *(str(path.relative_to("/etc")) for path in
+                                (UNIT, SPAWN_SOCKET, SPAWN_SERVICE) if units)}
     assert [p.name for p in node.upper("/opt").iterdir()] == ["sshd-adopt"]
 
 
