@@ -30,6 +30,11 @@ def sysnode(cluster: Cluster) -> Iterator[Cluster]:
     if cluster.gen.cgroup != "v2":
         pytest.skip("the systemd node runs on a cgroup v2 generation only (forky)")
     cluster.run_script("sysnode", "up", timeout=900)
+    # The first connection to a freshly booted s1 has been seen to time out (twice in
+    # the CI run of 2026-11-30, both right after a boot that followed another module's
+    # s1 by a minute): tests start once root's login goes through.
+    wait_until(lambda: cluster.ssh("login", "s1", "true", user="root",
+                                   timeout=20).returncode == 0, 90, "s1's sshd to take logins")
     try:
         yield cluster
     finally:

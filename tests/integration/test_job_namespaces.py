@@ -382,8 +382,6 @@ def test_under_systemd_sessions_start_from_the_spawner_socket_unsandboxed(
     sshd-adopt-spawn.socket. The session sees the job's /tmp, is in the job, and has none
     of the broker's sandbox (no NoNewPrivileges, no seccomp filter, a full bounding set)."""
     node = sysnode
-    wait_until(lambda: node.ssh("login", "s1", "true", user="root", timeout=20).returncode == 0,
-               90, "s1's sshd to take logins")
     node.sysnode("systemctl", "enable", "--now", "sshd-adopt-spawn.socket", timeout=30)
     try:
         ready = node.home("alice") / ".lab" / f"ns-ready-{uuid.uuid4().hex[:10]}"
