@@ -52,6 +52,19 @@ def pam_gate_service(cluster: Cluster) -> str:
 
 
 @pytest.fixture(scope="module")
+def job_container(cluster: Cluster) -> Iterator[Cluster]:
+    """The lab with Slurm's tmpfs job container on for the module (every job cancelled
+    first), off again afterwards (``Cluster.set_job_container``)."""
+    cluster.cancel_all()
+    cluster.set_job_container(True)
+    try:
+        yield cluster
+    finally:
+        cluster.cancel_all()
+        cluster.set_job_container(False)
+
+
+@pytest.fixture(scope="module")
 def auth_methods_lab(cluster: Cluster,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Every node's port-22 sshd with the drop-in as ``scripts/install --auth-methods

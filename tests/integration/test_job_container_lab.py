@@ -4,7 +4,7 @@
 ``JobContainerType=job_container/tmpfs`` (22.05, 24.11) or ``NamespaceType=namespace/tmpfs``
 (26.05) and job_container.conf with ``BasePath=<lab state dir>/job-container`` (Debian's
 slurmd appends ``/<NodeName>``); ``off`` takes them away. The module turns the container on
-for its tests and off again afterwards (``job_container``; ``Cluster.set_job_container``).
+for its tests and off again afterwards (the ``job_container`` fixture of conftest.py).
 
 What the tests pin down, per generation:
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,17 +36,6 @@ MARKER = "/tmp/marker"
 _CHROOT_TASKS = ("on a chroot generation Slurm's tasks setns() into the job's mount namespace, "
                  "which resets their root to the host's '/': they run on the host's userland "
                  "and /tmp, not the job's (mounted at <generation root>/tmp)")
-
-
-@pytest.fixture(scope="module")
-def job_container(cluster: Cluster) -> Iterator[Cluster]:
-    """The lab with the tmpfs job container on for the module; off again afterwards."""
-    cluster.set_job_container(True)
-    try:
-        yield cluster
-    finally:
-        cluster.cancel_all()
-        cluster.set_job_container(False)
 
 
 def _job_writing_marker(cluster: Cluster) -> tuple[int, str]:

@@ -21,7 +21,6 @@ import subprocess
 import termios
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -36,17 +35,6 @@ MARKER = "/tmp/ns-marker"
 #: "/", so its sessions run on the host's userland, not the generation's (a lab artifact,
 #: tests/integration/test_job_container_lab.py).
 CHROOT = "on a chroot generation pam_slurm_adopt's sessions land in the host's userland"
-
-
-@pytest.fixture(scope="module")
-def job_container(cluster: Cluster) -> Iterator[Cluster]:
-    cluster.cancel_all()
-    cluster.set_job_container(True)
-    try:
-        yield cluster
-    finally:
-        cluster.cancel_all()
-        cluster.set_job_container(False)
 
 
 def marked_job(cluster: Cluster) -> tuple[int, str]:
